@@ -1,0 +1,199 @@
+"""GaLorePlusAdamW: AdamW whose moments live in a low-rank subspace of each projected weight's gradient."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor
+from torch.optim.adam import adam
+
+from .group_options import fill_projected_defaults, group_label, validate_plain_group, validate_projected_group
+from .lowrank_adam import lowrank_adam_direction
+from .projectors import Side, basis_generator, compute_basis, project, projection_side, random_orthonormal_basis
+from .update import apply_lowrank_update
+
+
+class GaLorePlusAdamW(torch.optim.Optimizer):
+    """AdamW with GaLore+ low-rank projection for the parameter groups that have a ``rank`` key.
+
+    Groups without ``rank`` are stepped by torch's own AdamW function, so they behave exactly like
+    ``torch.optim.AdamW``. For a projected weight with float32 gradient G and step t (from 1):
+
+    1. the basis is recomputed when (t - 1) % update_proj_gap == 0 (see :mod:`galore_plus.projectors`);
+    2. R = P^T G or G Q^T;
+    3. M, V are Adam moments of R, with bias corrections that use t (never reset at a refresh);
+    4. N = (M / (1 - b1^t)) / (sqrt(V / (1 - b2^t)) + eps);
+    5. p <- p (1 - lr wd) - lr scale (P N or N Q).
+
+    ``seed`` seeds every random choice of the projectors together with the parameter's position and
+    the refresh count; torch's global RNG is never used.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        seed: int = 0,
+        foreach: bool | None = None,
+    ):
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        self._warned: set[str] = set()
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate a group (filling projector defaults where it has ``rank``) and add it."""
+        params = param_group["params"]
+        if not isinstance(params, set):
+            param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        index = len(self.param_groups)
+        if "rank" in param_group:
+            fill_projected_defaults(param_group)
+            validate_projected_group(param_group, index)
+        else:
+            validate_plain_group(param_group, index)
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimisation step of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if "rank" not in group:
+                self._step_plain(group)
+        for group_index, group, position, param in self._indexed_params():
+            if "rank" in group and param.grad is not None:
+                self._step_projected(param, group, group_index, position)
+        return loss
+
+    def _indexed_params(self) -> Iterator[tuple[int, dict[str, Any], int, Tensor]]:
+        """(group index, group, position in the state dict, parameter) for every parameter."""
+        position = 0
+        for group_index, group in enumerate(self.param_groups):
+            for param in group["params"]:
+                yield group_index, group, position, param
+                position += 1
+
+    def _step_plain(self, group: dict[str, Any]) -> None:
+        """Torch's AdamW update for the parameters of a group without ``rank``."""
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError("AdamW does not support sparse gradients")
+            state = self.state[param]
+            if not state:
+                scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                state["step"] = torch.tensor(0.0, dtype=scalar_dtype)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            params.append(param)
+            grads.append(param.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        adam(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps,
+            foreach=group["foreach"],
+            has_complex=any(torch.is_complex(p) for p in params),
+            decoupled_weight_decay=True,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )
+
+    def _step_projected(self, param: Tensor, group: dict[str, Any], group_index: int, position: int) -> None:
+        """One GaLore+ step of a 2-D weight; skipped (with a warning) when its low-rank gradient is not finite."""
+        grad = param.grad
+        if grad.is_sparse or grad.is_complex():
+            raise TypeError(f"{group_label(group, group_index)}, key 'rank': projected weights need dense real gradients, "
+                            f"got a {'sparse' if grad.is_sparse else 'complex'} gradient")
+        grad = grad.float()
+        state = self.state[param]
+        step = state.get("step", 0) + 1
+        side = projection_side(tuple(grad.shape), group["proj_type"], group["projector"])
+        if (step - 1) % group["update_proj_gap"] == 0:
+            refresh_index = (step - 1) // group["update_proj_gap"]
+            state["projector"] = self._refreshed_basis(grad, group, side, position, refresh_index, state.get("projector"))
+        basis = state["projector"]
+        low_rank = project(grad, basis, side)
+        if not bool(torch.isfinite(low_rank).all()):
+            self._warn_once("grad", f"non-finite gradient in {group_label(group, group_index)}: that weight's step was "
+                                    "skipped (moments, weight and step count unchanged)")
+            return
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(low_rank)
+            state["exp_avg_sq"] = torch.zeros_like(low_rank)
+        state["step"] = step
+        beta1, beta2 = group["betas"]
+        direction = lowrank_adam_direction(low_rank, state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, group["eps"])
+        apply_lowrank_update(param, direction, basis, side, group["lr"], group["weight_decay"], group["scale"])
+
+    def _refreshed_basis(
+        self, grad: Tensor, group: dict[str, Any], side: Side, position: int, refresh_index: int, previous: Tensor | None
+    ) -> Tensor:
+        """A new basis, or a fallback when the gradient or its decomposition is unusable.
+
+        Fallback: the previous basis when there is one, otherwise a random orthonormal basis from
+        the same seeded generator. A warning is given once per optimizer.
+        """
+        rows = group["rank"]
+        expected = (grad.shape[0], rows) if side == "left" else (rows, grad.shape[1])
+        if previous is not None and tuple(previous.shape) != expected:
+            previous = None
+        generator = basis_generator(self.seed, position, refresh_index, grad.device)
+        if bool(torch.isfinite(grad).all()):
+            try:
+                basis = compute_basis(grad, group, side, generator, previous)
+                if bool(torch.isfinite(basis).all()):
+                    return basis
+            except torch.linalg.LinAlgError:
+                pass
+        self._warn_once("basis", "a projector refresh failed (non-finite gradient or decomposition did not converge); "
+                                 "kept the previous basis (a random orthonormal one on the first step)")
+        if previous is not None:
+            return previous
+        return random_orthonormal_basis(tuple(grad.shape), rows, side, generator, grad.device)
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like torch, but keep projected weights' state in its saved dtype (float32).
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype,
+        which would round the float32 basis and moments of a bfloat16 weight.
+        """
+        super().load_state_dict(state_dict)
+        for _, group, position, param in self._indexed_params():
+            saved = state_dict["state"].get(position)
+            if "rank" in group and saved is not None:
+                for key, value in saved.items():
+                    if isinstance(value, Tensor):
+                        self.state[param][key] = value.to(device=param.device, copy=True)

@@ -1,0 +1,174 @@
+"""Projector strategies: how the orthonormal basis of a gradient's low-rank subspace is found.
+
+A basis is a plain float32 tensor. Its shape tells the side it projects:
+
+* ``"left"``  (output side, rows):     P of shape (m, r), low-rank gradient R = P^T G (r, n)
+* ``"right"`` (input side, columns):   Q of shape (r, n), low-rank gradient R = G Q^T (m, r)
+
+Three strategies compute it from a float32 gradient G (m, n):
+
+* ``svd``         top-r singular vectors by ``torch.linalg.svd`` (GaLore).
+* ``randomized``  Halko-Martinsson-Tropp randomized subspace iteration, optionally warm-started
+                  from the previous basis.
+* ``cross_head``  right singular vectors of the rows of one (or a few) pseudo-randomly chosen
+                  attention heads; the basis is shared by every head (GaLore+ section 4.1).
+
+Every random choice draws from a ``torch.Generator`` made by :func:`basis_generator`, never from
+torch's global RNG.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Side = Literal["left", "right"]
+
+PROJECTORS = ("svd", "randomized", "cross_head")
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+HEAD_PROJECTORS = ("svd", "randomized")
+
+
+def projection_side(shape: tuple[int, int], proj_type: str, projector: str) -> Side:
+    """Which side of an (m, n) weight is projected, following GaLore's ``proj_type``.
+
+    ``std`` projects the smaller dimension (right when m >= n), ``reverse_std`` the larger one.
+    ``cross_head`` always projects the input side so that one basis serves every head.
+    """
+    if projector == "cross_head":
+        return "right"
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    return "left" if proj_type == "left" else "right"
+
+
+def basis_generator(seed: int, param_index: int, refresh_index: int, device: torch.device) -> torch.Generator:
+    """A generator seeded only from (seed, parameter position, refresh count).
+
+    Every process of a data-parallel job derives the same numbers, and resuming from a
+    checkpoint needs no saved RNG state.
+    """
+    mixed = ((seed * 1_000_003 + param_index) * 1_000_033 + refresh_index) % (2**63 - 1)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(mixed)
+    return generator
+
+
+def project(grad: Tensor, basis: Tensor, side: Side) -> Tensor:
+    """Low-rank gradient: P^T G for the left side, G Q^T for the right side."""
+    return basis.t() @ grad if side == "left" else grad @ basis.t()
+
+
+def project_back(low_rank: Tensor, basis: Tensor, side: Side) -> Tensor:
+    """Full-size matrix of a low-rank one: P N for the left side, N Q for the right side."""
+    return basis @ low_rank if side == "left" else low_rank @ basis
+
+
+def svd_basis(grad: Tensor, rank: int, side: Side) -> Tensor:
+    """Top-``rank`` singular vectors of ``grad`` by a full (thin) SVD."""
+    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+    return u[:, :rank].contiguous() if side == "left" else vh[:rank].contiguous()
+
+
+def _left_randomized(
+    a: Tensor, rank: int, oversample: int, power_iters: int, generator: torch.Generator, previous: Tensor | None
+) -> Tensor:
+    """Top-``rank`` left singular vectors of ``a`` (m, n) by randomized subspace iteration."""
+    m, n = a.shape
+    width = min(rank + oversample, m, n)
+    if previous is not None:
+        fresh = width - previous.shape[1]
+        omega = torch.randn(n, fresh, generator=generator, device=a.device, dtype=a.dtype)
+        sketch = torch.cat([previous, a @ omega], dim=1) if fresh > 0 else previous
+    else:
+        omega = torch.randn(n, width, generator=generator, device=a.device, dtype=a.dtype)
+        sketch = a @ omega
+    for _ in range(power_iters):
+        q, _ = torch.linalg.qr(sketch)
+        z, _ = torch.linalg.qr(a.t() @ q)
+        sketch = a @ z
+    u, _, _ = torch.linalg.svd(sketch, full_matrices=False)
+    return u[:, :rank]
+
+
+def randomized_basis(
+    grad: Tensor,
+    rank: int,
+    side: Side,
+    generator: torch.Generator,
+    oversample: int = 8,
+    power_iters: int = 2,
+    previous: Tensor | None = None,
+) -> Tensor:
+    """Top-``rank`` singular vectors of ``grad`` by Halko-Martinsson-Tropp subspace iteration.
+
+    The sketch has ``rank + oversample`` columns. Each power iteration multiplies by G G^T with a
+    QR re-orthonormalisation between the products; the final small SVD orders the directions.
+    ``previous`` (a basis of the same side and rank) seeds the first ``rank`` sketch columns
+    (warm start), so a slowly moving subspace is tracked with few iterations.
+    """
+    if side == "left":
+        return _left_randomized(grad, rank, oversample, power_iters, generator, previous).contiguous()
+    previous_left = previous.t() if previous is not None else None
+    return _left_randomized(grad.t(), rank, oversample, power_iters, generator, previous_left).t().contiguous()
+
+
+def chosen_heads(num_heads: int, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` distinct head indices drawn pseudo-randomly, as a sorted CPU tensor."""
+    return torch.randperm(num_heads, generator=generator)[:count].sort().values
+
+
+def head_rows(grad: Tensor, num_heads: int, heads: Tensor) -> Tensor:
+    """The gradient rows of the given heads of a (num_heads * head_dim, n) weight, stacked."""
+    head_dim = grad.shape[0] // num_heads
+    return grad.view(num_heads, head_dim, grad.shape[1])[heads.to(grad.device)].reshape(-1, grad.shape[1])
+
+
+def cross_head_basis(
+    grad: Tensor,
+    rank: int,
+    num_heads: int,
+    generator: torch.Generator,
+    head_projector: str = "svd",
+    oversample: int = 8,
+    power_iters: int = 2,
+    previous: Tensor | None = None,
+) -> Tensor:
+    """Input-side basis (rank, n) shared by all heads, from ceil(rank / head_dim) chosen heads' rows."""
+    head_dim = grad.shape[0] // num_heads
+    heads = chosen_heads(num_heads, math.ceil(rank / head_dim), torch.Generator().manual_seed(generator.initial_seed()))
+    rows = head_rows(grad, num_heads, heads)
+    if head_projector == "svd":
+        return svd_basis(rows, rank, "right")
+    return randomized_basis(rows, rank, "right", generator, oversample, power_iters, previous)
+
+
+def random_orthonormal_basis(shape: tuple[int, int], rank: int, side: Side, generator: torch.Generator, device: torch.device) -> Tensor:
+    """A random orthonormal basis: the fallback when no decomposition of the gradient is usable."""
+    m, n = shape
+    size = m if side == "left" else n
+    q, _ = torch.linalg.qr(torch.randn(size, rank, generator=generator, device=device))
+    return q.contiguous() if side == "left" else q.t().contiguous()
+
+
+def compute_basis(
+    grad: Tensor, group: dict, side: Side, generator: torch.Generator, previous: Tensor | None
+) -> Tensor:
+    """The basis of ``grad`` chosen by the group's ``projector`` key and its knobs."""
+    projector = group["projector"]
+    rank = group["rank"]
+    warm = previous if group["warm_start"] else None
+    if projector == "svd":
+        return svd_basis(grad, rank, side)
+    if projector == "randomized":
+        return randomized_basis(grad, rank, side, generator, group["oversample"], group["power_iters"], warm)
+    num_heads = grad.shape[0] // group["head_dim"] if group.get("head_dim") else group["num_heads"]
+    return cross_head_basis(
+        grad, rank, num_heads, generator, group["head_projector"], group["oversample"], group["power_iters"], warm
+    )
