@@ -1,0 +1,403 @@
+"""GaLorePlusAdamW: AdamW equivalence, GaLore equivalence, semantics, resume, RNG isolation, bad input."""
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from galore_plus import GaLorePlusAdamW
+from galore_plus import projectors as projectors_module
+
+PROJECTORS = ["svd", "randomized", "cross_head"]
+
+
+def gradient_stream(shapes, steps, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(steps)]
+
+
+def run(optimizer, params, stream):
+    for grads in stream:
+        for param, grad in zip(params, grads):
+            param.grad = grad.to(param.dtype).clone()
+        optimizer.step()
+
+
+def projected_group(param, projector, **options):
+    group = {"params": [param], "rank": 4, "update_proj_gap": 3, "scale": 0.5, "projector": projector}
+    if projector == "cross_head":
+        group["num_heads"] = param.shape[0] // 4
+    group.update(options)
+    return group
+
+
+# ---------------------------------------------------------------- plain groups are torch's AdamW
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=3),
+    weight_decay=st.sampled_from([0.0, 1e-2, 0.3]),
+    lr=st.sampled_from([1e-3, 0.1]),
+)
+def test_groups_without_rank_equal_torch_adamw_bit_for_bit(shapes, weight_decay, lr):
+    ours = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    stream = gradient_stream(shapes, 4)
+    run(GaLorePlusAdamW(ours, lr=lr, weight_decay=weight_decay), ours, stream)
+    run(torch.optim.AdamW(theirs, lr=lr, weight_decay=weight_decay), theirs, stream)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def test_defaults_are_torch_adamw_defaults():
+    ours = GaLorePlusAdamW([torch.nn.Parameter(torch.zeros(1))]).defaults
+    theirs = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).defaults
+    for key in ("lr", "betas", "eps", "weight_decay"):
+        assert ours[key] == theirs[key]
+
+
+# ---------------------------------------------------------------- GaLore semantics, re-implemented here
+
+
+class ReferenceGaLore:
+    """An independent dense re-implementation of the documented update for one weight."""
+
+    def __init__(self, weight, rank, gap, scale, lr, betas, eps, weight_decay, side, basis_of):
+        self.weight, self.rank, self.gap, self.scale = weight.clone(), rank, gap, scale
+        self.lr, self.betas, self.eps, self.weight_decay, self.side = lr, betas, eps, weight_decay, side
+        self.basis_of = basis_of
+        self.t, self.m, self.v, self.basis = 0, None, None, None
+
+    def step(self, grad):
+        self.t += 1
+        if (self.t - 1) % self.gap == 0:
+            self.basis = self.basis_of(grad, self.t)
+        b = self.basis
+        r = b.t() @ grad if self.side == "left" else grad @ b.t()
+        if self.m is None:
+            self.m, self.v = torch.zeros_like(r), torch.zeros_like(r)
+        beta1, beta2 = self.betas
+        self.m = beta1 * self.m + (1 - beta1) * r
+        self.v = beta2 * self.v + (1 - beta2) * r * r
+        n = (self.m / (1 - beta1**self.t)) / ((self.v / (1 - beta2**self.t)).sqrt() + self.eps)
+        u = self.scale * (b @ n if self.side == "left" else n @ b)
+        self.weight = self.weight * (1 - self.lr * self.weight_decay) - self.lr * u
+
+
+def exact_svd_basis(side, rank):
+    def basis_of(grad, _t):
+        u, _, vh = torch.linalg.svd(grad.double(), full_matrices=False)
+        return (u[:, :rank] if side == "left" else vh[:rank]).float()
+    return basis_of
+
+
+@pytest.mark.parametrize(
+    "shape, proj_type, side",
+    [((12, 8), "std", "right"), ((8, 12), "std", "left"), ((12, 8), "reverse_std", "left"),
+     ((12, 8), "left", "left"), ((8, 12), "right", "right")],
+)
+def test_svd_projector_is_galore(shape, proj_type, side):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(shape))
+    reference = ReferenceGaLore(weight.detach(), 3, 4, 0.25, 1e-2, (0.9, 0.999), 1e-8, 0.1, side, exact_svd_basis(side, 3))
+    opt = GaLorePlusAdamW([{"params": [weight], "rank": 3, "update_proj_gap": 4, "scale": 0.25,
+                            "proj_type": proj_type, "projector": "svd"}], lr=1e-2, weight_decay=0.1)
+    for (grad,) in gradient_stream([shape], 9):
+        weight.grad = grad
+        opt.step()
+        reference.step(grad)
+        torch.testing.assert_close(weight.detach(), reference.weight, atol=1e-5, rtol=1e-5)
+    assert opt.state[weight]["projector"].shape == ((shape[0], 3) if side == "left" else (3, shape[1]))
+
+
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_every_projector_follows_the_documented_update_with_its_own_basis(projector):
+    torch.manual_seed(1)
+    weight = torch.nn.Parameter(torch.randn(16, 12))
+    opt = GaLorePlusAdamW([projected_group(weight, projector)], lr=3e-2, weight_decay=0.05)
+    side = "right"
+    reference = ReferenceGaLore(weight.detach(), 4, 3, 0.5, 3e-2, (0.9, 0.999), 1e-8, 0.05, side,
+                                basis_of=lambda grad, t: opt.state[weight]["projector"].clone())
+    seen = []
+    for (grad,) in gradient_stream([(16, 12)], 8):
+        weight.grad = grad
+        opt.step()
+        reference.step(grad)
+        seen.append(opt.state[weight]["projector"].clone())
+        torch.testing.assert_close(weight.detach(), reference.weight, atol=1e-5, rtol=1e-5)
+    changed = [t for t in range(1, 8) if not torch.equal(seen[t], seen[t - 1])]
+    assert changed == [3, 6]  # refreshed on t = 4 and t = 7 (0-based positions 3 and 6) with gap 3
+
+
+def test_moments_are_not_reset_at_a_refresh_and_step_counts_from_one():
+    weight = torch.nn.Parameter(torch.randn(10, 6))
+    opt = GaLorePlusAdamW([projected_group(weight, "svd", update_proj_gap=2)])
+    weight.grad = torch.randn(10, 6)
+    opt.step()
+    assert opt.state[weight]["step"] == 1
+    before = opt.state[weight]["exp_avg"].clone()
+    weight.grad = torch.zeros(10, 6)
+    opt.step()
+    weight.grad = torch.zeros(10, 6)
+    opt.step()  # t = 3 refreshes the basis; moments only decay
+    assert opt.state[weight]["step"] == 3
+    torch.testing.assert_close(opt.state[weight]["exp_avg"], before * 0.9**2)
+
+
+def test_bfloat16_weight_uses_float32_gradient_math_and_float32_state():
+    weight = torch.nn.Parameter(torch.randn(12, 8).bfloat16())
+    reference_weight = weight.detach().float().clone()
+    opt = GaLorePlusAdamW([projected_group(weight, "svd")], lr=1e-2)
+    reference = ReferenceGaLore(reference_weight, 4, 3, 0.5, 1e-2, (0.9, 0.999), 1e-8, 1e-2, "right",
+                                exact_svd_basis("right", 4))
+    grad = torch.randn(12, 8).bfloat16()
+    weight.grad = grad
+    opt.step()
+    reference.step(grad.float())
+    assert opt.state[weight]["exp_avg"].dtype == torch.float32
+    assert opt.state[weight]["projector"].dtype == torch.float32
+    torch.testing.assert_close(weight.detach().float(), reference.weight.bfloat16().float(), atol=1e-2, rtol=1e-2)
+
+
+def test_mixed_plain_and_projected_groups_and_none_gradients():
+    plain = torch.nn.Parameter(torch.randn(5))
+    projected = torch.nn.Parameter(torch.randn(8, 8))
+    idle = torch.nn.Parameter(torch.randn(8, 8))
+    opt = GaLorePlusAdamW([{"params": [plain]}, projected_group(projected, "randomized") | {"params": [projected, idle]}])
+    plain.grad, projected.grad = torch.randn(5), torch.randn(8, 8)
+    before = idle.detach().clone()
+    opt.step()
+    assert torch.equal(idle, before) and len(opt.state[idle]) == 0
+    assert opt.state[projected]["step"] == 1 and float(opt.state[plain]["step"]) == 1.0
+
+
+# ---------------------------------------------------------------- checkpoint / resume
+
+
+def make_model_and_optimizer(projector, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    weight = torch.nn.Parameter(torch.randn(16, 12, dtype=dtype))
+    bias = torch.nn.Parameter(torch.randn(16, dtype=dtype))
+    opt = GaLorePlusAdamW([{"params": [bias]}, projected_group(weight, projector)], lr=1e-2, seed=7)
+    return [bias, weight], opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_save_load_weights_only_and_continue_equals_never_stopping(projector, dtype):
+    stream = gradient_stream([(16,), (16, 12)], 10, seed=3)
+    params, opt = make_model_and_optimizer(projector, dtype)
+    run(opt, params, stream)
+
+    params_a, opt_a = make_model_and_optimizer(projector, dtype)
+    run(opt_a, params_a, stream[:5])
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params_a], "optimizer": opt_a.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+
+    params_b, opt_b = make_model_and_optimizer(projector, dtype, seed=99)
+    with torch.no_grad():
+        for p, saved in zip(params_b, checkpoint["params"]):
+            p.copy_(saved)
+    opt_b.load_state_dict(checkpoint["optimizer"])
+    run(opt_b, params_b, stream[5:])
+    for never_stopped, resumed in zip(params, params_b):
+        assert torch.equal(never_stopped, resumed)
+
+
+def test_state_dict_holds_only_tensors_and_plain_values():
+    params, opt = make_model_and_optimizer("cross_head")
+    run(opt, params, gradient_stream([(16,), (16, 12)], 2))
+
+    def check(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                assert isinstance(key, (str, int))
+                check(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                check(item)
+        else:
+            assert value is None or isinstance(value, (torch.Tensor, int, float, str, bool)), type(value)
+
+    check(opt.state_dict())
+
+
+# ---------------------------------------------------------------- randomness
+
+
+@pytest.mark.parametrize("projector", ["randomized", "cross_head"])
+def test_projectors_never_touch_the_global_rng(projector):
+    params, opt = make_model_and_optimizer(projector)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    run(opt, params, gradient_stream([(16,), (16, 12)], 7))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_same_seed_gives_same_bases_on_every_process_and_other_seeds_differ():
+    stream = gradient_stream([(16,), (16, 12)], 4)
+    bases = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed * 31)  # a different global RNG state per "process"
+        weight = torch.nn.Parameter(torch.ones(16, 12))
+        bias = torch.nn.Parameter(torch.ones(16))
+        opt = GaLorePlusAdamW([{"params": [bias]}, projected_group(weight, "randomized")], seed=seed)
+        run(opt, [bias, weight], stream)
+        bases.append(opt.state[weight]["projector"])
+    assert torch.equal(bases[0], bases[1])
+    assert not torch.equal(bases[0], bases[2])
+
+
+# ---------------------------------------------------------------- robustness
+
+
+def test_non_finite_gradient_skips_the_step_warns_once_and_keeps_the_basis():
+    weight = torch.nn.Parameter(torch.randn(10, 8))
+    opt = GaLorePlusAdamW([projected_group(weight, "randomized", update_proj_gap=2)])
+    weight.grad = torch.randn(10, 8)
+    opt.step()
+    state_before = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[weight].items()}
+    weight_before = weight.detach().clone()
+    bad = torch.randn(10, 8)
+    bad[3, 2] = float("nan")
+    with pytest.warns(RuntimeWarning) as record:
+        for value in (float("nan"), float("inf")):
+            bad[3, 2] = value
+            weight.grad = bad.clone()
+            opt.step()  # t = 2 then again t = 2; no refresh, low-rank gradient non-finite
+    assert sum("non-finite gradient" in str(w.message) for w in record) == 1
+    assert torch.equal(weight, weight_before)
+    for key, value in state_before.items():
+        assert torch.equal(opt.state[weight][key], value) if torch.is_tensor(value) else opt.state[weight][key] == value
+    weight.grad = torch.randn(10, 8)
+    opt.step()
+    assert opt.state[weight]["step"] == 2 and torch.isfinite(weight).all()
+
+
+def test_non_finite_gradient_at_a_refresh_keeps_the_previous_basis():
+    weight = torch.nn.Parameter(torch.randn(10, 8))
+    opt = GaLorePlusAdamW([projected_group(weight, "svd", update_proj_gap=1)])
+    weight.grad = torch.randn(10, 8)
+    opt.step()
+    basis = opt.state[weight]["projector"].clone()
+    weight.grad = torch.full((10, 8), float("inf"))
+    with pytest.warns(RuntimeWarning, match="kept the previous basis"):
+        opt.step()
+    assert torch.equal(opt.state[weight]["projector"], basis)
+
+
+def test_first_step_with_nan_gradient_falls_back_to_a_random_orthonormal_basis():
+    weight = torch.nn.Parameter(torch.randn(10, 8))
+    opt = GaLorePlusAdamW([projected_group(weight, "svd")])
+    weight.grad = torch.full((10, 8), float("nan"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    basis = opt.state[weight]["projector"]
+    torch.testing.assert_close(basis @ basis.t(), torch.eye(4), atol=1e-5, rtol=0)
+    assert "step" not in opt.state[weight]
+
+
+def test_failed_decomposition_keeps_the_previous_basis(monkeypatch):
+    weight = torch.nn.Parameter(torch.randn(10, 8))
+    opt = GaLorePlusAdamW([projected_group(weight, "svd", update_proj_gap=1)])
+    weight.grad = torch.randn(10, 8)
+    opt.step()
+    basis = opt.state[weight]["projector"].clone()
+
+    def failing(*args, **kwargs):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr("galore_plus.optimizer.compute_basis", failing)
+    weight.grad = torch.randn(10, 8)
+    with pytest.warns(RuntimeWarning, match="refresh failed"):
+        opt.step()
+    assert torch.equal(opt.state[weight]["projector"], basis)
+    assert opt.state[weight]["step"] == 2
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def param(*shape):
+    return torch.nn.Parameter(torch.zeros(*shape))
+
+
+@pytest.mark.parametrize(
+    "group, error, words",
+    [
+        ({"rank": 0}, ValueError, "'rank': must be >= 1"),
+        ({"rank": 9}, ValueError, "'rank': 9 exceeds min(m, n)"),
+        ({"rank": 2.0}, TypeError, "'rank': must be an int"),
+        ({"rank": 2, "update_proj_gap": 0}, ValueError, "'update_proj_gap'"),
+        ({"rank": 2, "projector": "qr"}, ValueError, "'projector': must be one of"),
+        ({"rank": 2, "proj_type": "full"}, ValueError, "'proj_type': must be one of"),
+        ({"rank": 2, "projector": "cross_head"}, ValueError, "'num_heads'"),
+        ({"rank": 2, "projector": "cross_head", "num_heads": 5}, ValueError, "'num_heads': 5 does not divide"),
+        ({"rank": 9, "projector": "cross_head", "num_heads": 2}, ValueError, "'rank': 9 exceeds the input size"),
+        ({"rank": 2, "scale": "big"}, TypeError, "'scale'"),
+        ({"rank": 2, "oversample": -1}, ValueError, "'oversample'"),
+        ({"rank": 2, "warm_start": 1}, TypeError, "'warm_start'"),
+        ({"rank": 2, "head_projector": "eig"}, ValueError, "'head_projector'"),
+    ],
+)
+def test_bad_group_keys_raise_naming_the_group_and_key(group, error, words):
+    with pytest.raises(error) as info:
+        GaLorePlusAdamW([{"params": [param(3)]}, {"params": [param(8, 8)], "name": "attn", **group}])
+    assert "param group 1 ('attn')" in str(info.value)
+    assert words in str(info.value)
+
+
+def test_projected_group_with_a_non_matrix_raises():
+    with pytest.raises(ValueError, match=r"param group 0, key 'rank': parameter 1 of shape \(8,\) is not 2-D"):
+        GaLorePlusAdamW([{"params": [param(8, 8), param(8)], "rank": 2}])
+
+
+def test_projected_group_with_a_complex_weight_raises():
+    weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="only real floating-point"):
+        GaLorePlusAdamW([{"params": [weight], "rank": 2}])
+
+
+def test_projector_keys_in_a_plain_group_raise():
+    with pytest.raises(ValueError, match="param group 0, key 'projector'"):
+        GaLorePlusAdamW([{"params": [param(4, 4)], "projector": "svd"}])
+
+
+def test_sparse_gradient_raises_naming_the_group():
+    weight = param(4, 4)
+    opt = GaLorePlusAdamW([{"params": [weight], "rank": 2}])
+    weight.grad = torch.eye(4).to_sparse()
+    with pytest.raises(TypeError, match="param group 0.*sparse"):
+        opt.step()
+
+
+def test_add_param_group_validates_too():
+    opt = GaLorePlusAdamW([param(3)])
+    with pytest.raises(ValueError, match="param group 1"):
+        opt.add_param_group({"params": [param(4, 4)], "rank": 5})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("kwargs", [{"lr": -1.0}, {"eps": -1.0}, {"betas": (1.0, 0.9)}, {"weight_decay": -0.1}])
+def test_bad_hyperparameters_raise(kwargs):
+    with pytest.raises(ValueError):
+        GaLorePlusAdamW([param(3)], **kwargs)
+
+
+def test_galore_torch_style_groups_work_unchanged():
+    weight = param(12, 8)
+    group = {"params": [weight], "rank": 4, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+    opt = GaLorePlusAdamW([group], lr=1e-3)
+    weight.grad = torch.randn(12, 8)
+    opt.step()
+    assert opt.param_groups[0]["projector"] == "randomized"
+    assert math.isfinite(float(weight.detach().sum()))
+    assert projectors_module.projection_side((12, 8), "std", "randomized") == "right"
