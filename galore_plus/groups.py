@@ -1,20 +1,65 @@
-"""``make_param_groups``: parameter groups for a real model, ready for GaLorePlusAdamW."""
+"""``make_param_groups``: parameter groups for a real model, ready for GaLorePlusAdamW.
+
+Where each weight goes (a *plan*, see :func:`plan_param_groups`):
+
+* separate query / key projections (``q_proj``, ``k_proj``, BERT's ``query``, ``key`` and similar
+  names) -> ``cross_head`` groups, one per head count (grouped-query attention gives k fewer heads);
+* fused query-key-value projections stored like ``nn.Linear`` (``qkv_proj``, ``query_key_value``,
+  ``Wqkv``) -> a ``cross_head`` group whose heads are the q, k and v heads together: every row block
+  of ``head_dim`` rows is one head, and one input-side basis serves all of them;
+* GPT-2's fused ``c_attn`` (a transformers ``Conv1D``) -> the ``projector`` group, see below;
+* every other targeted ``nn.Linear`` or ``Conv1D`` weight -> one ``projector`` group;
+* everything else -> a plain AdamW group.
+
+Conv1D (GPT-2, GPT) stores its weight transposed: shape (in, out), forward ``x @ W``. The
+``svd`` and ``randomized`` projectors do not care about the layout: with ``proj_type="std"`` they
+project the smaller side, which for ``c_attn`` (n_embd, 3 n_embd) is the input side, the side a
+cross-head basis would use. ``cross_head`` itself needs the heads on the rows and the basis on
+the columns (the ``nn.Linear`` layout), while Conv1D has the heads on the columns and the input
+on the rows; so ``c_attn`` gets the ``projector`` strategy on its input side, not the cross-head
+sampling of one head's rows.
+
+A targeted weight that cannot be projected stays in AdamW and is listed, with the reason, in
+``ParamGroupPlan.unplaced`` (and in a warning from ``make_param_groups``): a side smaller than
+``rank``, a tensor tied to another parameter (GPT-2's ``lm_head`` and BERT's MLM ``decoder`` share
+the word embeddings; they are output heads, targeted only with ``include_lm_head``), or a head count that does not divide its rows.
+"""
 
 from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from torch import nn
 
 QUERY_NAMES = ("q_proj", "query", "wq", "q_lin")
 KEY_NAMES = ("k_proj", "key", "wk", "k_lin")
-OUTPUT_HEAD_NAMES = ("lm_head", "output", "embed_out", "classifier", "score")
+FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "Wqkv", "qkv")
+OUTPUT_HEAD_NAMES = ("lm_head", "output", "embed_out", "classifier", "score", "decoder")
+
+
+@dataclass
+class ParamGroupPlan:
+    """The groups for GaLorePlusAdamW and, by parameter name, where each parameter went.
+
+    ``placement`` maps every trainable parameter's name to its group name; ``unplaced`` maps the
+    name of each targeted weight that could not be projected to the reason.
+    """
+
+    groups: list[dict[str, Any]]
+    placement: dict[str, str] = field(default_factory=dict)
+    unplaced: dict[str, str] = field(default_factory=dict)
 
 
 def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers ``Conv1D`` (weight stored (in, out)), without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(getattr(module, "weight", None), nn.Parameter)
 
 
 def module_matches(name: str, target_modules: str | Iterable[str]) -> bool:
@@ -36,16 +81,88 @@ def _config_value(model: nn.Module, *keys: str) -> int | None:
 
 
 def _head_count(model: nn.Module, name: str, num_heads: int | None, num_kv_heads: int | None) -> int:
-    """Heads of a query or key projection, from the arguments or ``model.config``."""
+    """Heads (row blocks) of a query, key or fused query-key-value projection, from the arguments or ``model.config``."""
     heads = num_heads or _config_value(model, "num_attention_heads", "n_head", "num_heads")
     if heads is None:
         raise ValueError(
             f"cannot find the number of attention heads for '{name}': model.config has no num_attention_heads; "
-            "pass make_param_groups(..., num_heads=H) (and num_kv_heads=K for grouped-query attention)"
+            "pass make_param_groups(..., num_heads=H) (and num_kv_heads=K for grouped-query attention), "
+            "or cross_head=False"
         )
+    kv_heads = num_kv_heads or _config_value(model, "num_key_value_heads") or heads
     if _leaf(name) in KEY_NAMES:
-        return num_kv_heads or _config_value(model, "num_key_value_heads") or heads
+        return kv_heads
+    if _leaf(name) in FUSED_QKV_NAMES:
+        return heads + 2 * kv_heads
     return heads
+
+
+def _projectable_weight(module: nn.Module) -> nn.Parameter | None:
+    """The 2-D weight of an ``nn.Linear`` or transformers ``Conv1D``; None for other modules."""
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return module.weight
+    return None
+
+
+def plan_param_groups(
+    model: nn.Module,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    target_modules: str | Iterable[str] = "all-linear",
+    residual_ratio: float = 0.0,
+    projector: str = "randomized",
+    cross_head: bool = True,
+    num_heads: int | None = None,
+    num_kv_heads: int | None = None,
+    include_lm_head: bool = False,
+    **group_options: Any,
+) -> ParamGroupPlan:
+    """The plan behind :func:`make_param_groups` (same arguments), with where each parameter went."""
+    projected_options = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, **group_options)
+    canonical_names = {id(param): name for name, param in model.named_parameters()}
+    plan = ParamGroupPlan(groups=[])
+    groups: dict[str, dict[str, Any]] = {}
+
+    def place(group_name: str, param: nn.Parameter, param_name: str, options: dict[str, Any]) -> None:
+        groups.setdefault(group_name, {"params": [], "name": group_name, **options})["params"].append(param)
+        plan.placement[param_name] = group_name
+
+    for module_name, module in model.named_modules():
+        weight = _projectable_weight(module)
+        if weight is None or not weight.requires_grad:
+            continue
+        is_head = _leaf(module_name) in OUTPUT_HEAD_NAMES
+        if not (module_matches(module_name, target_modules) or (include_lm_head and is_head)):
+            continue
+        weight_name = f"{module_name}.weight"
+        canonical = canonical_names[id(weight)]
+        if canonical != weight_name:
+            if canonical not in plan.placement:
+                plan.unplaced[weight_name] = f"tied to {canonical} (the same tensor); tied weights stay in AdamW"
+            continue
+        if rank > min(weight.shape):
+            plan.unplaced[weight_name] = f"shape {tuple(weight.shape)} has a side smaller than rank={rank}"
+            continue
+        leaf = _leaf(module_name)
+        head_projection = leaf in QUERY_NAMES + KEY_NAMES + FUSED_QKV_NAMES and not is_conv1d(module)
+        if cross_head and head_projection:
+            heads = _head_count(model, module_name, num_heads, num_kv_heads)
+            if weight.shape[0] % heads:
+                plan.unplaced[weight_name] = f"{heads} heads do not divide its {weight.shape[0]} rows; pass num_heads"
+                continue
+            options = dict(projected_options, projector="cross_head", num_heads=heads)
+            if residual_ratio > 0:
+                options["residual_ratio"] = residual_ratio
+            place(f"cross_head_{heads}_heads", weight, weight_name, options)
+        else:
+            place(projector, weight, weight_name, dict(projected_options, projector=projector))
+
+    for param_name, param in model.named_parameters():
+        if param.requires_grad and param_name not in plan.placement:
+            place("adamw", param, param_name, {})
+    plan.groups = list(groups.values())
+    return plan
 
 
 def make_param_groups(
@@ -63,56 +180,31 @@ def make_param_groups(
     verbose: bool = False,
     **group_options: Any,
 ) -> list[dict[str, Any]]:
-    """Split a model's trainable parameters into GaLorePlusAdamW groups.
+    """Split a model's trainable parameters into GaLorePlusAdamW groups (see the module docstring).
 
-    * query/key projections (``q_proj``/``k_proj`` and similar names) -> ``cross_head`` groups,
-      one per head count (grouped-query attention gives k fewer heads), with ``residual_ratio``;
-    * other matched 2-D ``nn.Linear`` weights -> one ``projector`` group;
-    * everything else (embeddings, norms, biases, the output head unless ``include_lm_head``, and
-      matched weights smaller than ``rank``) -> a plain AdamW group.
+    * query/key projections -> ``cross_head`` groups with ``residual_ratio``, one per head count;
+    * fused ``nn.Linear``-layout q/k/v projections -> ``cross_head`` with H + 2 K heads;
+    * other matched 2-D ``nn.Linear`` and transformers ``Conv1D`` weights -> one ``projector`` group;
+    * everything else (embeddings, norms, biases, the output head unless ``include_lm_head``, tied
+      weights and matched weights smaller than ``rank``) -> a plain AdamW group.
 
-    ``group_options`` (e.g. ``oversample=16``) are added to every projected group. With
-    ``verbose`` a summary of what went where is printed.
+    ``group_options`` (e.g. ``oversample=16``) are added to every projected group. Targeted weights
+    that could not be projected are named in a warning; with ``verbose`` a summary of what went
+    where is printed.
     """
-    projected_options = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, **group_options)
-    groups: dict[str, dict[str, Any]] = {}
-    placed: dict[str, str] = {}
-    too_small: list[str] = []
-
-    def place(group_name: str, param: nn.Parameter, param_name: str, options: dict[str, Any]) -> None:
-        groups.setdefault(group_name, {"params": [], "name": group_name, **options})["params"].append(param)
-        placed[param_name] = group_name
-
-    for module_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not module.weight.requires_grad:
-            continue
-        is_head = _leaf(module_name) in OUTPUT_HEAD_NAMES
-        if not (module_matches(module_name, target_modules) or (include_lm_head and is_head)):
-            continue
-        weight = module.weight
-        weight_name = f"{module_name}.weight"
-        if rank > min(weight.shape):
-            too_small.append(weight_name)
-            continue
-        if cross_head and _leaf(module_name) in QUERY_NAMES + KEY_NAMES:
-            heads = _head_count(model, module_name, num_heads, num_kv_heads)
-            options = dict(projected_options, projector="cross_head", num_heads=heads)
-            if residual_ratio > 0:
-                options["residual_ratio"] = residual_ratio
-            place(f"cross_head_{heads}_heads", weight, weight_name, options)
-        else:
-            place(projector, weight, weight_name, dict(projected_options, projector=projector))
-
-    for param_name, param in model.named_parameters():
-        if param.requires_grad and param_name not in placed:
-            place("adamw", param, param_name, {})
-
-    if too_small:
-        warnings.warn(f"{len(too_small)} matched weight(s) have a side smaller than rank={rank} and stay in the "
-                      f"plain AdamW group: {too_small[:5]}{' ...' if len(too_small) > 5 else ''}", stacklevel=2)
+    plan = plan_param_groups(
+        model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, target_modules=target_modules,
+        residual_ratio=residual_ratio, projector=projector, cross_head=cross_head, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, include_lm_head=include_lm_head, **group_options,
+    )
+    if plan.unplaced:
+        listed = "; ".join(f"{name}: {reason}" for name, reason in list(plan.unplaced.items())[:5])
+        more = f" (and {len(plan.unplaced) - 5} more)" if len(plan.unplaced) > 5 else ""
+        warnings.warn(f"{len(plan.unplaced)} targeted weight(s) could not be projected and stay in the plain AdamW "
+                      f"group: {listed}{more}", stacklevel=2)
     if verbose:
-        print(describe_placement(placed))
-    return list(groups.values())
+        print(describe_placement(plan.placement))
+    return plan.groups
 
 
 def describe_placement(placed: dict[str, str]) -> str:

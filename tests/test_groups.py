@@ -1,0 +1,143 @@
+"""make_param_groups on transformers' LLaMA, GPT-2 and BERT built from tiny configs (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from galore_plus import GaLorePlusAdamW, make_param_groups
+from galore_plus.groups import plan_param_groups
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama() -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_gpt2() -> nn.Module:
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_bert() -> nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    return transformers.BertForMaskedLM(config)
+
+
+def group_of(plan, name: str) -> dict:
+    return next(g for g in plan.groups if g["name"] == plan.placement[name])
+
+
+def test_every_trainable_parameter_is_placed_exactly_once():
+    for model in (tiny_llama(), tiny_gpt2(), tiny_bert()):
+        groups = make_param_groups(model, rank=4)
+        ids = [id(p) for g in groups for p in g["params"]]
+        assert len(ids) == len(set(ids))
+        assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_llama_query_and_key_get_cross_head_with_their_own_head_counts():
+    plan = plan_param_groups(tiny_llama(), rank=4)
+    q = group_of(plan, "model.layers.0.self_attn.q_proj.weight")
+    k = group_of(plan, "model.layers.1.self_attn.k_proj.weight")
+    assert (q["projector"], q["num_heads"]) == ("cross_head", 4)
+    assert (k["projector"], k["num_heads"]) == ("cross_head", 2)
+    for leaf in ("v_proj", "o_proj"):
+        assert plan.placement[f"model.layers.0.self_attn.{leaf}.weight"] == "randomized"
+    for leaf in ("gate_proj", "up_proj", "down_proj"):
+        assert plan.placement[f"model.layers.1.mlp.{leaf}.weight"] == "randomized"
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert plan.placement[name] == "adamw"
+    assert plan.unplaced == {}
+
+
+def test_gpt2_conv1d_weights_are_projected_and_c_attn_is_in_the_projector_group():
+    model = tiny_gpt2()
+    plan = plan_param_groups(model, rank=4)
+    for leaf in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        assert plan.placement[f"transformer.h.0.{leaf}.weight"] == "randomized"
+    assert not any(g.get("projector") == "cross_head" for g in plan.groups)
+    for name in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.bias"):
+        assert plan.placement[name] == "adamw"
+    assert "lm_head.weight" not in plan.placement
+    assert plan.unplaced == {}
+
+
+def test_gpt2_tied_lm_head_is_listed_as_unplaced_when_included():
+    plan = plan_param_groups(tiny_gpt2(), rank=4, include_lm_head=True)
+    assert "tied to transformer.wte.weight" in plan.unplaced["lm_head.weight"]
+    assert plan.placement["transformer.wte.weight"] == "adamw"
+
+
+def test_bert_query_key_cross_head_value_randomized():
+    model = tiny_bert()
+    plan = plan_param_groups(model, rank=4)
+    attention = "bert.encoder.layer.0.attention.self"
+    assert group_of(plan, f"{attention}.query.weight")["projector"] == "cross_head"
+    assert group_of(plan, f"{attention}.key.weight")["num_heads"] == 4
+    assert plan.placement[f"{attention}.value.weight"] == "randomized"
+    assert plan.placement["bert.encoder.layer.1.intermediate.dense.weight"] == "randomized"
+    assert plan.placement["bert.embeddings.word_embeddings.weight"] == "adamw"
+    assert "cls.predictions.decoder.weight" not in plan.placement
+    assert plan.unplaced == {}
+
+
+def test_bert_tied_decoder_is_named_in_a_warning_when_heads_are_included():
+    with pytest.warns(UserWarning, match="cls.predictions.decoder.weight: tied to bert.embeddings.word_embeddings"):
+        make_param_groups(tiny_bert(), rank=4, include_lm_head=True)
+
+
+def test_weights_smaller_than_rank_are_listed_with_the_reason():
+    plan = plan_param_groups(tiny_llama(), rank=40)
+    assert "side smaller than rank=40" in plan.unplaced["model.layers.0.self_attn.q_proj.weight"]
+    assert plan.placement["model.layers.0.self_attn.q_proj.weight"] == "adamw"
+
+
+class FusedAttention(nn.Module):
+    def __init__(self, width: int, heads: int, kv_heads: int):
+        super().__init__()
+        head_dim = width // heads
+        self.qkv_proj = nn.Linear(width, (heads + 2 * kv_heads) * head_dim)
+        self.o_proj = nn.Linear(width, width)
+
+
+def test_fused_linear_qkv_is_cross_head_over_all_q_k_v_heads():
+    plan = plan_param_groups(FusedAttention(32, 4, 2), rank=4, num_heads=4, num_kv_heads=2)
+    group = group_of(plan, "qkv_proj.weight")
+    assert (group["projector"], group["num_heads"]) == ("cross_head", 8)
+
+
+def test_missing_head_count_names_the_argument_to_pass():
+    with pytest.raises(ValueError, match=r"num_heads=H"):
+        make_param_groups(FusedAttention(32, 4, 4), rank=4)
+
+
+def test_residual_ratio_is_set_only_on_cross_head_groups():
+    plan = plan_param_groups(tiny_llama(), rank=4, residual_ratio=0.1)
+    assert group_of(plan, "model.layers.0.self_attn.q_proj.weight")["residual_ratio"] == 0.1
+    assert "residual_ratio" not in group_of(plan, "model.layers.0.self_attn.v_proj.weight")
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, tiny_bert])
+def test_groups_train_one_step_with_finite_weights(build):
+    model = build()
+    optimizer = GaLorePlusAdamW(make_param_groups(model, rank=4, update_proj_gap=2), lr=1e-3)
+    ids = torch.arange(12).reshape(2, 6) % 64
+    for _ in range(2):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
