@@ -1,0 +1,91 @@
+"""GaLorePlusAdamW in transformers.Trainer: train -> checkpoint -> resume equals an uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from galore_plus import GaLorePlusAdamW, make_param_groups
+
+transformers = pytest.importorskip("transformers")
+
+MAX_STEPS = 6
+STOP_AT = 3
+
+
+def tiny_llama() -> torch.nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_dataset() -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 64, (16, 8), generator=generator)
+    return [{"input_ids": row, "labels": row} for row in rows]
+
+
+def training_args(output_dir: Path) -> transformers.TrainingArguments:
+    return transformers.TrainingArguments(
+        output_dir=str(output_dir), max_steps=MAX_STEPS, per_device_train_batch_size=4, learning_rate=1e-2,
+        save_strategy="steps", save_steps=STOP_AT, logging_strategy="no", report_to=[], use_cpu=True,
+        seed=0, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+    )
+
+
+def galore_optimizer(model: torch.nn.Module) -> GaLorePlusAdamW:
+    return GaLorePlusAdamW(make_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2, seed=1)
+
+
+class StopAt(transformers.TrainerCallback):
+    """Interrupt training after ``step`` (the checkpoint of that step is still written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def train(output_dir: Path, stop_at: int | None = None, resume: str | None = None) -> dict[str, torch.Tensor]:
+    model = tiny_llama()
+    callbacks = [StopAt(stop_at)] if stop_at else []
+    trainer = transformers.Trainer(
+        model=model, args=training_args(output_dir), train_dataset=tiny_dataset(),
+        optimizers=(galore_optimizer(model), None), callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_checkpoint_and_resume_equal_an_uninterrupted_run(tmp_path):
+    uninterrupted = train(tmp_path / "straight")
+    train(tmp_path / "interrupted", stop_at=STOP_AT)
+    checkpoint = tmp_path / "interrupted" / f"checkpoint-{STOP_AT}"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert any("projector" in state for state in saved["state"].values())
+    resumed = train(tmp_path / "interrupted", resume=str(checkpoint))
+    initial = dict(tiny_llama().named_parameters())
+    for name, expected in uninterrupted.items():
+        assert torch.equal(resumed[name], expected), name
+        assert not torch.equal(expected, initial[name]), name
+
+
+def test_optimizer_cls_and_kwargs_builds_the_galore_groups(tmp_path):
+    model = tiny_llama()
+    kwargs = {"params": make_param_groups(model, rank=4), "lr": 1e-2, "seed": 1}
+    trainer = transformers.Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=tiny_dataset(),
+        optimizer_cls_and_kwargs=(GaLorePlusAdamW, kwargs),
+    )
+    trainer.create_optimizer()
+    assert isinstance(trainer.optimizer, GaLorePlusAdamW)
+    projectors = {group.get("projector") for group in trainer.optimizer.param_groups}
+    assert {"cross_head", "randomized", None} <= projectors
