@@ -12,6 +12,7 @@ from numbers import Real
 import torch
 
 from .projectors import HEAD_PROJECTORS, PROJ_TYPES, PROJECTORS
+from .residual import RESIDUAL_MODES
 
 PROJECTED_GROUP_DEFAULTS: dict = {
     "update_proj_gap": 200,
@@ -24,6 +25,9 @@ PROJECTED_GROUP_DEFAULTS: dict = {
     "oversample": 8,
     "power_iters": 2,
     "warm_start": True,
+    "residual_ratio": 0.0,
+    "residual_warmup": 10,
+    "residual_mode": "exact",
 }
 
 PROJECTOR_ONLY_KEYS = tuple(PROJECTED_GROUP_DEFAULTS) + ("rank",)
@@ -79,10 +83,21 @@ def validate_projected_group(group: dict, index: int) -> None:
     _require_choice(group, index, "projector", PROJECTORS)
     _require_choice(group, index, "proj_type", PROJ_TYPES)
     _require_choice(group, index, "head_projector", HEAD_PROJECTORS)
+    _validate_residual(group, index)
     if group["projector"] == "cross_head":
         _validate_heads(group, index)
     for position, param in enumerate(group["params"]):
         _validate_projected_param(group, index, position, param)
+
+
+def _validate_residual(group: dict, index: int) -> None:
+    ratio = group["residual_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, Real):
+        _fail(group, index, "residual_ratio", f"must be a number, got {ratio!r}", TypeError)
+    if not 0.0 <= ratio < 1.0:
+        _fail(group, index, "residual_ratio", f"must be in [0, 1), got {ratio!r}")
+    _require_int(group, index, "residual_warmup", 0)
+    _require_choice(group, index, "residual_mode", RESIDUAL_MODES)
 
 
 def _validate_heads(group: dict, index: int) -> None:

@@ -10,8 +10,9 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 from .group_options import fill_projected_defaults, group_label, validate_plain_group, validate_projected_group
-from .lowrank_adam import lowrank_adam_direction
+from .dispatch import lowrank_adam_direction
 from .projectors import Side, basis_generator, compute_basis, project, projection_side, random_orthonormal_basis
+from .residual_state import residual_update, write_residual
 from .update import apply_lowrank_update
 
 
@@ -151,7 +152,10 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         state["step"] = step
         beta1, beta2 = group["betas"]
         direction = lowrank_adam_direction(low_rank, state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, group["eps"])
+        residual = residual_update(param, grad, low_rank, direction, side, state, group, step)
         apply_lowrank_update(param, direction, basis, side, group["lr"], group["weight_decay"], group["scale"])
+        if residual is not None:
+            write_residual(param, residual)
 
     def _refreshed_basis(
         self, grad: Tensor, group: dict[str, Any], side: Side, position: int, refresh_index: int, previous: Tensor | None

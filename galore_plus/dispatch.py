@@ -1,0 +1,47 @@
+"""The one place that chooses between a Triton kernel and its torch reference.
+
+A kernel is used when the tensors are on a CUDA device and ``triton`` imports; everywhere else
+(CPU, or no Triton) the torch reference of the same signature runs. The kernel modules are only
+imported on first CUDA use, so CPU runs never pay for importing Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+from torch import Tensor
+
+from . import lowrank_adam, residual
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the ``triton`` package is installed."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_kernel(tensor: Tensor) -> bool:
+    """Whether the Triton kernel should handle this tensor."""
+    return tensor.is_cuda and triton_available()
+
+
+def lowrank_adam_direction(
+    low_rank_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: float, beta2: float, eps: float
+) -> Tensor:
+    """:func:`galore_plus.lowrank_adam.lowrank_adam_direction`, fused into one kernel on CUDA."""
+    if use_kernel(low_rank_grad):
+        from .kernels.lowrank_adam import lowrank_adam_direction_triton
+
+        return lowrank_adam_direction_triton(low_rank_grad, exp_avg, exp_avg_sq, step, beta1, beta2, eps)
+    return lowrank_adam.lowrank_adam_direction(low_rank_grad, exp_avg, exp_avg_sq, step, beta1, beta2, eps)
+
+
+def residual_values(*args, **kwargs) -> Tensor:
+    """:func:`galore_plus.residual.residual_values` (same arguments), one kernel on CUDA."""
+    param = args[0] if args else kwargs["param"]
+    if use_kernel(param):
+        from .kernels.residual_step import residual_values_triton
+
+        return residual_values_triton(*args, **kwargs)
+    return residual.residual_values(*args, **kwargs)
