@@ -11,6 +11,7 @@ from torch.optim.adam import adam
 
 from .group_options import fill_projected_defaults, group_label, validate_plain_group, validate_projected_group
 from .dispatch import lowrank_adam_direction
+from . import quant
 from .projectors import Side, basis_generator, compute_basis, project, projection_side, random_orthonormal_basis
 from .residual_state import residual_update, write_residual
 from .update import apply_lowrank_update
@@ -30,6 +31,9 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
 
     ``seed`` seeds every random choice of the projectors together with the parameter's position and
     the refresh count; torch's global RNG is never used.
+
+    ``optim_bits=8`` stores the low-rank moments, and the AdamW moments of plain tensors with at
+    least 4096 values, as 8-bit blockwise codes (see :mod:`galore_plus.quant`; needs bitsandbytes).
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         *,
         seed: int = 0,
         foreach: bool | None = None,
+        optim_bits: int = 32,
     ):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -55,6 +60,11 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if isinstance(optim_bits, bool) or optim_bits not in (32, 8):
+            raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
+        if optim_bits == 8:
+            quant.require_bitsandbytes()
+        self.optim_bits = optim_bits
         self.seed = seed
         self._warned: set[str] = set()
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
@@ -105,6 +115,12 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             if param.grad.is_sparse:
                 raise RuntimeError("AdamW does not support sparse gradients")
             state = self.state[param]
+            if self.optim_bits == 8 and quant.uses_8bit_adamw(param):
+                if not state:
+                    quant.init_adamw_state_8bit(state, param)
+                beta1, beta2 = group["betas"]
+                quant.adamw_step_8bit(param, param.grad, state, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+                continue
             if not state:
                 scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
                 state["step"] = torch.tensor(0.0, dtype=scalar_dtype)
@@ -146,6 +162,8 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             self._warn_once("grad", f"non-finite gradient in {group_label(group, group_index)}: that weight's step was "
                                     "skipped (moments, weight and step count unchanged)")
             return
+        if self.optim_bits == 8:
+            quant.load_moments(state)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(low_rank)
             state["exp_avg_sq"] = torch.zeros_like(low_rank)
@@ -156,6 +174,8 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         apply_lowrank_update(param, direction, basis, side, group["lr"], group["weight_decay"], group["scale"])
         if residual is not None:
             write_residual(param, residual)
+        if self.optim_bits == 8:
+            quant.store_moments(state)
 
     def _refreshed_basis(
         self, grad: Tensor, group: dict[str, Any], side: Side, position: int, refresh_index: int, previous: Tensor | None
@@ -192,12 +212,13 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         """Load like torch, but keep projected weights' state in its saved dtype (float32).
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype,
-        which would round the float32 basis and moments of a bfloat16 weight.
+        which would round the float32 basis and moments of a bfloat16 weight (and, with
+        ``optim_bits=8``, the float32 absmax of every 8-bit moment).
         """
         super().load_state_dict(state_dict)
         for _, group, position, param in self._indexed_params():
             saved = state_dict["state"].get(position)
-            if "rank" in group and saved is not None:
+            if saved is not None and ("rank" in group or self.optim_bits == 8):
                 for key, value in saved.items():
                     if isinstance(value, Tensor):
                         self.state[param][key] = value.to(device=param.device, copy=True)

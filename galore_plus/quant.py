@@ -1,0 +1,135 @@
+"""8-bit blockwise storage of Adam moments through ``bitsandbytes.functional`` (dynamic quantisation).
+
+A moment tensor X is stored as ``uint8`` codes of X's shape plus one float32 ``absmax`` per block
+of :data:`BLOCKSIZE` consecutive values (bitsandbytes' 8-bit optimizer layout): a value is
+``code_map[codes] * absmax[block]``. The first moment uses the signed dynamic map, the second
+moment the unsigned one, as bitsandbytes' 8-bit Adam does. The maps are constants, rebuilt on
+demand, so the state holds only the codes and the absmax values (plain tensors in the state dict).
+
+Two uses:
+
+* low-rank moments of projected weights: :func:`load_moments` puts float32 ``exp_avg`` and
+  ``exp_avg_sq`` into the state for the duration of one step, :func:`store_moments` turns them
+  back into codes at the end of the step, so everything in between is the 32-bit step;
+* moments of plain AdamW tensors with at least :data:`MIN_8BIT_SIZE` values:
+  :func:`adamw_step_8bit` runs bitsandbytes' own blockwise 8-bit AdamW update.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+BLOCKSIZE = 256
+MIN_8BIT_SIZE = 4096
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+INSTALL_HINT = "optim_bits=8 needs bitsandbytes: pip install bitsandbytes"
+
+
+def require_bitsandbytes() -> None:
+    """Raise ImportError with the install command when ``bitsandbytes.functional`` cannot be imported."""
+    try:
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+
+
+@functools.cache
+def dynamic_map(signed: bool, device: torch.device) -> Tensor:
+    """bitsandbytes' 256-entry dynamic quantisation map (signed for M, unsigned for V) on ``device``."""
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.create_dynamic_map(signed=signed).to(device)
+
+
+def moment_is_signed(key: str) -> bool:
+    """The first moment is signed; the second moment (a mean of squares) is not."""
+    return key == "exp_avg"
+
+
+def absmax_count(numel: int) -> int:
+    """Number of float32 scales of a quantised tensor of ``numel`` values."""
+    return math.ceil(numel / BLOCKSIZE)
+
+
+def quantized_nbytes(numel: int) -> int:
+    """Bytes of one 8-bit moment: one code per value plus one float32 absmax per block."""
+    return numel + 4 * absmax_count(numel)
+
+
+def quantize(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """(uint8 codes of ``values``' shape, float32 absmax per block) of a float tensor."""
+    import bitsandbytes.functional as bnb_functional
+
+    codes, quant_state = bnb_functional.quantize_blockwise(
+        values.float().contiguous(), code=dynamic_map(signed, values.device), blocksize=BLOCKSIZE
+    )
+    return codes, quant_state.absmax
+
+
+def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    """The float32 tensor that ``(codes, absmax)`` stands for."""
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_blockwise(
+        codes, absmax=absmax, code=dynamic_map(signed, codes.device), blocksize=BLOCKSIZE
+    )
+
+
+def load_moments(state: dict[str, Any]) -> None:
+    """Replace the stored codes of the low-rank moments by float32 ``exp_avg``/``exp_avg_sq`` tensors.
+
+    Does nothing before the first step (the optimizer then creates zero moments itself).
+    Raises ValueError when the state holds 32-bit moments (a checkpoint of a 32-bit optimizer).
+    """
+    if any(key in state for key in MOMENT_KEYS):
+        raise ValueError("optimizer state holds 32-bit moments ('exp_avg'); it was saved with optim_bits=32 "
+                         "and cannot be loaded into an optimizer with optim_bits=8")
+    for key in MOMENT_KEYS:
+        if f"{key}_codes" in state:
+            codes, absmax = state.pop(f"{key}_codes"), state.pop(f"{key}_absmax")
+            state[key] = dequantize(codes, absmax, moment_is_signed(key))
+
+
+def store_moments(state: dict[str, Any]) -> None:
+    """Replace float32 ``exp_avg``/``exp_avg_sq`` in the state by their 8-bit codes and absmax values."""
+    for key in MOMENT_KEYS:
+        state[f"{key}_codes"], state[f"{key}_absmax"] = quantize(state.pop(key), moment_is_signed(key))
+
+
+def uses_8bit_adamw(param: Tensor) -> bool:
+    """Whether a plain AdamW tensor gets 8-bit moments (bitsandbytes' rule: at least 4096 values)."""
+    return param.numel() >= MIN_8BIT_SIZE
+
+
+def init_adamw_state_8bit(state: dict[str, Any], param: Tensor) -> None:
+    """Zero 8-bit moments (codes and absmax) and a float32 step counter for a plain AdamW tensor."""
+    blocks = absmax_count(param.numel())
+    state["step"] = torch.tensor(0.0)
+    for key in MOMENT_KEYS:
+        state[f"{key}_codes"] = torch.zeros(param.shape, dtype=torch.uint8, device=param.device)
+        state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
+
+
+def adamw_step_8bit(
+    param: Tensor, grad: Tensor, state: dict[str, Any], lr: float, beta1: float, beta2: float, eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step of ``param`` with 8-bit blockwise moments, by bitsandbytes' fused update.
+
+    Same update as ``torch.optim.AdamW`` (decoupled weight decay first), computed in float32 from
+    the dequantised moments, which are then re-quantised in place.
+    """
+    import bitsandbytes.functional as bnb_functional
+
+    state["step"] += 1
+    bnb_functional.optimizer_update_8bit_blockwise(
+        "adam", grad, param, state["exp_avg_codes"], state["exp_avg_sq_codes"],
+        beta1, beta2, 0.0, 0.0, eps, int(state["step"].item()), lr,
+        dynamic_map(True, param.device), dynamic_map(False, param.device),
+        state["exp_avg_absmax"], state["exp_avg_sq_absmax"], weight_decay=weight_decay,
+    )
