@@ -12,9 +12,10 @@ Only torch is needed; ``peft`` is used solely by the parity tests.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,14 @@ def _check_rank(rank: int, in_features: int, out_features: int) -> None:
         )
 
 
+def _resolve_alpha(alpha: float | None, rank: int) -> float:
+    """``alpha`` as a positive float, ``rank`` when it is ``None``."""
+    alpha = float(rank) if alpha is None else float(alpha)
+    if alpha <= 0.0:
+        raise ValueError(f"alpha must be positive, got {alpha:g}")
+    return alpha
+
+
 def _check_dropout(dropout: float) -> None:
     """Raise if ``dropout`` is not a probability in ``[0, 1)``."""
     if not 0.0 <= dropout < 1.0:
@@ -68,9 +77,7 @@ class AdapterLinear(nn.Module):
             )
         _check_rank(rank, base.in_features, base.out_features)
         _check_dropout(dropout)
-        alpha = float(rank) if alpha is None else float(alpha)
-        if alpha <= 0.0:
-            raise ValueError(f"alpha must be positive, got {alpha}")
+        alpha = _resolve_alpha(alpha, rank)
         self.base = base.requires_grad_(False)
         self.rank = rank
         self.alpha = alpha
@@ -142,7 +149,7 @@ class LoRALinear(AdapterLinear):
         lora_A = torch.empty(rank, self.in_features)
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)
         self.lora_A = nn.Parameter(lora_A.to(device=weight.device, dtype=weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=weight.device, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(weight.new_zeros(self.out_features, rank))
 
     def delta_weight(self) -> torch.Tensor:
         """The scaled low-rank update ``s * B A``, shape ``(out, in)``."""
@@ -254,8 +261,8 @@ class VeRALinear(AdapterLinear):
                 f"expected A {expected[0]} and B {expected[1]}"
             )
         self.projections = projections
-        self.lambda_d = nn.Parameter(torch.full((rank,), d_initial, device=weight.device, dtype=weight.dtype))
-        self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=weight.device, dtype=weight.dtype))
+        self.lambda_d = nn.Parameter(weight.new_full((rank,), d_initial))
+        self.lambda_b = nn.Parameter(weight.new_zeros(self.out_features))
 
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.lambda_d * F.linear(x, self.projections.A)
@@ -275,17 +282,16 @@ _UNWRAPPABLE = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    """Names of the wrappable ``nn.Linear`` modules of ``model`` (not those inside adapters)."""
-    names = []
-    inside_adapter: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside_adapter):
-            continue
-        if isinstance(module, AdapterLinear):
-            inside_adapter.append(name)
-        elif isinstance(module, nn.Linear) and not isinstance(module, _UNWRAPPABLE) and name:
-            names.append(name)
-    return names
+    """Names of the wrappable ``nn.Linear`` modules of ``model`` (not the bases of adapters)."""
+    bases = {id(module.base) for module in model.modules() if isinstance(module, AdapterLinear)}
+    return [
+        name
+        for name, module in model.named_modules()
+        if name
+        and isinstance(module, nn.Linear)
+        and not isinstance(module, _UNWRAPPABLE)
+        and id(module) not in bases
+    ]
 
 
 def _adapter_names(model: nn.Module) -> list[str]:
@@ -305,45 +311,57 @@ def _matches_suffix(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-def _select_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
-    """Names of the modules selected by ``target_modules``; raise if a pattern selects nothing.
+def _name_matchers(target_modules: str | Iterable[str]) -> dict[str, Callable[[str], bool]]:
+    """One module-name predicate per pattern of ``target_modules``.
 
-    ``"all-linear"`` selects every ``nn.Linear`` except one named ``lm_head``; any other string is a
-    regular expression that must match the full module name; a list holds name suffixes (whole
-    dotted components). Modules that already have an adapter raise.
+    ``"all-linear"`` accepts every name but ``lm_head``; any other string is a regular expression
+    that must match the full module name; a list holds name suffixes (whole dotted components).
+    """
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return {target_modules: lambda name: name.split(".")[-1] != "lm_head"}
+        try:
+            regex = re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(
+                f"target_modules {target_modules!r} is not a valid regular expression: {err}"
+            ) from err
+        return {target_modules: lambda name: regex.fullmatch(name) is not None}
+    if isinstance(target_modules, Iterable):
+        suffixes = list(target_modules)
+        if not suffixes or not all(isinstance(s, str) and s for s in suffixes):
+            raise TypeError(
+                f"target_modules must be a non-empty list of non-empty strings, got {target_modules!r}"
+            )
+        return {s: functools.partial(_matches_suffix, suffix=s) for s in suffixes}
+    raise TypeError(
+        f"target_modules must be 'all-linear', a regex string or a list of names, got {target_modules!r}"
+    )
+
+
+def _select_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
+    """Names of the ``nn.Linear`` modules selected by ``target_modules``, in module order.
+
+    Raises if a pattern selects a layer that already has an adapter or selects no layer at all.
     """
     linear = _linear_names(model)
     adapted = _adapter_names(model)
-    if isinstance(target_modules, str):
-        if target_modules == "all-linear":
-            patterns = {"all-linear": [n for n in linear if n.split(".")[-1] != "lm_head"]}
-            matches_adapted = {"all-linear": adapted}
-        else:
-            try:
-                regex = re.compile(target_modules)
-            except re.error as err:
-                raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression: {err}")
-            patterns = {target_modules: [n for n in linear if regex.fullmatch(n)]}
-            matches_adapted = {target_modules: [n for n in adapted if regex.fullmatch(n)]}
-    elif isinstance(target_modules, Iterable):
-        suffixes = list(target_modules)
-        if not suffixes or not all(isinstance(s, str) and s for s in suffixes):
-            raise TypeError(f"target_modules must be a non-empty list of non-empty strings, got {target_modules!r}")
-        patterns = {s: [n for n in linear if _matches_suffix(n, s)] for s in suffixes}
-        matches_adapted = {s: [n for n in adapted if _matches_suffix(n, s)] for s in suffixes}
-    else:
-        raise TypeError(f"target_modules must be 'all-linear', a regex string or a list of names, got {target_modules!r}")
-    for pattern, names in matches_adapted.items():
-        if names:
-            raise ValueError(f"target_modules {pattern!r} selects layers that already have adapters: {_some_names(names)}")
-    for pattern, names in patterns.items():
+    selected = set()
+    for pattern, matches in _name_matchers(target_modules).items():
+        already = [name for name in adapted if matches(name)]
+        if already:
+            raise ValueError(
+                f"target_modules {pattern!r} selects layers that already have adapters: "
+                f"{_some_names(already)}"
+            )
+        names = [name for name in linear if matches(name)]
         if not names:
             raise ValueError(
                 f"target_modules {pattern!r} matches no nn.Linear module; "
                 f"the model's nn.Linear modules are: {_some_names(linear)}"
             )
-    selected = {n for names in patterns.values() for n in names}
-    return [n for n in linear if n in selected]
+        selected.update(names)
+    return [name for name in linear if name in selected]
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -378,8 +396,6 @@ def add_adapters(
     """
     if method not in _METHODS:
         raise ValueError(f"unknown adapter method {method!r}; expected one of {', '.join(_METHODS)}")
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
     _check_dropout(dropout)
     names = _select_targets(model, target_modules)
     layers = {name: model.get_submodule(name) for name in names}
@@ -388,10 +404,11 @@ def add_adapters(
             _check_rank(rank, layer.in_features, layer.out_features)
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
+    _resolve_alpha(alpha, rank)
 
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    shared: dict[tuple, VeRAProjections] = {}
+    shared: dict[tuple[int, int, torch.device, torch.dtype], VeRAProjections] = {}
     for name, layer in layers.items():
         if method == "lora":
             adapter = LoRALinear(layer, rank, alpha, dropout, generator)
@@ -401,7 +418,9 @@ def add_adapters(
             device, dtype = layer.weight.device, layer.weight.dtype
             key = (layer.in_features, layer.out_features, device, dtype)
             if key not in shared:
-                shared[key] = VeRAProjections(layer.in_features, layer.out_features, rank, seed, device, dtype)
+                shared[key] = VeRAProjections(
+                    layer.in_features, layer.out_features, rank, seed, device=device, dtype=dtype
+                )
             adapter = VeRALinear(layer, rank, alpha, dropout, shared[key])
         _replace(model, name, adapter)
     return names
@@ -420,11 +439,11 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
     Returns ``model``. The merged layers keep the base layer's ``requires_grad`` flags (frozen).
     """
+    if isinstance(model, AdapterLinear):
+        raise TypeError(f"model itself is a {type(model).__name__}; call its merge() method instead")
     names = _adapter_names(model)
     if not names:
         raise ValueError("model has no adapters to merge; call add_adapters(model, ...) first")
     for name in names:
-        if name == "":
-            raise TypeError("model itself is an adapter layer; call its merge() method instead")
         _replace(model, name, model.get_submodule(name).merge())
     return model

@@ -275,10 +275,17 @@ def test_rank_below_one(rank):
         add_adapters(make_model(), "lora", rank=rank)
 
 
-def test_rank_larger_than_a_layer_names_the_layer():
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 9}, r"layer 'block.q_proj'.*min\(in_features, out_features\) = 8.*got 9"),
+        ({"rank": 2, "alpha": -1.0}, "alpha must be positive, got -1"),
+    ],
+)
+def test_bad_rank_or_alpha_leaves_the_model_untouched(kwargs, message):
     model = make_model()
-    with pytest.raises(ValueError, match=r"layer 'block.q_proj'.*min\(in_features, out_features\) = 8.*got 9"):
-        add_adapters(model, "dora", rank=9)
+    with pytest.raises(ValueError, match=message):
+        add_adapters(model, "dora", **kwargs)
     assert not any(isinstance(m, AdapterLinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
 
@@ -292,7 +299,8 @@ def test_rank_must_be_an_int():
 
 @pytest.mark.parametrize("target_modules", [["qproj"], ["q_proj", "nope"], r"block\.k_proj"])
 def test_targets_matching_nothing_list_module_names(target_modules):
-    with pytest.raises(ValueError, match=r"matches no nn.Linear.*block.q_proj, block.v_proj, block.up, down, lm_head"):
+    expected = r"matches no nn.Linear.*block.q_proj, block.v_proj, block.up, down, lm_head"
+    with pytest.raises(ValueError, match=expected):
         add_adapters(make_model(), "lora", rank=2, target_modules=target_modules)
 
 
@@ -385,7 +393,8 @@ def build_pair(method: str, dropout: float):
         config = peft.LoraConfig(
             r=3, lora_alpha=5, target_modules=targets, lora_dropout=dropout, use_dora=method == "dora"
         )
-    add_adapters(ours, method, rank=3, alpha=None if method == "vera" else 5.0, target_modules=targets, dropout=dropout)
+    alpha = None if method == "vera" else 5.0
+    add_adapters(ours, method, rank=3, alpha=alpha, target_modules=targets, dropout=dropout)
     randomize_adapters(ours)
     theirs = peft.get_peft_model(copy.deepcopy(plain), config)
     their_tensors = dict(theirs.named_parameters()) | dict(theirs.named_buffers())
