@@ -70,11 +70,10 @@ class AdapterLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0) -> None:
         super().__init__()
+        if isinstance(base, AdapterLinear):
+            raise TypeError(f"cannot wrap a {type(base).__name__}: this layer already has an adapter")
         if not isinstance(base, nn.Linear):
-            raise TypeError(
-                f"{type(self).__name__} wraps an nn.Linear, got {type(base).__name__}"
-                + (" (this layer already has an adapter)" if isinstance(base, AdapterLinear) else "")
-            )
+            raise TypeError(f"{type(self).__name__} wraps an nn.Linear, got {type(base).__name__}")
         _check_rank(rank, base.in_features, base.out_features)
         _check_dropout(dropout)
         alpha = _resolve_alpha(alpha, rank)

@@ -128,6 +128,7 @@ def test_initialisation_follows_peft_conventions():
     base = nn.Linear(16, 6)
     lora = LoRALinear(copy.deepcopy(base), rank=4, alpha=8.0)
     assert lora.scaling == 2.0
+    assert LoRALinear(copy.deepcopy(base), rank=4).scaling == 1.0
     assert torch.count_nonzero(lora.lora_B) == 0
     bound = 1.0 / 16**0.5  # kaiming_uniform(a=sqrt(5)) on fan_in=16
     assert lora.lora_A.abs().max() <= bound and lora.lora_A.abs().max() > 0.5 * bound
