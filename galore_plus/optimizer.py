@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 from .group_options import fill_projected_defaults, group_label, validate_plain_group, validate_projected_group
+from .distributed import is_sharded, step_sharded_weight
 from .dispatch import lowrank_adam_direction
 from . import quant
 from .projectors import Side, basis_generator, compute_basis, project, projection_side, random_orthonormal_basis
@@ -95,7 +96,10 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
                 self._step_plain(group)
         for group_index, group, position, param in self._indexed_params():
             if "rank" in group and param.grad is not None:
-                self._step_projected(param, group, group_index, position)
+                if is_sharded(param):
+                    step_sharded_weight(self, param, group, group_index, position)
+                else:
+                    self._step_projected(param, group, group_index, position)
         return loss
 
     def _indexed_params(self) -> Iterator[tuple[int, dict[str, Any], int, Tensor]]:

@@ -71,9 +71,10 @@ def build_model() -> TwoLayer:
     return TwoLayer()
 
 
-def param_groups(model: TwoLayer) -> list[dict]:
+def param_groups(model: TwoLayer, residuals: bool = True) -> list[dict]:
+    """Cross-head (input side) for ``query``, randomized (output side, 16 < 32) for ``out``, AdamW for biases."""
     cross_head = dict(rank=4, update_proj_gap=GAP, projector="cross_head", num_heads=4)
-    if "residual_ratio" in PROJECTED_GROUP_DEFAULTS:
+    if residuals and "residual_ratio" in PROJECTED_GROUP_DEFAULTS:
         cross_head.update(residual_ratio=0.25, residual_warmup=1)
     return [
         {"params": [model.query.weight], **cross_head},
@@ -88,16 +89,16 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(STEPS)]
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, rows: slice) -> None:
-    for x, y in batches():
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, rows: slice, steps: slice = slice(None)) -> None:
+    for x, y in batches()[steps]:
         nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
         optimizer.step()
         optimizer.zero_grad()
 
 
-def single_process_reference() -> dict[str, torch.Tensor]:
+def single_process_reference(residuals: bool = True) -> dict[str, torch.Tensor]:
     model = build_model()
-    train(model, GaLorePlusAdamW(param_groups(model), lr=1e-2, seed=3), slice(None))
+    train(model, GaLorePlusAdamW(param_groups(model, residuals), lr=1e-2, seed=3), slice(None))
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
@@ -121,3 +122,70 @@ def test_ddp_ranks_end_bit_identical_and_equal_the_single_process_run(tmp_path):
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         torch.testing.assert_close(ranks[0][name], expected, rtol=1e-4, atol=1e-5)
         assert not torch.equal(expected, initial[name]), name
+
+
+def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+
+
+def sharded_model_and_optimizer() -> tuple[nn.Module, GaLorePlusAdamW]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model()
+    fully_shard(model)
+    return model, GaLorePlusAdamW(param_groups(model, residuals=False), lr=1e-2, seed=3)
+
+
+def column_sharded_error() -> str:
+    """The error of a step on a weight sharded on dim 1 (not FSDP2's layout), or '' if none was raised."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    weight = nn.Parameter(distribute_tensor(torch.ones(8, 16), mesh, [Shard(1)]))
+    weight.grad = distribute_tensor(torch.ones(8, 16), mesh, [Shard(1)])
+    try:
+        GaLorePlusAdamW([{"params": [weight], "rank": 2, "name": "columns"}]).step()
+    except NotImplementedError as error:
+        return str(error)
+    return ""
+
+
+def fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    """Train 3 steps, save with torch.distributed.checkpoint, train 3 more; then resume a fresh copy and train 3."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    init_gloo(rank, port)
+    share = GLOBAL_BATCH // WORLD_SIZE
+    rows = slice(rank * share, (rank + 1) * share)
+    model, optimizer = sharded_model_and_optimizer()
+    train(model, optimizer, rows, slice(0, STEPS // 2))
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    checkpoint = os.path.join(out_dir, "checkpoint")
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=checkpoint)
+    train(model, optimizer, rows, slice(STEPS // 2, None))
+    continued = full_parameters(model)
+
+    model, optimizer = sharded_model_and_optimizer()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(loaded, checkpoint_id=checkpoint)
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    train(model, optimizer, rows, slice(STEPS // 2, None))
+    resumed = full_parameters(model)
+    torch.save({"continued": continued, "resumed": resumed, "column_sharded_error": column_sharded_error()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_fsdp2_equals_single_process_and_resumes_exactly_from_a_distributed_checkpoint(tmp_path):
+    run_job(fsdp_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    reference = single_process_reference(residuals=False)
+    for name, expected in reference.items():
+        torch.testing.assert_close(ranks[0]["continued"][name], expected, rtol=1e-4, atol=1e-5)
+        for result in ranks:
+            assert torch.equal(result["resumed"][name], ranks[0]["continued"][name]), name
+    for result in ranks:
+        assert "param group 0 ('columns'), key 'rank'" in result["column_sharded_error"]
+        assert "Shard(dim=1)" in result["column_sharded_error"]
