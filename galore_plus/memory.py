@@ -1,0 +1,241 @@
+"""Memory estimator: exact bytes of parameters, gradients and GaLorePlusAdamW state, before training.
+
+Only shapes and dtypes are read, so a model built on the meta device (no RAM for its weights)
+works as well as a real one. The optimizer state counted is the steady state, after the first
+step and after the residual warmup; it equals the sum of ``nbytes`` of the tensors the optimizer
+allocates in ``optimizer.state``:
+
+* plain AdamW tensor (no ``rank``): a float32 step counter plus two moments in the parameter's
+  dtype, or with ``optim_bits=8`` and at least 4096 values two 8-bit moments (one byte per value
+  plus a float32 absmax per 256 values);
+* projected weight (m, n) at rank r: the float32 basis (m x r or r x n), two low-rank moments
+  (float32 or 8-bit), and with ``residual_ratio > 0`` the residual: |I| = ceil(ratio m n)
+  entries of two float32 moments and an int16/int32 column index, plus m + 1 int32 row offsets.
+
+Gradients are the parameters' dtype; in per-layer mode (:mod:`galore_plus.per_layer`) only one
+parameter's gradient exists at a time, so the largest one is counted. Not counted: activations,
+the temporary buffers of one step, and the allocator's rounding.
+
+Command line: ``python -m galore_plus.memory --model llama2-7b`` (or ``--config file.json``)
+prints the table of AdamW, AdamW 8-bit, GaLore and GaLore+ (32 and 8 bit), with and without
+per-layer steps, at ranks 128, 256 and 512.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .group_options import fill_projected_defaults
+from .groups import make_param_groups
+from .projectors import projection_side
+from .quant import quantized_nbytes, uses_8bit_adamw
+from .residual import residual_count
+
+STEP_BYTES = 4
+GIB = 2**30
+
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
+    "tinyllama-1.1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of parameters, gradients and optimizer state; ``total`` is their sum."""
+
+    parameters: int
+    gradients: int
+    optimizer_state: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer_state
+
+
+def as_param_groups(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups as GaLorePlusAdamW takes them: a list of tensors becomes one plain group."""
+    params = list(params)
+    if params and isinstance(params[0], Tensor):
+        return [{"params": params}]
+    return params
+
+
+def residual_state_bytes(shape: tuple[int, int], ratio: float) -> int:
+    """Residual state of an (m, n) weight: CSR row offsets, column indices and two float32 moments at I."""
+    count = residual_count(ratio, shape)
+    if count == 0:
+        return 0
+    m, n = shape
+    row_ptr_bytes = (m + 1) * (4 if count < 2**31 else 8)
+    col_bytes = count * (2 if n <= 2**15 else 4)
+    return row_ptr_bytes + col_bytes + 2 * 4 * count
+
+
+def projected_state_bytes(shape: tuple[int, int], group: dict[str, Any], optim_bits: int) -> int:
+    """Basis, low-rank moments and residual of one projected weight (``group`` has its defaults filled)."""
+    m, n = shape
+    rank = group["rank"]
+    side = projection_side(shape, group["proj_type"], group["projector"])
+    basis_numel, moment_numel = (m * rank, rank * n) if side == "left" else (rank * n, m * rank)
+    moment_bytes = quantized_nbytes(moment_numel) if optim_bits == 8 else 4 * moment_numel
+    return 4 * basis_numel + 2 * moment_bytes + residual_state_bytes(shape, group["residual_ratio"])
+
+
+def plain_state_bytes(param: Tensor, optim_bits: int) -> int:
+    """Step counter and the two AdamW moments of a tensor of a group without ``rank``."""
+    if optim_bits == 8 and uses_8bit_adamw(param):
+        return STEP_BYTES + 2 * quantized_nbytes(param.numel())
+    return STEP_BYTES + 2 * param.numel() * param.element_size()
+
+
+def optimizer_state_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], optim_bits: int = 32) -> int:
+    """Bytes of GaLorePlusAdamW's state for these parameter groups once every tensor has stepped."""
+    total = 0
+    for group in as_param_groups(params):
+        if "rank" in group:
+            filled = dict(group)
+            fill_projected_defaults(filled)
+            total += sum(projected_state_bytes(tuple(p.shape), filled, optim_bits) for p in filled["params"])
+        else:
+            total += sum(plain_state_bytes(p, optim_bits) for p in group["params"])
+    return total
+
+
+def unique_params(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[Tensor]:
+    """Every parameter of the groups once (tied weights count once)."""
+    seen: dict[int, Tensor] = {}
+    for group in as_param_groups(params):
+        for param in group["params"]:
+            seen.setdefault(id(param), param)
+    return list(seen.values())
+
+
+def gradient_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], per_layer: bool = False) -> int:
+    """All gradients, or in per-layer mode the largest single gradient."""
+    sizes = [p.numel() * p.element_size() for p in unique_params(params) if p.requires_grad]
+    if not sizes:
+        return 0
+    return max(sizes) if per_layer else sum(sizes)
+
+
+def estimate_memory(
+    params: Iterable[Tensor] | Iterable[dict[str, Any]], optim_bits: int = 32, per_layer: bool = False
+) -> MemoryEstimate:
+    """Parameters, gradients and optimizer state of training these groups with GaLorePlusAdamW."""
+    groups = as_param_groups(params)
+    return MemoryEstimate(
+        parameters=sum(p.numel() * p.element_size() for p in unique_params(groups)),
+        gradients=gradient_bytes(groups, per_layer),
+        optimizer_state=optimizer_state_bytes(groups, optim_bits),
+    )
+
+
+METHODS: tuple[tuple[str, int, bool], ...] = (
+    ("AdamW", 32, False),
+    ("AdamW 8-bit", 8, False),
+    ("GaLore", 32, True),
+    ("GaLore+", 32, True),
+    ("GaLore+", 8, True),
+)
+
+
+def method_groups(model: nn.Module, method: str, rank: int, residual_ratio: float) -> list[dict[str, Any]]:
+    """Parameter groups of a method: AdamW (one plain group), GaLore (svd everywhere) or GaLore+."""
+    if method.startswith("AdamW"):
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if method == "GaLore":
+            return make_param_groups(model, rank=rank, projector="svd", cross_head=False)
+        return make_param_groups(model, rank=rank, residual_ratio=residual_ratio)
+
+
+def memory_table(
+    model: nn.Module, ranks: Iterable[int], residual_ratio: float = 0.012, budget_gib: float = 24.0
+) -> list[dict[str, Any]]:
+    """One row per method, bit width, rank (AdamW rows have none) and per-layer setting."""
+    rows = []
+    for method, bits, projected in METHODS:
+        for rank in ranks if projected else [None]:
+            groups = method_groups(model, method, rank or 0, residual_ratio)
+            for per_layer in (False, True):
+                estimate = estimate_memory(groups, bits, per_layer)
+                rows.append(dict(method=method, bits=bits, rank=rank, per_layer=per_layer, estimate=estimate,
+                                 fits=estimate.total <= budget_gib * GIB))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], budget_gib: float) -> str:
+    """A Markdown table of :func:`memory_table` rows in GiB."""
+    lines = [
+        f"| method | bits | rank | per-layer | params GiB | grads GiB | optimizer state GiB | total GiB | fits {budget_gib:g} GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        estimate = row["estimate"]
+        lines.append(
+            f"| {row['method']} | {row['bits']} | {row['rank'] or '-'} | {'yes' if row['per_layer'] else 'no'} "
+            f"| {estimate.parameters / GIB:.2f} | {estimate.gradients / GIB:.2f} | {estimate.optimizer_state / GIB:.3f} "
+            f"| {estimate.total / GIB:.2f} | {'yes' if row['fits'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def load_config(model: str | None, config_path: str | None) -> Any:
+    """A transformers config from a name in :data:`NAMED_CONFIGS` or a JSON file with ``model_type``."""
+    from transformers import AutoConfig
+
+    if (model is None) == (config_path is None):
+        raise ValueError("give exactly one of --model NAME or --config FILE.json")
+    if model is not None:
+        if model not in NAMED_CONFIGS:
+            raise ValueError(f"unknown --model {model!r}; known: {sorted(NAMED_CONFIGS)} (or use --config FILE.json)")
+        fields = dict(NAMED_CONFIGS[model])
+    else:
+        with open(config_path) as handle:
+            fields = json.load(handle)
+        if "model_type" not in fields:
+            raise ValueError(f"{config_path}: the JSON config needs a 'model_type' key (e.g. \"llama\")")
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of a transformers config on the meta device (shapes only, no memory, no download)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m galore_plus.memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help=f"a built-in config name: {', '.join(NAMED_CONFIGS)}")
+    parser.add_argument("--config", help="a JSON file of transformers config fields including model_type")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--residual-ratio", type=float, default=0.012, help="GaLore+ residual on q/k (default 0.012)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--budget-gib", type=float, default=24.0)
+    args = parser.parse_args(argv)
+    if args.model is None and args.config is None:
+        args.model = "llama2-7b"
+    model = build_meta_model(load_config(args.model, args.config), getattr(torch, args.dtype))
+    count = sum(p.numel() for p in model.parameters())
+    print(f"{args.model or args.config}: {count / 1e9:.2f}B parameters in {args.dtype}; residual ratio "
+          f"{args.residual_ratio} on q/k for GaLore+; activations and step buffers not included")
+    print(format_table(memory_table(model, args.ranks, args.residual_ratio, args.budget_gib), args.budget_gib))
+
+
+if __name__ == "__main__":
+    main()

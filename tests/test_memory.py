@@ -1,0 +1,154 @@
+"""The memory estimator equals what the optimizer and autograd actually allocate, for every combination."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from galore_plus import GaLorePlusAdamW, make_param_groups
+from galore_plus.memory import GIB, build_meta_model, estimate_memory, load_config, main, memory_table
+from galore_plus.per_layer import ConsumedGradient, enable_per_layer_steps
+from galore_plus.residual import residual_count
+
+TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+
+
+def state_nbytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.nbytes for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+class ParamBag(nn.Module):
+    """Parameters of many shapes and dtypes; the loss is linear in them, so gradients are fixed tensors."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+
+        def param(*shape, dtype=torch.float32):
+            return nn.Parameter(torch.randn(*shape, generator=generator).to(dtype))
+
+        self.query = param(32, 64)
+        self.wide = param(2, 33000)
+        self.tall_bf16 = param(48, 40, dtype=torch.bfloat16)
+        self.embed = param(100, 64)
+        self.plain_bf16 = param(64, 80, dtype=torch.bfloat16)
+        self.bias = param(64)
+        self.small_bf16 = param(10, dtype=torch.bfloat16)
+        self.directions = [torch.randn(p.shape, generator=generator) for p in self.parameters()]
+
+    def loss(self, step: int) -> torch.Tensor:
+        return sum(((p.float() * d) * (1 + step)).sum() for p, d in zip(self.parameters(), self.directions))
+
+    def groups(self, residual_ratio: float) -> list[dict]:
+        residual = dict(residual_ratio=residual_ratio, residual_warmup=1)
+        return [
+            {"params": [self.query], "rank": 8, "projector": "cross_head", "num_heads": 4, **residual},
+            {"params": [self.wide], "rank": 1, **residual},
+            {"params": [self.tall_bf16], "rank": 8, "proj_type": "reverse_std", **residual},
+            {"params": [self.embed, self.plain_bf16, self.bias, self.small_bf16]},
+        ]
+
+
+def measured_training(model, groups, bits: int, per_layer: bool, steps: int = 3) -> tuple[int, int]:
+    """(largest gradient bytes alive at once, optimizer state bytes) over a few real steps."""
+    params = list(model.parameters())
+    peak = [0]
+
+    def record(_param):
+        live = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, ConsumedGradient)]
+        peak[0] = max(peak[0], sum(g.nbytes for g in live))
+
+    for param in params:
+        param.register_post_accumulate_grad_hook(record)
+    opt = GaLorePlusAdamW(groups, lr=1e-3, optim_bits=bits)
+    if per_layer:
+        enable_per_layer_steps(opt)
+    for step in range(steps):
+        opt.zero_grad()
+        model.loss(step).backward()
+        opt.step()
+    return peak[0], state_nbytes(opt)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("residual_ratio", [0.0, 0.02])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_estimate_equals_allocation(bits, residual_ratio, per_layer):
+    if bits == 8:
+        pytest.importorskip("bitsandbytes")
+    model = ParamBag()
+    groups = model.groups(residual_ratio)
+    estimate = estimate_memory(groups, bits, per_layer)
+    gradients, state = measured_training(model, groups, bits, per_layer)
+    assert estimate.parameters == sum(p.nbytes for p in model.parameters())
+    assert estimate.gradients == gradients
+    assert estimate.optimizer_state == state
+    assert estimate.total == estimate.parameters + estimate.gradients + estimate.optimizer_state
+
+
+def test_residual_and_8bit_change_the_state_as_documented():
+    model = ParamBag()
+    with_residual = estimate_memory(model.groups(0.02), 32).optimizer_state
+    without = estimate_memory(model.groups(0.0), 32).optimizer_state
+    count = sum(residual_count(0.02, tuple(p.shape)) for p in (model.query, model.wide, model.tall_bf16))
+    assert with_residual > without + 8 * count
+    assert estimate_memory(model.groups(0.0), 8).optimizer_state < without
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_meta_model_estimate_equals_a_real_model_training(bits):
+    if bits == 8:
+        pytest.importorskip("bitsandbytes")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(TINY_LLAMA)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    meta = build_meta_model(config, torch.float32)
+    torch.manual_seed(0)
+    real = AutoModelForCausalLM.from_config(config)
+    options = dict(rank=8, residual_ratio=0.02, residual_warmup=1)
+    estimate = estimate_memory(make_param_groups(meta, **options), bits)
+    assert estimate == estimate_memory(make_param_groups(real, **options), bits)
+    opt = GaLorePlusAdamW(make_param_groups(real, **options), lr=1e-3, optim_bits=bits)
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        opt.zero_grad()
+        real(tokens, labels=tokens).loss.backward()
+        opt.step()
+    assert estimate.optimizer_state == state_nbytes(opt)
+
+
+def test_llama2_7b_table():
+    pytest.importorskip("bitsandbytes")
+    model = build_meta_model(load_config("llama2-7b", None), torch.bfloat16)
+    rows = memory_table(model, [128])
+    by_key = {(r["method"], r["bits"], r["per_layer"]): r for r in rows}
+    count = 6_738_415_616
+    adamw = by_key[("AdamW", 32, False)]["estimate"]
+    assert adamw.parameters == adamw.gradients == 2 * count
+    assert adamw.optimizer_state == 2 * 2 * count + 4 * len(list(model.parameters()))
+    assert by_key[("GaLore+", 8, True)]["fits"] and not by_key[("AdamW", 32, False)]["fits"]
+    assert by_key[("GaLore+", 8, True)]["estimate"].total < 16 * GIB
+
+
+def test_command_line_prints_a_row_per_combination(tmp_path, capsys):
+    config_file = tmp_path / "tiny.json"
+    config_file.write_text(json.dumps(TINY_LLAMA))
+    main(["--config", str(config_file), "--ranks", "8", "16", "--dtype", "float32"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
+    assert len(rows) == 2 * 2 + 3 * 2 * 2
+    assert any(line.startswith("| GaLore+ | 8 | 16 | yes |") for line in rows)
+
+
+def test_bad_config_arguments_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown --model"):
+        load_config("llama-999b", None)
+    with pytest.raises(ValueError, match="exactly one"):
+        load_config("llama2-7b", "x.json")
+    no_type = tmp_path / "no_type.json"
+    no_type.write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ValueError, match="model_type"):
+        load_config(None, str(no_type))
