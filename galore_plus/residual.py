@@ -74,48 +74,64 @@ def select_residual_index(
     return row_ptr, (flat % n).to(col_dtype)
 
 
-def expand_rows(row_ptr: Tensor, count: int) -> Tensor:
-    """The row of every index entry, from the CSR row offsets."""
-    rows = torch.arange(row_ptr.numel() - 1, dtype=torch.int32, device=row_ptr.device)
-    return torch.repeat_interleave(rows, row_ptr.diff().long(), output_size=count)
+def flat_index(row_ptr: Tensor, col: Tensor, n: int) -> Tensor:
+    """The int64 row-major position (i * n + j) of every entry of the CSR index set, for this step only."""
+    rows = torch.arange(row_ptr.numel() - 1, device=row_ptr.device)
+    return torch.repeat_interleave(rows, row_ptr.diff(), output_size=col.numel()).mul_(n).add_(col)
+
+
+def gather_flat(matrix: Tensor, index: Tensor) -> Tensor:
+    """``matrix`` at the flat row-major positions ``index``."""
+    return matrix.view(-1).index_select(0, index) if matrix.is_contiguous() else matrix.take(index)
+
+
+def scatter_flat(matrix: Tensor, index: Tensor, values: Tensor) -> None:
+    """Write ``values`` into ``matrix`` at the flat row-major positions ``index``."""
+    if matrix.is_contiguous():
+        matrix.view(-1).index_copy_(0, index, values)
+    else:
+        matrix.put_(index, values)
 
 
 def gathered_products(
-    factor: Tensor, others: tuple[Tensor, ...], squared: int, rows: Tensor, cols: Tensor, side: Side,
+    factor: Tensor, others: tuple[Tensor, ...], squared: int, index: Tensor, n: int, side: Side,
     chunk_elements: int = GATHER_CHUNK_ELEMENTS,
 ) -> list[Tensor]:
-    """Entries at (rows, cols) of P X for each X in ``others`` (left side) or of X Q (right side).
+    """Entries at the flat positions ``index`` of P X for each X in ``others`` (left side) or of X Q (right side).
 
     ``factor`` is the basis (P of shape (m, r) or Q of shape (r, n)); ``others[squared]`` is
-    multiplied with the element-wise square of the basis instead. Work is O(|I| r), memory one chunk.
+    multiplied with the element-wise square of the basis instead. Both factors are read as rows of
+    (.., r) matrices (one transposed copy of a low-rank side), so every gather reads contiguous
+    rows. Work is O(|I| r), extra memory one chunk plus the low-rank copies.
     """
-    rank = factor.shape[1] if side == "left" else factor.shape[0]
-    chunk = max(1, chunk_elements // rank)
-    outputs = [torch.empty(rows.numel(), device=factor.device) for _ in others]
-    for start in range(0, rows.numel(), chunk):
-        r, c = rows[start:start + chunk].long(), cols[start:start + chunk].long()
-        if side == "left":
-            basis_part, other_parts = factor[r], [x[:, c].t() for x in others]
-        else:
-            basis_part, other_parts = factor[:, c].t(), [x[r] for x in others]
-        for position, (output, other) in enumerate(zip(outputs, other_parts)):
+    if side == "left":
+        basis_rows, other_rows = factor, [x.t().contiguous() for x in others]
+    else:
+        basis_rows, other_rows = factor.t().contiguous(), list(others)
+    chunk = max(1, chunk_elements // basis_rows.shape[1])
+    outputs = [torch.empty(index.numel(), device=factor.device) for _ in others]
+    for start in range(0, index.numel(), chunk):
+        rows, cols = index[start:start + chunk].div(n, rounding_mode="floor"), index[start:start + chunk] % n
+        basis_index, other_index = (rows, cols) if side == "left" else (cols, rows)
+        basis_part = basis_rows.index_select(0, basis_index)
+        for position, (output, other) in enumerate(zip(outputs, other_rows)):
             weight = basis_part.square() if position == squared else basis_part
-            output[start:start + chunk] = (weight * other).sum(1)
+            output[start:start + chunk] = torch.linalg.vecdot(weight, other.index_select(0, other_index))
     return outputs
 
 
 def residual_values(
-    param: Tensor, grad: Tensor, rows: Tensor, cols: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+    param: Tensor, grad: Tensor, index: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
     basis: Tensor, side: Side, low_rank: Tensor, lowrank_exp_avg_sq: Tensor, direction: Tensor,
     mode: str, step: int, residual_step: int, beta1: float, beta2: float, eps: float,
     lr: float, weight_decay: float, scale: float,
 ) -> Tensor:
     """Update the residual moments at I in place and return the new float32 weight values at I.
 
-    The new values are p_I (1 - lr wd) - lr U_I with U_I of the module docstring; ``step`` is t and
+    ``index`` holds the int64 row-major positions of I (:func:`flat_index`). The new values are p_I (1 - lr wd) - lr U_I with U_I of the module docstring; ``step`` is t and
     ``residual_step`` is c >= 1. ``exp_avg``/``exp_avg_sq`` hold M_I, V_I ("exact") or dM, dV ("paper").
     """
-    grad_at = grad[rows.long(), cols.long()]
+    grad_at = gather_flat(grad, index)
     if mode == "exact":
         exp_avg.lerp_(grad_at, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad_at, grad_at, value=1 - beta2)
@@ -123,12 +139,12 @@ def residual_values(
         update = (exp_avg / (1 - beta1**residual_step)).div_(denom).mul_(scale)
     else:
         ghat, vrec, lowrank_update = gathered_products(
-            basis, (low_rank, lowrank_exp_avg_sq, direction), 1, rows, cols, side
+            basis, (low_rank, lowrank_exp_avg_sq, direction), 1, index, grad.shape[1], side
         )
         dgrad = grad_at - ghat
         exp_avg.lerp_(dgrad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(ghat, dgrad, value=2 * (1 - beta2))
         denom = ((vrec + exp_avg_sq) / (1 - beta2**step)).clamp_(min=0).sqrt_().add_(eps)
         update = (exp_avg / (1 - beta1**step)).div_(denom).add_(lowrank_update).mul_(scale)
-    weight_at = param[rows.long(), cols.long()].float()
+    weight_at = gather_flat(param, index).float()
     return weight_at.mul_(1 - lr * weight_decay).sub_(update, alpha=lr)

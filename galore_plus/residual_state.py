@@ -16,9 +16,9 @@ from torch import Tensor
 
 from .dispatch import residual_values
 from .projectors import Side
-from .residual import expand_rows, residual_count, select_residual_index
+from .residual import flat_index, residual_count, scatter_flat, select_residual_index
 
-ResidualWrite = tuple[Tensor, Tensor, Tensor]
+ResidualWrite = tuple[Tensor, Tensor]
 
 
 def residual_update(
@@ -28,7 +28,7 @@ def residual_update(
     """Run the residual part of step ``step`` (call after the low-rank moments are updated).
 
     Chooses I at the end of step max(k, 1) with k = ``residual_warmup``; for t > k returns
-    (rows, cols, new float32 weight values at I) to write after the low-rank update, else None.
+    (flat positions of I, new float32 weight values at I) to write after the low-rank update, else None.
     """
     count = residual_count(group["residual_ratio"], tuple(grad.shape))
     if count == 0:
@@ -44,19 +44,18 @@ def residual_update(
     if step <= group["residual_warmup"]:
         return None
     state["residual_step"] += 1
-    col = state["residual_col"]
-    rows = expand_rows(state["residual_row_ptr"], col.numel())
+    index = flat_index(state["residual_row_ptr"], state["residual_col"], grad.shape[1])
     beta1, beta2 = group["betas"]
     values = residual_values(
-        param, grad, rows, col, state["residual_exp_avg"], state["residual_exp_avg_sq"],
+        param, grad, index, state["residual_exp_avg"], state["residual_exp_avg_sq"],
         state["projector"], side, low_rank, state["exp_avg_sq"], direction,
         group["residual_mode"], step, state["residual_step"], beta1, beta2, group["eps"],
         group["lr"], group["weight_decay"], group["scale"],
     )
-    return rows, col, values
+    return index, values
 
 
 def write_residual(param: Tensor, write: ResidualWrite) -> None:
     """Overwrite p at I with the new values (rounded once to the weight's dtype)."""
-    rows, cols, values = write
-    param.index_put_((rows.long(), cols.long()), values.to(param.dtype))
+    index, values = write
+    scatter_flat(param, index, values.to(param.dtype))

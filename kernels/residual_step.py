@@ -1,6 +1,6 @@
 """Triton kernel: the residual step at the index set I in one pass.
 
-Per index (i, j): gather G and p, update the two residual moments, form the update U at I (for the
+Per flat position i * n + j of I: gather G and p, update the two residual moments, form the update U at I (for the
 "paper" mode with the gathered products (P R, (P*P) V, P N) at (i, j), looping over the rank), and
 write the new weight value p (1 - lr wd) - lr U. Torch reference:
 :func:`galore_plus.residual.residual_values` (same signature).
@@ -20,7 +20,7 @@ BLOCK_RANK = 32
 @triton.jit
 def _residual_step_kernel(
     param_ptr, param_stride0, param_stride1, grad_ptr, grad_stride0, grad_stride1,
-    rows_ptr, cols_ptr, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, count,
+    index_ptr, n_cols, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, count,
     basis_ptr, basis_stride_index, basis_stride_rank,
     low_rank_ptr, low_exp_avg_sq_ptr, direction_ptr, low_stride_rank, low_stride_index, rank,
     beta1, beta2, bias_correction1, bias_correction2, eps, decay, lr, scale,
@@ -28,8 +28,9 @@ def _residual_step_kernel(
 ):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < count
-    rows = tl.load(rows_ptr + offsets, mask=mask, other=0).to(tl.int64)
-    cols = tl.load(cols_ptr + offsets, mask=mask, other=0).to(tl.int64)
+    index = tl.load(index_ptr + offsets, mask=mask, other=0)
+    rows = index // n_cols
+    cols = index % n_cols
     grad = tl.load(grad_ptr + rows * grad_stride0 + cols * grad_stride1, mask=mask, other=0.0).to(tl.float32)
     weight = tl.load(param_ptr + rows * param_stride0 + cols * param_stride1, mask=mask, other=0.0).to(tl.float32)
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
@@ -69,7 +70,7 @@ def _residual_step_kernel(
 
 
 def residual_values_triton(
-    param: Tensor, grad: Tensor, rows: Tensor, cols: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+    param: Tensor, grad: Tensor, index: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
     basis: Tensor, side: str, low_rank: Tensor, lowrank_exp_avg_sq: Tensor, direction: Tensor,
     mode: str, step: int, residual_step: int, beta1: float, beta2: float, eps: float,
     lr: float, weight_decay: float, scale: float,
@@ -77,9 +78,11 @@ def residual_values_triton(
     """Update the residual moments at I in place and return the new float32 weight values at I."""
     if exp_avg.dtype != torch.float32 or exp_avg_sq.dtype != torch.float32:
         raise TypeError("the residual moments must be float32")
-    if not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous() and rows.is_contiguous() and cols.is_contiguous()):
-        raise ValueError("rows, cols and the residual moments must be contiguous")
-    count = cols.numel()
+    if not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous() and index.is_contiguous()):
+        raise ValueError("the index and the residual moments must be contiguous")
+    if index.dtype != torch.int64:
+        raise TypeError("the index must hold int64 flat positions")
+    count = index.numel()
     values = torch.empty(count, dtype=torch.float32, device=param.device)
     if count == 0:
         return values
@@ -94,7 +97,7 @@ def residual_values_triton(
         low_strides = (low_rank.stride(1), low_rank.stride(0))
     _residual_step_kernel[(triton.cdiv(count, BLOCK),)](
         param, param.stride(0), param.stride(1), grad, grad.stride(0), grad.stride(1),
-        rows, cols, exp_avg, exp_avg_sq, values, count,
+        index, param.shape[1], exp_avg, exp_avg_sq, values, count,
         basis, *basis_strides, low_rank, lowrank_exp_avg_sq, direction, *low_strides, low_rank.shape[0 if side == "left" else 1],
         beta1, beta2, 1 - beta1**bias_step, 1 - beta2**bias_step, eps, 1 - lr * weight_decay, lr, scale,
         PAPER=paper, LEFT=side == "left", BLOCK=BLOCK, BLOCK_RANK=BLOCK_RANK,

@@ -26,7 +26,7 @@ lowrank_adam_kernel = _interpreted("galore_plus.kernels.lowrank_adam")
 residual_kernel = _interpreted("galore_plus.kernels.residual_step")
 
 from galore_plus.lowrank_adam import lowrank_adam_direction  # noqa: E402
-from galore_plus.residual import expand_rows, select_residual_index  # noqa: E402
+from galore_plus.residual import flat_index, select_residual_index  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,15 +64,14 @@ def test_residual_kernel_equals_reference(m, n, rank, ratio, left, mode, param_d
     low_rank, low_avg, direction = (torch.randn(low_shape, generator=generator) for _ in range(3))
     low_avg_sq = torch.rand(low_shape, generator=generator)
     count = max(1, int(ratio * m * n))
-    row_ptr, cols = select_residual_index(basis, low_avg, side, (m, n), count)
-    rows = expand_rows(row_ptr, count)
+    index = flat_index(*select_residual_index(basis, low_avg, side, (m, n), count), n)
     moments = torch.randn(count, generator=generator), torch.rand(count, generator=generator)
     reference_moments = tuple(x.clone() for x in moments)
     scalars = dict(mode=mode, step=step, residual_step=max(1, step - 3), beta1=0.9, beta2=0.999, eps=1e-8,
                    lr=0.01, weight_decay=0.1, scale=0.25)
-    expected = residual_values(param, grad, rows, cols, *reference_moments, basis, side, low_rank, low_avg_sq,
+    expected = residual_values(param, grad, index, *reference_moments, basis, side, low_rank, low_avg_sq,
                                direction, **scalars)
-    values = residual_kernel.residual_values_triton(param, grad, rows, cols, *moments, basis, side, low_rank,
+    values = residual_kernel.residual_values_triton(param, grad, index, *moments, basis, side, low_rank,
                                                     low_avg_sq, direction, **scalars)
     torch.testing.assert_close(moments[0], reference_moments[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(moments[1], reference_moments[1], rtol=1e-5, atol=1e-5)
@@ -86,12 +85,11 @@ def test_residual_kernel_handles_strided_weight_and_gradient():
     param, grad = torch.randn(30, 20, generator=generator).t(), torch.randn(30, 20, generator=generator).t()
     basis = torch.randn(3, 30, generator=generator)
     low = [torch.randn(20, 3, generator=generator) for _ in range(4)]
-    row_ptr, cols = select_residual_index(basis, low[1], "right", (20, 30), 40)
-    rows = expand_rows(row_ptr, 40)
+    index = flat_index(*select_residual_index(basis, low[1], "right", (20, 30), 40), 30)
     args = (basis, "right", low[0], low[2].abs(), low[3], "paper", 5, 2, 0.9, 0.999, 1e-8, 0.01, 0.1, 0.25)
     moments, reference_moments = (torch.zeros(40), torch.zeros(40)), (torch.zeros(40), torch.zeros(40))
-    expected = residual_values(param, grad, rows, cols, *reference_moments, *args)
-    values = residual_kernel.residual_values_triton(param, grad, rows, cols, *moments, *args)
+    expected = residual_values(param, grad, index, *reference_moments, *args)
+    values = residual_kernel.residual_values_triton(param, grad, index, *moments, *args)
     torch.testing.assert_close(values, expected, rtol=1e-5, atol=1e-5)
 
 

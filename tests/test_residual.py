@@ -212,7 +212,7 @@ def test_chunked_gathered_products_equal_dense_products(side):
     basis = torch.randn(m, r, generator=generator) if side == "left" else torch.randn(r, n, generator=generator)
     others = tuple(torch.randn((r, n) if side == "left" else (m, r), generator=generator) for _ in range(3))
     rows, cols = torch.randint(0, m, (50,), generator=generator), torch.randint(0, n, (50,), generator=generator)
-    outputs = gathered_products(basis, others, 1, rows, cols, side, chunk_elements=3 * r)
+    outputs = gathered_products(basis, others, 1, rows * n + cols, n, side, chunk_elements=3 * r)
     for position, (other, output) in enumerate(zip(others, outputs)):
         weight = basis.square() if position == 1 else basis
         dense = weight @ other if side == "left" else other @ weight
@@ -263,3 +263,16 @@ def test_bad_residual_options_name_the_group_and_key(group, key, error):
 
 def test_cpu_tensors_use_the_torch_reference():
     assert not use_kernel(torch.zeros(2))
+
+
+@pytest.mark.parametrize("mode", ["exact", "paper"])
+def test_non_contiguous_weight_equals_contiguous_weight(mode):
+    start = torch.randn(40, 24, generator=torch.Generator().manual_seed(15))
+    weights = [torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.t().contiguous().t())]
+    assert not weights[1].is_contiguous()
+    opts = [make_optimizer(w, residual_ratio=0.05, residual_warmup=1, residual_mode=mode) for w in weights]
+    for grad in gradient_sequence((40, 24), 4, seed=16):
+        for weight, opt in zip(weights, opts):
+            weight.grad = grad.clone()
+            opt.step()
+    torch.testing.assert_close(weights[1].detach(), weights[0].detach(), rtol=1e-6, atol=1e-6)

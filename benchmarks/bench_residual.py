@@ -1,0 +1,184 @@
+"""Benchmark of the sparsely coded residual (issue 3). Not a test: prints measurements.
+
+Part 1 (``--part memory``): one 4096 x 4096 weight at rank 128 with residual_ratio 0.012: bytes of
+its whole optimizer state, and the step time with and without the residual (both modes).
+
+Part 2 (``--part error``): real gradients of the q/k projections of a tiny LLaMA (random init,
+byte-level tokens of this Python's standard-library sources) trained with AdamW; the same gradient
+sequence is fed to GaLorePlusAdamW (lr 1, no decay, scale 1) and to torch AdamW, and the relative
+error ||U - U_adamw|| / ||U_adamw|| of the update is reported for svd / randomized / cross_head bases,
+without residual and with both residual modes (the analogue of GaLore+ Figure 2b).
+
+    python benchmarks/bench_residual.py                 # both parts
+    python benchmarks/bench_residual.py --part memory --steps 9 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from galore_plus import GaLorePlusAdamW
+
+MIB = 2**20
+
+
+def state_bytes(state: dict) -> int:
+    """Bytes of every tensor in one parameter's optimizer state."""
+    return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+
+
+def timed_step(opt: torch.optim.Optimizer, weight: torch.nn.Parameter, grad: torch.Tensor) -> float:
+    weight.grad = grad
+    start = time.perf_counter()
+    opt.step()
+    return time.perf_counter() - start
+
+
+def memory_and_time(size: int, rank: int, ratio: float, steps: int) -> None:
+    """State bytes and median step time of one size x size weight, residual off / exact / paper."""
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(size, size, generator=generator) for _ in range(2)]
+    variants = {"no residual": 0.0, "exact": ratio, "paper": ratio}
+    runs = {}
+    for name, variant_ratio in variants.items():
+        weight = torch.nn.Parameter(torch.zeros(size, size))
+        mode = "paper" if name == "paper" else "exact"
+        opt = GaLorePlusAdamW([dict(params=[weight], rank=rank, update_proj_gap=10**6, residual_ratio=variant_ratio,
+                                    residual_warmup=1, residual_mode=mode)], lr=1e-3)
+        refresh = timed_step(opt, weight, grads[0])
+        runs[name] = (weight, opt, refresh)
+    times = {name: [] for name in variants}
+    for step in range(steps):
+        for name, (weight, opt, _) in runs.items():
+            times[name].append(timed_step(opt, weight, grads[step % 2]))
+    print(f"## {size} x {size} weight, rank {rank}, residual_ratio {ratio} (|I| = {math.ceil(ratio * size * size)})")
+    print(f"torch threads: {torch.get_num_threads()}; median of {steps} steps, variants interleaved; "
+          "step 1 (basis + index selection) excluded")
+    print(f"AdamW state for comparison: {2 * size * size * 4 / MIB:.2f} MiB")
+    base = statistics.median(times["no residual"])
+    print("| variant | state MiB | residual state MiB | step 1 s | median step s | added time |")
+    print("|---|---|---|---|---|---|")
+    for name, (weight, opt, refresh) in runs.items():
+        state = opt.state[weight]
+        residual = sum(v.numel() * v.element_size() for k, v in state.items() if k.startswith("residual_") and torch.is_tensor(v))
+        median = statistics.median(times[name])
+        print(f"| {name} | {state_bytes(state) / MIB:.3f} | {residual / MIB:.3f} | {refresh:.3f} | {median:.4f} | "
+              f"{100 * (median / base - 1):+.1f}% |")
+
+
+def stdlib_bytes(limit: int) -> torch.Tensor:
+    """Byte tokens of the first ``limit`` bytes of the standard library's .py files (sorted by path)."""
+    chunks, total = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= limit:
+            break
+    return torch.tensor(list(b"".join(chunks)[:limit]), dtype=torch.long)
+
+
+def qk_gradients(train_steps: int, record_steps: int, seq_len: int, batch: int) -> tuple[dict[str, list[torch.Tensor]], int]:
+    """Gradients of every q_proj/k_proj weight over the last ``record_steps`` of an AdamW run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=seq_len)
+    model = LlamaForCausalLM(config)
+    tokens = stdlib_bytes(2_000_000)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    names = [n for n, _ in model.named_parameters() if n.endswith(("q_proj.weight", "k_proj.weight"))]
+    recorded: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    generator = torch.Generator().manual_seed(1)
+    for step in range(train_steps):
+        starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch,), generator=generator)
+        ids = torch.stack([tokens[s:s + seq_len] for s in starts])
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        if step >= train_steps - record_steps:
+            params = dict(model.named_parameters())
+            for n in names:
+                recorded[n].append(params[n].grad.detach().clone())
+        opt.step()
+    print(f"tiny LLaMA (2 layers, hidden 256, 8 heads), AdamW lr 1e-3, batch {batch} x {seq_len} bytes; "
+          f"final training loss {loss.item():.3f} nats/byte after {train_steps} steps")
+    return recorded, config.num_attention_heads
+
+
+def updates_of(opt: torch.optim.Optimizer, weight: torch.nn.Parameter, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The update U_t = W_{t-1} - W_t of every step (lr 1, no weight decay)."""
+    updates = []
+    for grad in grads:
+        before = weight.detach().clone()
+        weight.grad = grad.clone()
+        opt.step()
+        updates.append(before - weight.detach())
+    return updates
+
+
+def update_errors(rank: int, ratio: float, warmup: int, gap: int, train_steps: int, record_steps: int) -> None:
+    """Relative error of GaLore+ updates against AdamW's on the recorded gradients, after the warmup."""
+    recorded, heads = qk_gradients(train_steps, record_steps, seq_len=128, batch=8)
+    projectors = {"svd": dict(projector="svd"), "randomized": dict(projector="randomized"),
+                  "cross_head": dict(projector="cross_head", num_heads=heads)}
+    residuals = {"none": dict(), "exact": dict(residual_ratio=ratio, residual_mode="exact"),
+                 "paper": dict(residual_ratio=ratio, residual_mode="paper")}
+    print(f"rank {rank}, residual_ratio {ratio}, residual_warmup {warmup}, update_proj_gap {gap}; "
+          f"mean over steps {warmup + 1}..{record_steps} and over {len(recorded)} q/k weights")
+    print("| basis | no residual | exact | paper | time added by exact | time added by paper |")
+    print("|---|---|---|---|---|---|")
+    for basis_name, basis_options in projectors.items():
+        errors, seconds = {}, {}
+        for residual_name, residual_options in residuals.items():
+            values, elapsed = [], 0.0
+            for grads in recorded.values():
+                reference_weight = torch.nn.Parameter(torch.zeros_like(grads[0]))
+                reference = torch.optim.AdamW([reference_weight], lr=1.0, weight_decay=0.0)
+                exact_updates = updates_of(reference, reference_weight, grads)
+                weight = torch.nn.Parameter(torch.zeros_like(grads[0]))
+                opt = GaLorePlusAdamW([dict(params=[weight], rank=rank, update_proj_gap=gap, scale=1.0,
+                                            residual_warmup=warmup, **basis_options, **residual_options)],
+                                      lr=1.0, weight_decay=0.0)
+                start = time.perf_counter()
+                approx_updates = updates_of(opt, weight, grads)
+                elapsed += time.perf_counter() - start
+                values += [float((a - e).norm() / e.norm()) for a, e in zip(approx_updates[warmup:], exact_updates[warmup:])]
+            errors[residual_name], seconds[residual_name] = statistics.mean(values), elapsed
+        added = {k: f"{100 * (seconds[k] / seconds['none'] - 1):+.0f}%" for k in ("exact", "paper")}
+        print(f"| {basis_name} | {errors['none']:.4f} | {errors['exact']:.4f} | {errors['paper']:.4f} | "
+              f"{added['exact']} | {added['paper']} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["memory", "error", "all"], default="all")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 by default: on a shared, loaded machine more threads time contention)")
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--ratio", type=float, default=0.012)
+    parser.add_argument("--steps", type=int, default=9, help="timed steps per variant in part 1")
+    parser.add_argument("--error-rank", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--gap", type=int, default=20)
+    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--record-steps", type=int, default=40)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.part in ("memory", "all"):
+        memory_and_time(args.size, args.rank, args.ratio, args.steps)
+    if args.part in ("error", "all"):
+        update_errors(args.error_rank, args.ratio, args.warmup, args.gap, args.train_steps, args.record_steps)
+
+
+if __name__ == "__main__":
+    main()
