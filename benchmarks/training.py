@@ -1,0 +1,160 @@
+"""The two training phases: a cached pre-training run, and one fine-tuning run per (method, seed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .measure import RefreshTimer, synchronize, training_bytes
+from .methods import MethodSpec, OptimSettings, build_optimizer
+from .models import build_model, heldout_loss, next_byte_loss
+from .text_data import sample_batch, stdlib_source_bytes
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Everything that determines the pre-trained model; its hash names the cache file."""
+
+    model_size: str
+    seq_len: int
+    steps: int
+    batch_size: int
+    lr: float
+    corpus_bytes: int
+    seed: int
+    python: str
+
+    def cache_key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """The fine-tuning loop's settings, shared by every method."""
+
+    steps: int
+    batch_size: int
+    seq_len: int
+    warmup_steps: int
+    eval_every: int
+    eval_batch_size: int
+
+
+def cosine_schedule(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def pretrained_state(
+    settings: PretrainSettings, cache_dir: str, device: torch.device, progress: bool
+) -> tuple[dict[str, Tensor], bool]:
+    """(the pre-trained model's state dict, whether it came from the cache in ``cache_dir``).
+
+    Trained and saved to the cache when it is not there yet.
+    """
+    path = os.path.join(cache_dir, f"pretrain_{settings.model_size}_{settings.cache_key()}.pt")
+    if os.path.exists(path):
+        return torch.load(path, map_location="cpu", weights_only=True), True
+    corpus = stdlib_source_bytes(settings.corpus_bytes, settings.seed)
+    model = build_model(settings.model_size, settings.seq_len, settings.seed).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    warmup = max(1, settings.steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, warmup, settings.steps))
+    generator = torch.Generator().manual_seed(settings.seed)
+    bar = tqdm(range(settings.steps), desc=f"pre-train {settings.model_size} on stdlib sources", disable=not progress)
+    for _ in bar:
+        loss = next_byte_loss(model, sample_batch(corpus, settings.batch_size, settings.seq_len, generator).to(device))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    temporary = path + ".tmp"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+    return state, False
+
+
+def finetune_run(
+    spec: MethodSpec,
+    seed: int,
+    base_state: dict[str, Tensor],
+    model_size: str,
+    optim_settings: OptimSettings,
+    settings: FinetuneSettings,
+    train_data: Tensor,
+    eval_data: Tensor,
+    device: torch.device,
+    progress: bool,
+) -> dict:
+    """Fine-tune the pre-trained model with one method and seed; return its measurements (see the docs)."""
+    model = build_model(model_size, settings.seq_len, seed=0)
+    model.load_state_dict(base_state)
+    model.to(device)
+    eval_data = eval_data.to(device)
+    next_byte_loss(model, eval_data[: settings.batch_size]).backward()  # untimed warm-up of the kernels
+    model.zero_grad(set_to_none=True)
+    optimizer = build_optimizer(spec, model, optim_settings, seed)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_schedule(s, settings.warmup_steps, settings.steps))
+    generator = torch.Generator().manual_seed(seed)
+    timer = RefreshTimer(device)
+    curve = [(0, heldout_loss(model, eval_data, settings.eval_batch_size))]
+    train_losses: list[float] = []
+    peak = {"params": 0, "grads": 0, "state": 0}
+    train_seconds = step_seconds = 0.0
+    bar = tqdm(range(1, settings.steps + 1), desc=f"{spec.name} seed {seed}", disable=not progress, leave=False)
+    with timer.patched():
+        for step in bar:
+            batch = sample_batch(train_data, settings.batch_size, settings.seq_len, generator).to(device)
+            synchronize(device)
+            start = time.perf_counter()
+            loss = next_byte_loss(model, batch)
+            loss.backward()
+            synchronize(device)
+            step_start = time.perf_counter()
+            optimizer.step()
+            synchronize(device)
+            end = time.perf_counter()
+            train_seconds += end - start
+            step_seconds += end - step_start
+            now = training_bytes(model, optimizer)
+            if sum(now.values()) > sum(peak.values()):
+                peak = now
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            train_losses.append(loss.item())
+            if step % settings.eval_every == 0 or step == settings.steps:
+                curve.append((step, heldout_loss(model, eval_data, settings.eval_batch_size)))
+                bar.set_postfix(heldout=f"{curve[-1][1]:.3f}", refresh=False)
+    final_loss = curve[-1][1]
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "method": spec.name,
+        "seed": seed,
+        "status": "ok",
+        "heldout_loss": final_loss,
+        "perplexity": math.exp(final_loss) if math.isfinite(final_loss) else float("nan"),
+        "train_seconds": train_seconds,
+        "step_ms": 1000 * step_seconds / settings.steps,
+        "refresh_seconds": timer.seconds,
+        "refresh_calls": timer.calls,
+        "refresh_share": timer.seconds / step_seconds if step_seconds > 0 else 0.0,
+        "peak_bytes": peak,
+        "trainable_bytes": sum(p.nbytes for p in trainable),
+        "state_bytes": training_bytes(model, optimizer)["state"],
+        "curve": curve,
+        "train_losses": train_losses,
+    }
