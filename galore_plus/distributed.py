@@ -3,12 +3,13 @@
 A weight W (m, n) sharded on dim 0 lives as rows [start, start + rows) on each rank, with its
 gradient reduce-scattered the same way. One step of such a weight:
 
-* refresh (1 step in ``update_proj_gap``): the full float32 gradient is all-gathered and every
-  rank computes the same basis with the single-process code, so the basis equals the one a single
-  process would compute from the same gradient. ``svd`` and ``randomized`` need the whole
-  matrix (their subspace depends on every row); ``cross_head`` reads only ceil(rank / head_dim)
-  heads' rows, but is gathered the same way for now (see docs/distributed.md). The basis is
-  small (r x n or m x r) and kept whole, unsharded, on every rank.
+* refresh (1 step in ``update_proj_gap``): every rank computes the same basis with the
+  single-process code, from the same float32 gradient rows, so the basis equals the one a single
+  process would compute from the same gradient. ``cross_head`` reads only ceil(rank / head_dim)
+  chosen heads' rows: just those rows are summed over ranks (each rank contributes the ones it
+  owns, zeros elsewhere, so the sum is exact). ``svd`` and ``randomized`` need the whole matrix
+  (their subspace depends on every row), so the full gradient is all-gathered. The basis is small
+  (r x n or m x r) and kept whole, unsharded, on every rank.
 * right (input) side, Q (r, n): each rank projects its own rows, R_local = G_local Q^T
   (rows x r), and keeps the moments of those rows, a DTensor sharded like the weight; no
   communication besides the refresh.
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .group_options import group_label
-from .projectors import project, projection_side
+from .projectors import basis_generator, cross_head_choice, project, projection_side
 from .lowrank_adam import lowrank_adam_direction
 from .update import apply_lowrank_update
 
@@ -78,6 +79,32 @@ def _row_sharded_zeros(like: DTensor, rows: int, columns: int, full_rows: int) -
                               shape=(full_rows, columns), stride=(columns, 1))
 
 
+def basis_gradient(
+    param: DTensor, group: dict[str, Any], seed: int, position: int, refresh_index: int, start: int, rows: int
+) -> tuple[Tensor, dict[str, Any]]:
+    """The float32 gradient a refresh reads, and the group options to compute the basis from it.
+
+    ``cross_head``: the chosen heads' rows only, stacked in head order, as a gradient of that many
+    heads; the basis code then reads all of them, in the same order and with the same generator,
+    and returns the basis it would have computed from the whole gradient. Other projectors: the
+    whole gradient, all-gathered.
+    """
+    if group["projector"] != "cross_head":
+        return param.grad.full_tensor().float(), group
+    m, n = param.shape
+    num_heads = m // group["head_dim"] if group["head_dim"] else group["num_heads"]
+    head_dim = m // num_heads
+    local_grad = param.grad.to_local()
+    generator = basis_generator(seed, position, refresh_index, local_grad.device)
+    heads = cross_head_choice(num_heads, head_dim, group["rank"], generator)
+    wanted = (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1).to(local_grad.device)
+    owned = (wanted >= start) & (wanted < start + rows)
+    head_grad = torch.zeros(wanted.numel(), n, device=local_grad.device)
+    head_grad[owned] = local_grad[wanted[owned] - start].float()
+    dist.all_reduce(head_grad, group=param.device_mesh.get_group())
+    return head_grad, {**group, "num_heads": heads.numel(), "head_dim": None}
+
+
 def _check_supported(optimizer: GaLorePlusAdamW, group: dict[str, Any], label: str) -> None:
     if group.get("residual_ratio", 0.0) > 0:
         raise NotImplementedError(f"{label}, key 'residual_ratio': residuals of sharded (DTensor) weights are not "
@@ -100,9 +127,9 @@ def step_sharded_weight(
     step = state.get("step", 0) + 1
     side = projection_side((m, n), group["proj_type"], group["projector"])
     if (step - 1) % group["update_proj_gap"] == 0:
-        full_grad = param.grad.full_tensor().float()
         refresh_index = (step - 1) // group["update_proj_gap"]
-        state["projector"] = optimizer._refreshed_basis(full_grad, group, side, position, refresh_index,
+        grad, options = basis_gradient(param, group, optimizer.seed, position, refresh_index, start, rows)
+        state["projector"] = optimizer._refreshed_basis(grad, options, side, position, refresh_index,
                                                         state.get("projector"))
     basis = state["projector"]
     local_basis = basis if side == "right" else basis[start:start + rows]

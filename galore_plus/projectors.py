@@ -124,6 +124,11 @@ def chosen_heads(num_heads: int, count: int, generator: torch.Generator) -> Tens
     return torch.randperm(num_heads, generator=generator)[:count].sort().values
 
 
+def cross_head_choice(num_heads: int, head_dim: int, rank: int, generator: torch.Generator) -> Tensor:
+    """The heads whose rows a cross-head basis of ``rank`` directions is computed from (ceil(rank / head_dim) of them)."""
+    return chosen_heads(num_heads, math.ceil(rank / head_dim), torch.Generator().manual_seed(generator.initial_seed()))
+
+
 def head_rows(grad: Tensor, num_heads: int, heads: Tensor) -> Tensor:
     """The gradient rows of the given heads of a (num_heads * head_dim, n) weight, stacked."""
     head_dim = grad.shape[0] // num_heads
@@ -142,7 +147,7 @@ def cross_head_basis(
 ) -> Tensor:
     """Input-side basis (rank, n) shared by all heads, from ceil(rank / head_dim) chosen heads' rows."""
     head_dim = grad.shape[0] // num_heads
-    heads = chosen_heads(num_heads, math.ceil(rank / head_dim), torch.Generator().manual_seed(generator.initial_seed()))
+    heads = cross_head_choice(num_heads, head_dim, rank, generator)
     rows = head_rows(grad, num_heads, heads)
     if head_projector == "svd":
         return svd_basis(rows, rank, "right")

@@ -22,7 +22,8 @@ WORLD_SIZE = 2
 JOB_TIMEOUT_SECONDS = 120
 STEPS = 6
 GAP = 2
-GLOBAL_BATCH = 8
+GLOBAL_BATCH = 32
+OUT_FEATURES = 15
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -55,12 +56,16 @@ def init_gloo(rank: int, port: int) -> None:
 
 
 class TwoLayer(nn.Module):
-    """Attention-like input projection (4 heads) and an output projection."""
+    """Attention-like input projection (3 heads of 8 rows) and an output projection of 15 rows.
+
+    With 2 ranks, FSDP2 gives each rank 12 query rows, so head 1 is split between the ranks,
+    and 8 and 7 rows of the output projection (uneven shards).
+    """
 
     def __init__(self):
         super().__init__()
-        self.query = nn.Linear(16, 32)
-        self.out = nn.Linear(32, 16)
+        self.query = nn.Linear(16, 24)
+        self.out = nn.Linear(24, OUT_FEATURES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(torch.tanh(self.query(x)))
@@ -72,8 +77,8 @@ def build_model() -> TwoLayer:
 
 
 def param_groups(model: TwoLayer, residuals: bool = True) -> list[dict]:
-    """Cross-head (input side) for ``query``, randomized (output side, 16 < 32) for ``out``, AdamW for biases."""
-    cross_head = dict(rank=4, update_proj_gap=GAP, projector="cross_head", num_heads=4)
+    """Cross-head (2 of 3 heads, input side) for ``query``, randomized (output side, 15 < 24) for ``out``."""
+    cross_head = dict(rank=10, update_proj_gap=GAP, projector="cross_head", num_heads=3)
     if residuals and "residual_ratio" in PROJECTED_GROUP_DEFAULTS:
         cross_head.update(residual_ratio=0.25, residual_warmup=1)
     return [
@@ -85,7 +90,8 @@ def param_groups(model: TwoLayer, residuals: bool = True) -> list[dict]:
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL_BATCH, 16, generator=generator), torch.randn(GLOBAL_BATCH, 16, generator=generator))
+    return [(torch.randn(GLOBAL_BATCH, 16, generator=generator),
+             torch.randn(GLOBAL_BATCH, OUT_FEATURES, generator=generator))
             for _ in range(STEPS)]
 
 
