@@ -220,9 +220,12 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         ``optim_bits=8``, the float32 absmax of every 8-bit moment).
         """
         super().load_state_dict(state_dict)
-        for _, group, position, param in self._indexed_params():
+        for group_index, group, position, param in self._indexed_params():
             saved = state_dict["state"].get(position)
             if saved is not None and ("rank" in group or self.optim_bits == 8):
                 for key, value in saved.items():
                     if isinstance(value, Tensor):
                         self.state[param][key] = value.to(device=param.device, copy=True)
+            if saved is not None:
+                quantized = self.optim_bits == 8 and ("rank" in group or quant.uses_8bit_adamw(param))
+                quant.check_loaded_moments(saved, quantized, f"{group_label(group, group_index)}, parameter {position}")

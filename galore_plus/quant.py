@@ -84,11 +84,7 @@ def load_moments(state: dict[str, Any]) -> None:
     """Replace the stored codes of the low-rank moments by float32 ``exp_avg``/``exp_avg_sq`` tensors.
 
     Does nothing before the first step (the optimizer then creates zero moments itself).
-    Raises ValueError when the state holds 32-bit moments (a checkpoint of a 32-bit optimizer).
     """
-    if any(key in state for key in MOMENT_KEYS):
-        raise ValueError("optimizer state holds 32-bit moments ('exp_avg'); it was saved with optim_bits=32 "
-                         "and cannot be loaded into an optimizer with optim_bits=8")
     for key in MOMENT_KEYS:
         if f"{key}_codes" in state:
             codes, absmax = state.pop(f"{key}_codes"), state.pop(f"{key}_absmax")
@@ -99,6 +95,15 @@ def store_moments(state: dict[str, Any]) -> None:
     """Replace float32 ``exp_avg``/``exp_avg_sq`` in the state by their 8-bit codes and absmax values."""
     for key in MOMENT_KEYS:
         state[f"{key}_codes"], state[f"{key}_absmax"] = quantize(state.pop(key), moment_is_signed(key))
+
+
+def check_loaded_moments(state: dict[str, Any], quantized: bool, where: str) -> None:
+    """Raise ValueError when a loaded state holds moments of the other bit width than this optimizer uses."""
+    saved_8bit = "exp_avg_codes" in state
+    if ("exp_avg" in state or saved_8bit) and saved_8bit != quantized:
+        saved_bits, bits = (8, 32) if saved_8bit else (32, 8)
+        raise ValueError(f"{where}: the checkpoint holds {saved_bits}-bit moments but this optimizer keeps them in "
+                         f"{bits} bits; construct it with optim_bits={saved_bits} to load this checkpoint")
 
 
 def uses_8bit_adamw(param: Tensor) -> bool:

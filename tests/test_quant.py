@@ -183,12 +183,18 @@ def test_8bit_without_bitsandbytes_says_how_to_install(monkeypatch):
         GaLorePlusAdamW([torch.nn.Parameter(torch.zeros(2))], optim_bits=8)
 
 
-def test_32bit_checkpoint_into_8bit_optimizer_is_rejected():
-    weight = torch.nn.Parameter(torch.randn(16, 16))
-    opt32 = projected_optimizer(weight, 32, 4, "std")
-    weight.grad = torch.randn(16, 16)
-    opt32.step()
-    opt8 = projected_optimizer(weight, 8, 4, "std")
-    opt8.load_state_dict(opt32.state_dict())
-    with pytest.raises(ValueError, match="optim_bits=32"):
-        opt8.step()
+@pytest.mark.parametrize("saved_bits, loading_bits", [(32, 8), (8, 32)])
+@pytest.mark.parametrize("projected", [True, False])
+def test_checkpoint_of_the_other_bit_width_is_rejected_at_load(saved_bits, loading_bits, projected):
+    weight = torch.nn.Parameter(torch.randn(80, 64))
+
+    def make(bits):
+        if projected:
+            return projected_optimizer(weight, bits, 4, "std")
+        return GaLorePlusAdamW([weight], optim_bits=bits)
+
+    saved = make(saved_bits)
+    weight.grad = torch.randn(80, 64)
+    saved.step()
+    with pytest.raises(ValueError, match=f"param group 0, parameter 0: .*optim_bits={saved_bits}"):
+        make(loading_bits).load_state_dict(saved.state_dict())
