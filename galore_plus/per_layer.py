@@ -11,7 +11,9 @@ The marker makes misuse loud instead of silent: any operation on a consumed grad
 gradient after backward) and gradient accumulation (a second backward before ``optimizer.step()``
 adds into the marker). ``optimizer.step()`` stays part of the loop: it steps nothing (the hooks did)
 and resets the markers to ``None``, as does ``optimizer.zero_grad()``. A closure passed to
-``step`` raises, since its backward would already step every parameter.
+``step`` raises, since its backward would already step every parameter. Per-layer mode is
+single-process: enabling it in a distributed job (world size > 1) raises, because a hook would
+step a parameter with its local gradient before DDP or FSDP reduce it.
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ def enable_per_layer_steps(optimizer: GaLorePlusAdamW) -> PerLayerSteps:
         raise TypeError(f"per-layer steps need a GaLorePlusAdamW, got {type(optimizer).__name__}")
     if optimizer in _ENABLED:
         raise RuntimeError("per-layer steps are already enabled on this optimizer (each parameter would step twice)")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise RuntimeError("per-layer steps are single-process only: a gradient hook would step each parameter with "
+                           "its local gradient before DDP/FSDP reduce it across processes")
     handle = PerLayerSteps(optimizer)
     _ENABLED.add(optimizer)
     return handle

@@ -164,3 +164,11 @@ def test_bad_use_is_rejected():
         enable_per_layer_steps(opt)
     with pytest.raises(TypeError, match="GaLorePlusAdamW"):
         enable_per_layer_steps(torch.optim.AdamW([nn.Parameter(torch.zeros(2))]))
+
+
+def test_distributed_job_is_rejected(monkeypatch):
+    _, opt = make()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args, **kwargs: 2)
+    with pytest.raises(RuntimeError, match="single-process"):
+        enable_per_layer_steps(opt)
