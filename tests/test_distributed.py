@@ -34,10 +34,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_job(worker: Callable, out_dir: Path, *args) -> None:
-    """Run ``worker(rank, port, out_dir, *args)`` on WORLD_SIZE spawned processes; fail after the timeout."""
+def run_job(worker: Callable, out_dir: Path, world_size: int = WORLD_SIZE) -> None:
+    """Run ``worker(rank, port, out_dir, world_size)`` on ``world_size`` spawned processes; fail after the timeout."""
     context = mp.start_processes(
-        worker, args=(free_port(), str(out_dir), *args), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+        worker, args=(free_port(), str(out_dir), world_size), nprocs=world_size, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
     while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
@@ -47,10 +47,10 @@ def run_job(worker: Callable, out_dir: Path, *args) -> None:
             pytest.fail(f"distributed job did not finish within {JOB_TIMEOUT_SECONDS} s")
 
 
-def init_gloo(rank: int, port: int) -> None:
+def init_gloo(rank: int, port: int, world_size: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=JOB_TIMEOUT_SECONDS),
     )
 
@@ -108,8 +108,8 @@ def single_process_reference(residuals: bool = True) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    init_gloo(rank, port)
+def ddp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
+    init_gloo(rank, port, world_size)
     model = build_model()
     ddp = nn.parallel.DistributedDataParallel(model)
     optimizer = GaLorePlusAdamW(param_groups(model), lr=1e-2, seed=3)
@@ -146,7 +146,7 @@ def column_sharded_error() -> str:
     """The error of a step on a weight sharded on dim 1 (not FSDP2's layout), or '' if none was raised."""
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
-    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     weight = nn.Parameter(distribute_tensor(torch.ones(8, 16), mesh, [Shard(1)]))
     weight.grad = distribute_tensor(torch.ones(8, 16), mesh, [Shard(1)])
     try:
@@ -156,12 +156,22 @@ def column_sharded_error() -> str:
     return ""
 
 
-def fsdp_worker(rank: int, port: int, out_dir: str) -> None:
-    """Train 3 steps, save with torch.distributed.checkpoint, train 3 more; then resume a fresh copy and train 3."""
+def load_checkpoint(model: nn.Module, optimizer: GaLorePlusAdamW, checkpoint: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    init_gloo(rank, port)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(loaded, checkpoint_id=checkpoint)
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+
+
+def fsdp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
+    """Train 3 steps, save with torch.distributed.checkpoint, train 3 more; then resume a fresh copy and train 3."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    init_gloo(rank, port, world_size)
     share = GLOBAL_BATCH // WORLD_SIZE
     rows = slice(rank * share, (rank + 1) * share)
     model, optimizer = sharded_model_and_optimizer()
@@ -173,10 +183,7 @@ def fsdp_worker(rank: int, port: int, out_dir: str) -> None:
     continued = full_parameters(model)
 
     model, optimizer = sharded_model_and_optimizer()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    loaded = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(loaded, checkpoint_id=checkpoint)
-    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    load_checkpoint(model, optimizer, checkpoint)
     train(model, optimizer, rows, slice(STEPS // 2, None))
     resumed = full_parameters(model)
     torch.save({"continued": continued, "resumed": resumed, "column_sharded_error": column_sharded_error()},
@@ -184,7 +191,17 @@ def fsdp_worker(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_fsdp2_equals_single_process_and_resumes_exactly_from_a_distributed_checkpoint(tmp_path):
+def single_rank_resume_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
+    """Load the 2-rank checkpoint on 1 rank (resharded by torch.distributed.checkpoint) and train 3 steps."""
+    init_gloo(rank, port, world_size)
+    model, optimizer = sharded_model_and_optimizer()
+    load_checkpoint(model, optimizer, os.path.join(out_dir, "checkpoint"))
+    train(model, optimizer, slice(None), slice(STEPS // 2, None))
+    torch.save(full_parameters(model), os.path.join(out_dir, "single_rank_resumed.pt"))
+    dist.destroy_process_group()
+
+
+def test_fsdp2_equals_single_process_and_resumes_from_a_distributed_checkpoint_on_2_and_1_ranks(tmp_path):
     run_job(fsdp_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
     reference = single_process_reference(residuals=False)
@@ -192,6 +209,10 @@ def test_fsdp2_equals_single_process_and_resumes_exactly_from_a_distributed_chec
         torch.testing.assert_close(ranks[0]["continued"][name], expected, rtol=1e-4, atol=1e-5)
         for result in ranks:
             assert torch.equal(result["resumed"][name], ranks[0]["continued"][name]), name
+    run_job(single_rank_resume_worker, tmp_path, world_size=1)
+    single_rank = torch.load(tmp_path / "single_rank_resumed.pt", weights_only=True)
+    for name, expected in reference.items():
+        torch.testing.assert_close(single_rank[name], expected, rtol=1e-4, atol=1e-5)
     for result in ranks:
         assert "param group 0 ('columns'), key 'rank'" in result["column_sharded_error"]
         assert "Shard(dim=1)" in result["column_sharded_error"]
