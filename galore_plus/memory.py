@@ -221,12 +221,13 @@ def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m galore_plus.memory", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help=f"a built-in config name: {', '.join(NAMED_CONFIGS)}")
+    parser.add_argument("--model", help=f"a built-in config name: {', '.join(NAMED_CONFIGS)} (default llama2-7b)")
     parser.add_argument("--config", help="a JSON file of transformers config fields including model_type")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[128, 256, 512], help="default 128 256 512")
     parser.add_argument("--residual-ratio", type=float, default=0.012, help="GaLore+ residual on q/k (default 0.012)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--budget-gib", type=float, default=24.0)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="parameter and gradient dtype (default bfloat16)")
+    parser.add_argument("--budget-gib", type=float, default=24.0, help="memory budget for the fits column (default 24)")
     args = parser.parse_args(argv)
     if args.model is None and args.config is None:
         args.model = "llama2-7b"
