@@ -9,6 +9,9 @@ sequence is fed to GaLorePlusAdamW (lr 1, no decay, scale 1) and to torch AdamW,
 error ||U - U_adamw|| / ||U_adamw|| of the update is reported for svd / randomized / cross_head bases,
 without residual and with both residual modes (the analogue of GaLore+ Figure 2b).
 
+Part 3 (``--part train``): the same tiny LLaMA trained with GaLorePlusAdamW (groups from
+make_param_groups: cross_head with the residual on q/k), held-out loss without residual and per mode.
+
     python benchmarks/bench_residual.py                 # both parts
     python benchmarks/bench_residual.py --part memory --steps 9 --threads 2
 """
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 from galore_plus import GaLorePlusAdamW
+from galore_plus.residual import flat_index
 
 MIB = 2**20
 
@@ -85,22 +89,31 @@ def stdlib_bytes(limit: int) -> torch.Tensor:
     return torch.tensor(list(b"".join(chunks)[:limit]), dtype=torch.long)
 
 
-def qk_gradients(train_steps: int, record_steps: int, seq_len: int, batch: int) -> tuple[dict[str, list[torch.Tensor]], int]:
-    """Gradients of every q_proj/k_proj weight over the last ``record_steps`` of an AdamW run."""
+def tiny_llama(seq_len: int) -> torch.nn.Module:
+    """A 2-layer LLaMA with hidden size 256, 8 heads and byte vocabulary, randomly initialised (seed 0)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=seq_len)
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def random_batch(tokens: torch.Tensor, seq_len: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch,), generator=generator)
+    return torch.stack([tokens[s:s + seq_len] for s in starts])
+
+
+def qk_gradients(train_steps: int, record_steps: int, seq_len: int, batch: int) -> tuple[dict[str, list[torch.Tensor]], int]:
+    """Gradients of every q_proj/k_proj weight over the last ``record_steps`` of an AdamW run."""
+    model = tiny_llama(seq_len)
     tokens = stdlib_bytes(2_000_000)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     names = [n for n, _ in model.named_parameters() if n.endswith(("q_proj.weight", "k_proj.weight"))]
     recorded: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     generator = torch.Generator().manual_seed(1)
     for step in range(train_steps):
-        starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch,), generator=generator)
-        ids = torch.stack([tokens[s:s + seq_len] for s in starts])
+        ids = random_batch(tokens, seq_len, batch, generator)
         loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()
@@ -111,7 +124,40 @@ def qk_gradients(train_steps: int, record_steps: int, seq_len: int, batch: int) 
         opt.step()
     print(f"tiny LLaMA (2 layers, hidden 256, 8 heads), AdamW lr 1e-3, batch {batch} x {seq_len} bytes; "
           f"final training loss {loss.item():.3f} nats/byte after {train_steps} steps")
-    return recorded, config.num_attention_heads
+    return recorded, model.config.num_attention_heads
+
+
+def held_out_losses(rank: int, ratio: float, warmup: int, gap: int, steps: int, lr: float) -> None:
+    """Train the tiny LLaMA with GaLorePlusAdamW (cross_head on q/k) and report the held-out loss per residual mode."""
+    from galore_plus import make_param_groups
+
+    seq_len, batch = 128, 8
+    tokens = stdlib_bytes(2_200_000)
+    train, held_out = tokens[:2_000_000], tokens[2_000_000:]
+    eval_generator = torch.Generator().manual_seed(2)
+    eval_batches = [random_batch(held_out, seq_len, batch, eval_generator) for _ in range(16)]
+    print(f"tiny LLaMA trained {steps} steps, lr {lr}, batch {batch} x {seq_len} bytes, rank {rank}, "
+          f"update_proj_gap {gap}; q/k: cross_head with the residual, other linear layers: randomized; "
+          f"held-out loss on {len(eval_batches)} batches of later stdlib files")
+    print("| residual | held-out loss (nats/byte) | train time s |")
+    print("|---|---|---|")
+    for mode, mode_ratio in (("none", 0.0), ("exact", ratio), ("paper", ratio)):
+        model = tiny_llama(seq_len)
+        groups = make_param_groups(model, rank=rank, update_proj_gap=gap, residual_ratio=mode_ratio,
+                                   residual_warmup=warmup, residual_mode="paper" if mode == "paper" else "exact")
+        opt = GaLorePlusAdamW(groups, lr=lr)
+        generator = torch.Generator().manual_seed(1)
+        start = time.perf_counter()
+        for _ in range(steps):
+            ids = random_batch(train, seq_len, batch, generator)
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        elapsed = time.perf_counter() - start
+        with torch.no_grad():
+            held = statistics.mean(float(model(input_ids=ids, labels=ids).loss) for ids in eval_batches)
+        print(f"| {mode} | {held:.4f} | {elapsed:.1f} |")
 
 
 def updates_of(opt: torch.optim.Optimizer, weight: torch.nn.Parameter, grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -125,6 +171,13 @@ def updates_of(opt: torch.optim.Optimizer, weight: torch.nn.Parameter, grads: li
     return updates
 
 
+def relative_errors(approx: list[torch.Tensor], exact: list[torch.Tensor], index: torch.Tensor | None = None) -> list[float]:
+    """||a - e|| / ||e|| per step, on the whole matrix or only at the flat positions ``index``."""
+    if index is not None:
+        approx, exact = [a.view(-1)[index] for a in approx], [e.view(-1)[index] for e in exact]
+    return [float((a - e).norm() / e.norm()) for a, e in zip(approx, exact)]
+
+
 def update_errors(rank: int, ratio: float, warmup: int, gap: int, train_steps: int, record_steps: int) -> None:
     """Relative error of GaLore+ updates against AdamW's on the recorded gradients, after the warmup."""
     recorded, heads = qk_gradients(train_steps, record_steps, seq_len=128, batch=8)
@@ -132,35 +185,44 @@ def update_errors(rank: int, ratio: float, warmup: int, gap: int, train_steps: i
                   "cross_head": dict(projector="cross_head", num_heads=heads)}
     residuals = {"none": dict(), "exact": dict(residual_ratio=ratio, residual_mode="exact"),
                  "paper": dict(residual_ratio=ratio, residual_mode="paper")}
-    print(f"rank {rank}, residual_ratio {ratio}, residual_warmup {warmup}, update_proj_gap {gap}; "
-          f"mean over steps {warmup + 1}..{record_steps} and over {len(recorded)} q/k weights")
-    print("| basis | no residual | exact | paper | time added by exact | time added by paper |")
+    last = min(10, record_steps - warmup)
+    print(f"rank {rank}, residual_ratio {ratio}, residual_warmup {warmup}, update_proj_gap {gap}, scale 1; "
+          f"{len(recorded)} q/k weights of shape {tuple(next(iter(recorded.values()))[0].shape)}")
+    print(f"relative error ||U - U_adamw|| / ||U_adamw||: mean over steps {warmup + 1}..{record_steps} (all), "
+          f"over the last {last} steps (last), and over the last {last} steps only at the index set I (at I)")
+    print("| basis | residual | all | last | at I | step time vs none |")
     print("|---|---|---|---|---|---|")
     for basis_name, basis_options in projectors.items():
-        errors, seconds = {}, {}
-        for residual_name, residual_options in residuals.items():
-            values, elapsed = [], 0.0
-            for grads in recorded.values():
-                reference_weight = torch.nn.Parameter(torch.zeros_like(grads[0]))
-                reference = torch.optim.AdamW([reference_weight], lr=1.0, weight_decay=0.0)
-                exact_updates = updates_of(reference, reference_weight, grads)
+        errors: dict[str, list[list[float]]] = {name: [[], [], []] for name in residuals}
+        seconds = dict.fromkeys(residuals, 0.0)
+        for grads in recorded.values():
+            reference_weight = torch.nn.Parameter(torch.zeros_like(grads[0]))
+            reference = torch.optim.AdamW([reference_weight], lr=1.0, weight_decay=0.0)
+            exact_updates = updates_of(reference, reference_weight, grads)
+            runs = {}
+            for residual_name, residual_options in residuals.items():
                 weight = torch.nn.Parameter(torch.zeros_like(grads[0]))
                 opt = GaLorePlusAdamW([dict(params=[weight], rank=rank, update_proj_gap=gap, scale=1.0,
                                             residual_warmup=warmup, **basis_options, **residual_options)],
                                       lr=1.0, weight_decay=0.0)
                 start = time.perf_counter()
-                approx_updates = updates_of(opt, weight, grads)
-                elapsed += time.perf_counter() - start
-                values += [float((a - e).norm() / e.norm()) for a, e in zip(approx_updates[warmup:], exact_updates[warmup:])]
-            errors[residual_name], seconds[residual_name] = statistics.mean(values), elapsed
-        added = {k: f"{100 * (seconds[k] / seconds['none'] - 1):+.0f}%" for k in ("exact", "paper")}
-        print(f"| {basis_name} | {errors['none']:.4f} | {errors['exact']:.4f} | {errors['paper']:.4f} | "
-              f"{added['exact']} | {added['paper']} |")
+                runs[residual_name] = updates_of(opt, weight, grads)
+                seconds[residual_name] += time.perf_counter() - start
+                if residual_name == "exact":
+                    state = opt.state[weight]
+                    index = flat_index(state["residual_row_ptr"], state["residual_col"], grads[0].shape[1])
+            for residual_name, updates in runs.items():
+                errors[residual_name][0] += relative_errors(updates[warmup:], exact_updates[warmup:])
+                errors[residual_name][1] += relative_errors(updates[-last:], exact_updates[-last:])
+                errors[residual_name][2] += relative_errors(updates[-last:], exact_updates[-last:], index)
+        for residual_name, (every, final, at_index) in errors.items():
+            print(f"| {basis_name} | {residual_name} | {statistics.mean(every):.4f} | {statistics.mean(final):.4f} | "
+                  f"{statistics.mean(at_index):.4f} | {100 * (seconds[residual_name] / seconds['none'] - 1):+.0f}% |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["memory", "error", "all"], default="all")
+    parser.add_argument("--part", choices=["memory", "error", "train", "all"], default="all")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 by default: on a shared, loaded machine more threads time contention)")
     parser.add_argument("--size", type=int, default=4096)
@@ -172,12 +234,16 @@ def main() -> None:
     parser.add_argument("--gap", type=int, default=20)
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--record-steps", type=int, default=40)
+    parser.add_argument("--fit-steps", type=int, default=300, help="training steps per residual mode in part 3")
+    parser.add_argument("--fit-lr", type=float, default=3e-3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.part in ("memory", "all"):
         memory_and_time(args.size, args.rank, args.ratio, args.steps)
     if args.part in ("error", "all"):
         update_errors(args.error_rank, args.ratio, args.warmup, args.gap, args.train_steps, args.record_steps)
+    if args.part in ("train", "all"):
+        held_out_losses(args.error_rank, args.ratio, args.warmup, 50, args.fit_steps, args.fit_lr)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Sparsely coded residuals (GaLore+ Algorithm 2): the index set I and the update at I (torch reference).
 
-At the end of step k = ``residual_warmup`` the ``ceil(residual_ratio * m * n)`` positions with the
-largest |reconstructed first moment| (P M or M Q) are recorded as the index set I, which then stays
-fixed. For every later step the update at I is replaced by a better one:
+At the end of step k = ``residual_warmup`` (step 1 when k = 0, where the residual then also applies)
+the ``ceil(residual_ratio * m * n)`` positions with the largest |reconstructed first moment| (P M or
+M Q) are recorded as the index set I, which then stays fixed. For every later step the update at I
+is replaced:
 
 * ``"exact"``: exact Adam moments of the full gradient at I (a gather of G), bias-corrected with
   c = the number of residual steps, U_I = scale * (M_I / (1 - b1^c)) / (sqrt(V_I / (1 - b2^c)) + eps);
@@ -19,7 +20,6 @@ formed: values at I are gathers of rows of one factor times columns of the other
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ from .projectors import Side
 
 RESIDUAL_MODES = ("exact", "paper")
 
-SELECTION_CHUNK_ELEMENTS = 1 << 22
+SELECTION_CHUNK_ELEMENTS = 1 << 20
 GATHER_CHUNK_ELEMENTS = 1 << 20
 
 

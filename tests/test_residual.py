@@ -276,3 +276,24 @@ def test_non_contiguous_weight_equals_contiguous_weight(mode):
             weight.grad = grad.clone()
             opt.step()
     torch.testing.assert_close(weights[1].detach(), weights[0].detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_selection_reconstructs_one_block_of_rows_at_a_time_and_steps_never_do(monkeypatch):
+    import galore_plus.residual as residual
+
+    blocks = []
+    original = residual.reconstructed_rows
+
+    def recording(basis, low_rank, side, start, stop):
+        block = original(basis, low_rank, side, start, stop)
+        blocks.append(block.numel())
+        return block
+
+    monkeypatch.setattr(residual, "reconstructed_rows", recording)
+    monkeypatch.setattr(residual.select_residual_index, "__defaults__", (256,))
+    weight = torch.nn.Parameter(torch.zeros(64, 32))
+    opt = make_optimizer(weight, residual_ratio=0.05, residual_warmup=2, residual_mode="paper")
+    for grad in gradient_sequence((64, 32), 6, seed=17):
+        weight.grad = grad
+        opt.step()
+    assert blocks == [256] * 8
