@@ -128,23 +128,23 @@ def residual_values(
 ) -> Tensor:
     """Update the residual moments at I in place and return the new float32 weight values at I.
 
-    ``index`` holds the int64 row-major positions of I (:func:`flat_index`). The new values are p_I (1 - lr wd) - lr U_I with U_I of the module docstring; ``step`` is t and
-    ``residual_step`` is c >= 1. ``exp_avg``/``exp_avg_sq`` hold M_I, V_I ("exact") or dM, dV ("paper").
+    ``index`` holds the int64 row-major positions of I (:func:`flat_index`). The new values are
+    p_I (1 - lr wd) - lr U_I with U_I of the module docstring; ``step`` is t and ``residual_step`` is
+    c >= 1. ``exp_avg``/``exp_avg_sq`` hold M_I, V_I ("exact") or dM, dV ("paper").
     """
     grad_at = gather_flat(grad, index)
+    weight_at = gather_flat(param, index).float().mul_(1 - lr * weight_decay)
     if mode == "exact":
         exp_avg.lerp_(grad_at, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad_at, grad_at, value=1 - beta2)
         denom = (exp_avg_sq / (1 - beta2**residual_step)).sqrt_().add_(eps)
-        update = (exp_avg / (1 - beta1**residual_step)).div_(denom).mul_(scale)
-    else:
-        ghat, vrec, lowrank_update = gathered_products(
-            basis, (low_rank, lowrank_exp_avg_sq, direction), 1, index, grad.shape[1], side
-        )
-        dgrad = grad_at - ghat
-        exp_avg.lerp_(dgrad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(ghat, dgrad, value=2 * (1 - beta2))
-        denom = ((vrec + exp_avg_sq) / (1 - beta2**step)).clamp_(min=0).sqrt_().add_(eps)
-        update = (exp_avg / (1 - beta1**step)).div_(denom).add_(lowrank_update).mul_(scale)
-    weight_at = gather_flat(param, index).float()
-    return weight_at.mul_(1 - lr * weight_decay).sub_(update, alpha=lr)
+        return weight_at.addcdiv_(exp_avg, denom, value=-lr * scale / (1 - beta1**residual_step))
+    ghat, vrec, lowrank_update = gathered_products(
+        basis, (low_rank, lowrank_exp_avg_sq, direction), 1, index, grad.shape[1], side
+    )
+    dgrad = grad_at.sub_(ghat)
+    exp_avg.lerp_(dgrad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(ghat, dgrad, value=2 * (1 - beta2))
+    denom = vrec.add_(exp_avg_sq).div_(1 - beta2**step).clamp_(min=0).sqrt_().add_(eps)
+    weight_at.sub_(lowrank_update, alpha=lr * scale)
+    return weight_at.addcdiv_(exp_avg, denom, value=-lr * scale / (1 - beta1**step))
