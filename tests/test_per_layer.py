@@ -97,9 +97,12 @@ def test_full_gradients_never_coexist():
     assert len(largest_live) == len(list(model.parameters()))
 
 
-def test_state_dict_round_trip_resumes_exactly():
+@pytest.mark.parametrize("bits", [32, 8])
+def test_state_dict_round_trip_resumes_exactly(bits):
+    if bits == 8:
+        pytest.importorskip("bitsandbytes")
     inputs = batches(6)
-    model, opt = make()
+    model, opt = make(bits)
     enable_per_layer_steps(opt)
     train(model, opt, inputs[:3])
     buffer = io.BytesIO()
@@ -108,7 +111,7 @@ def test_state_dict_round_trip_resumes_exactly():
 
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed, resumed_opt = make()
+    resumed, resumed_opt = make(bits)
     resumed.load_state_dict(saved["model"])
     resumed_opt.load_state_dict(saved["opt"])
     enable_per_layer_steps(resumed_opt)
