@@ -18,7 +18,6 @@ Two uses:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import torch
@@ -53,7 +52,7 @@ def moment_is_signed(key: str) -> bool:
 
 def absmax_count(numel: int) -> int:
     """Number of float32 scales of a quantised tensor of ``numel`` values."""
-    return math.ceil(numel / BLOCKSIZE)
+    return (numel + BLOCKSIZE - 1) // BLOCKSIZE
 
 
 def quantized_nbytes(numel: int) -> int:
