@@ -12,8 +12,9 @@ gradient after backward) and gradient accumulation (a second backward before ``o
 adds into the marker). ``optimizer.step()`` stays part of the loop: it steps nothing (the hooks did)
 and resets the markers to ``None``, as does ``optimizer.zero_grad()``. A closure passed to
 ``step`` raises, since its backward would already step every parameter. Per-layer mode is
-single-process: enabling it in a distributed job (world size > 1) raises, because a hook would
-step a parameter with its local gradient before DDP or FSDP reduce it.
+single-process: enabling it in a distributed job (world size > 1) or on FSDP-sharded (DTensor)
+parameters raises, because a hook would step a parameter with its local gradient before DDP or
+FSDP reduce it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from .distributed import is_sharded
 from .optimizer import GaLorePlusAdamW
 
 CONSUMED_MESSAGE = (
@@ -119,6 +121,8 @@ def enable_per_layer_steps(optimizer: GaLorePlusAdamW) -> PerLayerSteps:
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         raise RuntimeError("per-layer steps are single-process only: a gradient hook would step each parameter with "
                            "its local gradient before DDP/FSDP reduce it across processes")
+    if any(is_sharded(param) for _, _, _, param in optimizer._indexed_params()):
+        raise RuntimeError("per-layer steps do not support FSDP-sharded (DTensor) parameters; use optimizer.step()")
     handle = PerLayerSteps(optimizer)
     _ENABLED.add(optimizer)
     return handle

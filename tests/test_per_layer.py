@@ -175,3 +175,10 @@ def test_distributed_job_is_rejected(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args, **kwargs: 2)
     with pytest.raises(RuntimeError, match="single-process"):
         enable_per_layer_steps(opt)
+
+
+def test_sharded_parameters_are_rejected(monkeypatch):
+    _, opt = make()
+    monkeypatch.setattr("galore_plus.per_layer.is_sharded", lambda param: True)
+    with pytest.raises(RuntimeError, match="DTensor"):
+        enable_per_layer_steps(opt)
