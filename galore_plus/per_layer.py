@@ -20,7 +20,7 @@ FSDP reduce it.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -61,13 +61,13 @@ class PerLayerSteps:
         self.optimizer = optimizer
         self.params: list[Tensor] = []
         self._handles: list[RemovableHandle] = []
-        for group_index, group, position, param in optimizer._indexed_params():
+        for group_index, _, position, param in optimizer._indexed_params():
             if param.requires_grad:
                 self.params.append(param)
                 self._handles.append(param.register_post_accumulate_grad_hook(self._hook(group_index, position)))
         self._handles.append(optimizer.register_step_pre_hook(self._before_step))
 
-    def _hook(self, group_index: int, position: int):
+    def _hook(self, group_index: int, position: int) -> Callable[[Tensor], None]:
         def step_now(param: Tensor) -> None:
             self.step_parameter(param, group_index, position)
 
