@@ -31,7 +31,7 @@ from galore_plus.residual import flat_index, select_residual_index  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=10, deadline=None, derandomize=True)
 @given(rows=st.integers(1, 40), cols=st.integers(1, 70), step=st.integers(1, 50),
        beta1=st.sampled_from([0.0, 0.9]), grad_dtype=st.sampled_from(["float32", "bfloat16"]), seed=st.integers(0, 2**16))
 def test_lowrank_adam_kernel_equals_reference(rows, cols, step, beta1, grad_dtype, seed):
@@ -47,7 +47,7 @@ def test_lowrank_adam_kernel_equals_reference(rows, cols, step, beta1, grad_dtyp
     torch.testing.assert_close(direction, expected, rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(m=st.integers(2, 40), n=st.integers(2, 50), rank=st.integers(1, 40), ratio=st.floats(0.01, 0.5),
        left=st.booleans(), mode=st.sampled_from(["exact", "paper"]),
        param_dtype=st.sampled_from(list(DTYPES)), step=st.integers(1, 30), seed=st.integers(0, 2**16))

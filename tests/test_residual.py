@@ -30,12 +30,12 @@ class DenseResidualAdamW:
         self.full_m = torch.zeros_like(self.weight)
         self.full_v = torch.zeros_like(self.weight)
 
-    def step(self, grad: torch.Tensor, basis: torch.Tensor) -> None:
+    def step(self, grad: torch.Tensor, basis: torch.Tensor, side: str) -> None:
         b1, b2 = BETAS
         self.t += 1
         t = self.t
         g, basis = grad.double(), basis.double()
-        left = basis.shape[0] == g.shape[0] and basis.shape[1] != g.shape[1]
+        left = side == "left"
         low = basis.t() @ g if left else g @ basis.t()
         back = (lambda x, b=basis: b @ x) if left else (lambda x, b=basis: x @ b)
         if self.low_m is None:
@@ -88,20 +88,20 @@ def residual_bytes(state: dict) -> int:
 
 
 @pytest.mark.parametrize("mode", ["exact", "paper"])
-@pytest.mark.parametrize("shape, group", [
-    ((24, 40), dict(proj_type="left")),
-    ((40, 24), dict(proj_type="std")),
-    ((32, 20), dict(projector="cross_head", num_heads=4)),
+@pytest.mark.parametrize("shape, group, side", [
+    ((24, 40), dict(proj_type="left"), "left"),
+    ((40, 24), dict(proj_type="std"), "right"),
+    ((32, 20), dict(projector="cross_head", num_heads=4), "right"),
 ])
 @pytest.mark.parametrize("warmup", [0, 2])
-def test_matches_dense_reference_step_by_step(mode, shape, group, warmup):
+def test_matches_dense_reference_step_by_step(mode, shape, group, side, warmup):
     weight = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(3)))
     opt = make_optimizer(weight, residual_ratio=0.05, residual_warmup=warmup, residual_mode=mode, **group)
     reference = DenseResidualAdamW(weight.detach(), 0.05, warmup, mode)
     for step, grad in enumerate(gradient_sequence(shape, 8, seed=4), start=1):
         weight.grad = grad.clone()
         opt.step()
-        reference.step(grad, opt.state[weight]["projector"])
+        reference.step(grad, opt.state[weight]["projector"], side)
         torch.testing.assert_close(weight.detach().double(), reference.weight, rtol=1e-5, atol=1e-6,
                                    msg=lambda text: f"step {step}: {text}")
     state = opt.state[weight]
@@ -120,7 +120,7 @@ def test_bfloat16_weight_is_rounded_once_at_index():
         reference.weight = weight.detach().double()
         weight.grad = grad.bfloat16()
         opt.step()
-        reference.step(grad.bfloat16().float(), opt.state[weight]["projector"])
+        reference.step(grad.bfloat16().float(), opt.state[weight]["projector"], "left")
         mask = reference.mask if reference.mask is not None else torch.zeros(24, 40, dtype=torch.bool)
         exact = reference.weight[mask]
         nearest_error = (exact - exact.bfloat16().double()).abs()
@@ -183,7 +183,7 @@ def test_residual_memory_is_proportional_to_index_count(ratio):
     assert all(v.numel() < m * n for v in state.values() if torch.is_tensor(v))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(m=st.integers(1, 40), n=st.integers(1, 50), rank=st.integers(1, 4), fraction=st.floats(0.001, 0.99),
        left=st.booleans(), chunk=st.integers(1, 200), seed=st.integers(0, 2**16))
 def test_chunked_selection_equals_dense_topk(m, n, rank, fraction, left, chunk, seed):
@@ -297,3 +297,23 @@ def test_selection_reconstructs_one_block_of_rows_at_a_time_and_steps_never_do(m
         weight.grad = grad
         opt.step()
     assert blocks == [256] * 8
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(m=st.integers(4, 30), n=st.integers(4, 30), rank=st.integers(1, 4), ratio=st.floats(0.001, 0.6),
+       warmup=st.integers(0, 3), proj_type=st.sampled_from(["left", "right"]), seed=st.integers(0, 2**16))
+def test_random_shapes_match_dense_reference_exact_mode(m, n, rank, ratio, warmup, proj_type, seed):
+    """Exact mode only: "paper" divides by sqrt(max(Vrec + dV, 0)) + eps, which on random inputs can
+    cancel to about 0, where float32 and float64 legitimately differ by orders of magnitude; the
+    parametrised test above covers "paper" on fixed inputs."""
+    mode = "exact"
+    weight = torch.nn.Parameter(torch.randn(m, n, generator=torch.Generator().manual_seed(seed)))
+    opt = make_optimizer(weight, rank=rank, residual_ratio=ratio, residual_warmup=warmup, residual_mode=mode,
+                         proj_type=proj_type, projector="svd")
+    reference = DenseResidualAdamW(weight.detach(), ratio, warmup, mode)
+    reference_side = "left" if proj_type == "left" else "right"
+    for grad in gradient_sequence((m, n), 5, seed=seed + 1):
+        weight.grad = grad.clone()
+        opt.step()
+        reference.step(grad, opt.state[weight]["projector"], reference_side)
+        torch.testing.assert_close(weight.detach().double(), reference.weight, rtol=1e-4, atol=1e-5)
