@@ -29,6 +29,8 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
     3. M, V are Adam moments of R, with bias corrections that use t (never reset at a refresh);
     4. N = (M / (1 - b1^t)) / (sqrt(V / (1 - b2^t)) + eps);
     5. p <- p (1 - lr wd) - lr scale (P N or N Q).
+    6. with ``residual_ratio`` > 0 the update at a fixed sparse index set I is replaced by an exact
+       (or, with ``residual_mode="paper"``, Algorithm 2's) one; see :mod:`galore_plus.residual`.
 
     ``seed`` seeds every random choice of the projectors together with the parameter's position and
     the refresh count; torch's global RNG is never used.
