@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.finetune", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model-size", choices=list(MODEL_SIZES), default="small", help="decoder size (see benchmarks/models.py)")
-    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per method and seed")
+    parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps per method and seed")
     parser.add_argument("--rank", type=int, default=32, help="rank of every low-rank method (GaLore, GaLore+, LoRA, DoRA)")
     parser.add_argument("--methods", nargs="+", default=["all"],
                         help=f"method names or sets ({', '.join(METHOD_SETS)}); methods: {', '.join(ALL_METHODS)}")
@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, default=0.25, help="GaLore/GaLore+ update scale")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA/DoRA alpha (default: rank, i.e. scaling 1)")
     parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
-    parser.add_argument("--eval-windows", type=int, default=128, help="held-out windows evaluated")
-    parser.add_argument("--pretrain-steps", type=int, default=600, help="pre-training steps on the stdlib sources")
+    parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows evaluated")
+    parser.add_argument("--pretrain-steps", type=int, default=400, help="pre-training steps on the stdlib sources")
     parser.add_argument("--pretrain-batch-size", type=int, default=16)
     parser.add_argument("--pretrain-lr", type=float, default=3e-3)
     parser.add_argument("--pretrain-bytes", type=int, default=4_000_000, help="bytes of stdlib sources used for pre-training")

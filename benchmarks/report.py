@@ -116,16 +116,25 @@ def write_plots(rows: list[dict], runs: list[dict], out: str) -> list[str]:
     names = [row["method"] for row in ok]
     paths = []
 
-    figure, axis = plt.subplots(figsize=(9, 5.5))
-    for name in names:
-        curves = [run["curve"] for run in runs if run["method"] == name and run["status"] == "ok"]
-        steps = [point[0] for point in curves[0]]
-        mean = [statistics.fmean(curve[i][1] for curve in curves) for i in range(len(steps))]
-        axis.plot(steps, mean, label=name, linestyle="--" if name.startswith("galore_plus_res") else "-")
-    axis.set_xlabel("fine-tuning step")
-    axis.set_ylabel("held-out loss (nats/byte, mean over seeds)")
-    axis.set_title("Held-out loss during fine-tuning")
-    axis.legend(fontsize=7, ncol=2)
+    ablation_names = {row["method"] for row in ablation_rows(ok)} - {"galore_plus"}
+    panels = [("methods", [n for n in names if n not in ablation_names]),
+              ("GaLore+ residual ablation", [n for n in names if n in ablation_names or n == "galore_plus"])]
+    panels = [(title, members) for title, members in panels if members]
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
+    for axis, (title, members) in zip(axes[0], panels):
+        means = {name: _mean_curve(runs, name) for name in members}
+        for index, (name, (steps, mean)) in enumerate(means.items()):
+            axis.plot(steps, mean, label=name, color=colors[index % len(colors)])
+        top = 1.02 * max(mean[0] for _, mean in means.values())
+        clipped = [name for name, (_, mean) in means.items() if max(mean) > top]
+        if clipped and math.isfinite(top):
+            axis.set_ylim(top=top)
+            title += f"\n(clipped above the starting loss: {', '.join(clipped)})"
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("fine-tuning step")
+        axis.set_ylabel("held-out loss (nats/byte, mean over seeds)")
+        axis.legend(fontsize=7)
     paths.append(_save(figure, out, "loss_curves.png"))
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
@@ -168,6 +177,13 @@ def write_plots(rows: list[dict], runs: list[dict], out: str) -> list[str]:
         axis.legend()
         paths.append(_save(figure, out, "ablation.png"))
     return paths
+
+
+def _mean_curve(runs: list[dict], method: str) -> tuple[list[int], list[float]]:
+    """(evaluation steps, held-out loss at each, averaged over the method's seeds)."""
+    curves = [run["curve"] for run in runs if run["method"] == method and run["status"] == "ok"]
+    steps = [step for step, _ in curves[0]]
+    return steps, [statistics.fmean(curve[i][1] for curve in curves) for i in range(len(steps))]
 
 
 def _save(figure, out: str, name: str) -> str:
