@@ -48,23 +48,27 @@ def is_sharded(param: Tensor) -> bool:
     return DTensor is not None and isinstance(param, DTensor)
 
 
-def local_rows(param: DTensor, label: str) -> tuple[int, int]:
-    """(first row, row count) of this rank's shard of a weight sharded on dim 0 of a 1-D mesh.
+def chunk_rows(m: int, world_size: int, index: int) -> tuple[int, int]:
+    """(first row, row count) of shard ``index`` of m rows split like ``torch.chunk`` (and FSDP2).
 
-    Rows follow ``torch.chunk``, as FSDP2 shards: ceil(m / world) rows per rank, the last ranks
-    possibly fewer or none.
+    ceil(m / world_size) rows per shard; the last shards may have fewer rows, or none.
     """
+    chunk = -(-m // world_size)
+    start = min(index * chunk, m)
+    return start, min(chunk, m - start)
+
+
+def local_rows(param: DTensor, label: str) -> tuple[int, int]:
+    """(first row, row count) of this rank's shard of a weight sharded on dim 0 of a 1-D mesh."""
     if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
         raise NotImplementedError(
             f"{label}, key 'rank': a projected DTensor weight must be sharded as (Shard(0),) on a 1-D device mesh "
             f"(FSDP2 fully_shard), got placements {tuple(param.placements)} on a {param.device_mesh.ndim}-D mesh"
         )
-    m = param.shape[0]
-    chunk = -(-m // param.device_mesh.size())
-    start = min(param.device_mesh.get_local_rank() * chunk, m)
-    rows = param.to_local().shape[0]
-    if rows != min(chunk, m - start):
-        raise NotImplementedError(f"{label}, key 'rank': shard of {rows} rows does not follow torch.chunk row sharding")
+    start, rows = chunk_rows(param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank())
+    if param.to_local().shape[0] != rows:
+        raise NotImplementedError(f"{label}, key 'rank': a shard of {param.to_local().shape[0]} rows does not follow "
+                                  f"torch.chunk row sharding ({rows} rows expected)")
     return start, rows
 
 

@@ -15,7 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from galore_plus import GaLorePlusAdamW
+from galore_plus.distributed import chunk_rows
 from galore_plus.group_options import PROJECTED_GROUP_DEFAULTS
 
 WORLD_SIZE = 2
@@ -26,6 +30,17 @@ GLOBAL_BATCH = 32
 OUT_FEATURES = 15
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(0, 40), world_size=st.integers(1, 6))
+def test_chunk_rows_are_torch_chunk_shards(m, world_size):
+    rows = torch.arange(m)
+    chunks = list(torch.chunk(rows, world_size)) if m else []
+    for index in range(world_size):
+        start, count = chunk_rows(m, world_size, index)
+        expected = chunks[index] if index < len(chunks) else rows[:0]
+        assert torch.equal(rows[start:start + count], expected)
 
 
 def free_port() -> int:
@@ -142,18 +157,25 @@ def sharded_model_and_optimizer() -> tuple[nn.Module, GaLorePlusAdamW]:
     return model, GaLorePlusAdamW(param_groups(model, residuals=False), lr=1e-2, seed=3)
 
 
-def column_sharded_error() -> str:
-    """The error of a step on a weight sharded on dim 1 (not FSDP2's layout), or '' if none was raised."""
+def unsupported_step_error(dim: int, **group_options) -> str:
+    """The error of a step on a DTensor weight sharded on ``dim``, or '' if none was raised."""
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    weight = nn.Parameter(distribute_tensor(torch.ones(8, 16), mesh, [Shard(1)]))
-    weight.grad = distribute_tensor(torch.ones(8, 16), mesh, [Shard(1)])
+    weight = nn.Parameter(distribute_tensor(torch.ones(8, 16), mesh, [Shard(dim)]))
+    weight.grad = distribute_tensor(torch.ones(8, 16), mesh, [Shard(dim)])
     try:
-        GaLorePlusAdamW([{"params": [weight], "rank": 2, "name": "columns"}]).step()
+        GaLorePlusAdamW([{"params": [weight], "rank": 2, "name": "sharded", **group_options}]).step()
     except NotImplementedError as error:
         return str(error)
     return ""
+
+
+def unsupported_errors() -> dict[str, str]:
+    errors = {"column_sharded": unsupported_step_error(1)}
+    if "residual_ratio" in PROJECTED_GROUP_DEFAULTS:
+        errors["residuals"] = unsupported_step_error(0, residual_ratio=0.25)
+    return errors
 
 
 def load_checkpoint(model: nn.Module, optimizer: GaLorePlusAdamW, checkpoint: str) -> None:
@@ -186,7 +208,7 @@ def fsdp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
     load_checkpoint(model, optimizer, checkpoint)
     train(model, optimizer, rows, slice(STEPS // 2, None))
     resumed = full_parameters(model)
-    torch.save({"continued": continued, "resumed": resumed, "column_sharded_error": column_sharded_error()},
+    torch.save({"continued": continued, "resumed": resumed, "errors": unsupported_errors()},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -214,5 +236,7 @@ def test_fsdp2_equals_single_process_and_resumes_from_a_distributed_checkpoint_o
     for name, expected in reference.items():
         torch.testing.assert_close(single_rank[name], expected, rtol=1e-4, atol=1e-5)
     for result in ranks:
-        assert "param group 0 ('columns'), key 'rank'" in result["column_sharded_error"]
-        assert "Shard(dim=1)" in result["column_sharded_error"]
+        assert "param group 0 ('sharded'), key 'rank'" in result["errors"]["column_sharded"]
+        assert "Shard(dim=1)" in result["errors"]["column_sharded"]
+        if "residual_ratio" in PROJECTED_GROUP_DEFAULTS:
+            assert "key 'residual_ratio'" in result["errors"]["residuals"]
