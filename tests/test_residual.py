@@ -265,6 +265,15 @@ def test_cpu_tensors_use_the_torch_reference():
     assert not use_kernel(torch.zeros(2))
 
 
+def test_missing_triton_is_detected(monkeypatch):
+    import sys
+
+    from galore_plus.dispatch import triton_available
+
+    monkeypatch.setitem(sys.modules, "triton", None)
+    assert triton_available.__wrapped__() is False
+
+
 @pytest.mark.parametrize("mode", ["exact", "paper"])
 def test_non_contiguous_weight_equals_contiguous_weight(mode):
     start = torch.randn(40, 24, generator=torch.Generator().manual_seed(15))
