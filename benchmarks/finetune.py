@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .methods import ALL_METHODS, METHOD_SETS, MethodSpec, OptimSettings, resolve_methods, unavailable_reason
 from .models import MODEL_SIZES, max_rank
-from .report import markdown_table, summarize, write_plots, write_tables, ablation_markdown
+from .report import ablation_markdown, markdown_table, summarize, write_plots, write_tables
 from .text_data import eval_windows, pydoc_topic_bytes
 from .training import FinetuneSettings, PretrainSettings, finetune_run, pretrained_state
 
@@ -137,6 +137,7 @@ def prepare_out(args: argparse.Namespace, settings: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the comparison; return ``{"rows": summary rows, "runs": per-seed runs, "files": written paths}``."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = run_settings(args)
@@ -149,12 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        return run(args, specs, settings)
+        return run(args, specs, settings, command=" ".join(["python -m benchmarks.finetune", *argv]))
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict) -> dict:
+def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict, command: str) -> dict:
     """Pre-train (or load the cache), fine-tune every (method, seed), write the tables and plots."""
     started = time.perf_counter()
     device = torch.device(args.device)
@@ -197,7 +198,8 @@ def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict) -> di
     rows = [summarize(spec.name, [run for run in runs if run["method"] == spec.name]) for spec in specs]
     meta = dict(settings, methods=[spec.name for spec in specs], seeds=args.seeds, pretrain=asdict(pretrain),
                 pretrain_cached=pretrain_cached, torch=torch.__version__, machine=platform.machine(),
-                cpus=os.cpu_count(), command=" ".join(sys.argv), seconds=time.perf_counter() - started)
+                cpus=os.cpu_count(), command=command, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                seconds=time.perf_counter() - started)
     files = write_tables(rows, runs, meta, args.out)
     files.update({os.path.basename(path): path for path in write_plots(rows, runs, args.out)})
     print(markdown_table(rows))
