@@ -6,7 +6,8 @@
 Cases: a 4096 x 4096 query weight (cross_head, 32 heads, rank 128, residual 1.2%), a 11008 x 4096
 MLP weight (randomized, rank 128) and a 4096 x 4096 plain AdamW tensor (bitsandbytes' fused 8-bit
 update). The step time is the median over ``--steps`` steady-state steps (after the first step,
-the projector refresh and the residual index selection); state bytes are the sum of ``nbytes`` of
+the projector refresh and the residual index selection), the two bit widths stepping alternately;
+state bytes are the sum of ``nbytes`` of
 ``optimizer.state`` and equal ``galore_plus.memory``'s estimate, which is printed next to them.
 """
 
@@ -42,21 +43,33 @@ def state_nbytes(opt: torch.optim.Optimizer) -> int:
     return sum(v.nbytes for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor))
 
 
-def measure(shape: tuple[int, int], options: dict, bits: int, steps: int) -> tuple[float, int, int]:
-    """(median step seconds, allocated state bytes, estimated state bytes) of one weight."""
+def measure(shape: tuple[int, int], options: dict, steps: int) -> dict[int, tuple[float, int, int]]:
+    """bits -> (median step seconds, allocated state bytes, estimated state bytes) of one weight.
+
+    The 32-bit and 8-bit optimizers step alternately on identical weights and gradients, so both
+    see the same load of a shared machine.
+    """
     generator = torch.Generator().manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02)
+    start = torch.randn(shape, generator=generator) * 0.02
     grads = [torch.randn(shape, generator=generator) for _ in range(2)]
-    groups = [{"params": [weight], **options}]
-    opt = GaLorePlusAdamW(groups, lr=1e-3, optim_bits=bits)
-    times = []
+    weights, groups, optimizers, times = {}, {}, {}, {}
+    for bits in (32, 8):
+        weights[bits] = torch.nn.Parameter(start.clone())
+        groups[bits] = [{"params": [weights[bits]], **options}]
+        optimizers[bits] = GaLorePlusAdamW(groups[bits], lr=1e-3, optim_bits=bits)
+        times[bits] = []
     for step in range(steps + 2):
-        weight.grad = grads[step % 2]
-        start = time.perf_counter()
-        opt.step()
-        if step >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), state_nbytes(opt), optimizer_state_bytes(groups, bits)
+        for bits in (32, 8):
+            weights[bits].grad = grads[step % 2]
+            begin = time.perf_counter()
+            optimizers[bits].step()
+            if step >= 2:
+                times[bits].append(time.perf_counter() - begin)
+    return {
+        bits: (statistics.median(times[bits]), state_nbytes(optimizers[bits]),
+               optimizer_state_bytes(groups[bits], bits))
+        for bits in (32, 8)
+    }
 
 
 def main() -> None:
@@ -72,7 +85,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     target = None
     for name, shape, options in cases(args.small):
-        results = {bits: measure(shape, options, bits, args.steps) for bits in (32, 8)}
+        results = measure(shape, options, args.steps)
         for bits, (_, allocated, estimated) in results.items():
             assert allocated == estimated, f"{name} {bits}-bit: allocated {allocated} != estimated {estimated}"
         (t32, s32, _), (t8, s8, _) = results[32], results[8]
