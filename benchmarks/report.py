@@ -42,22 +42,23 @@ def summarize(method: str, runs: list[dict]) -> dict:
     }
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
-    return str(value)
+def _loss_cell(row: dict) -> str:
+    """Mean held-out loss, with ± the standard deviation over seeds when there are several."""
+    if row["seeds"] > 1:
+        return f"{row['heldout_loss']:.4f} ± {row['heldout_loss_std']:.4f}"
+    return f"{row['heldout_loss']:.4f}"
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The results table in Markdown: loss as mean ± std over seeds, memory in MiB, refresh share in %."""
-    header = ["method", "held-out loss (nats/byte)", "perplexity", "train time (s)", "optimizer step (ms)",
+    header = ["method", "held-out loss (nats/byte, mean ± std over seeds)", "perplexity", "train time (s)", "optimizer step (ms)",
               "refresh share", "peak params+grads+state (MiB)", "state (MiB)", "trainable (MiB)", "seeds", "notes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if row["status"] != "ok":
             cells = [row["method"], f"**{row['status']}**"] + [""] * 7 + ["0", row["note"]]
         else:
-            cells = [row["method"], f"{row['heldout_loss']:.4f} ± {row['heldout_loss_std']:.4f}", f"{row['perplexity']:.3f}",
+            cells = [row["method"], _loss_cell(row), f"{row['perplexity']:.3f}",
                      f"{row['train_seconds']:.1f}", f"{row['step_ms']:.2f}", f"{100 * row['refresh_share']:.1f}%",
                      f"{row['peak_mib']:.3f}", f"{row['state_mib']:.3f}", f"{row['trainable_mib']:.3f}",
                      str(row["seeds"]), row["note"]]
@@ -84,8 +85,8 @@ def ablation_markdown(rows: list[dict]) -> str:
         if row["status"] != "ok":
             lines.append(f"| {row['residual_ratio']:.1%} | {row['residual_mode']} | **{row['status']}**: {row['note']} | | | | 0 |")
             continue
-        lines.append(f"| {row['residual_ratio']:.1%} | {row['residual_mode']} | {row['heldout_loss']:.4f} ± "
-                     f"{row['heldout_loss_std']:.4f} | {row['perplexity']:.3f} | {row['step_ms']:.2f} | "
+        lines.append(f"| {row['residual_ratio']:.1%} | {row['residual_mode']} | {_loss_cell(row)} | "
+                     f"{row['perplexity']:.3f} | {row['step_ms']:.2f} | "
                      f"{row['state_mib']:.3f} | {row['seeds']} |")
     return "\n".join(lines) + "\n"
 

@@ -134,3 +134,13 @@ def test_refresh_timer_counts_refreshes_and_restores_the_projector():
             optimizer.step()
     assert timer.calls == 3 and timer.seconds > 0
     assert optimizer_module.compute_basis is original
+
+
+def test_several_seeds_give_mean_and_spread(tmp_path):
+    result = main(tiny_args(tmp_path, "--methods", "adamw", "--seeds", "0", "1"))
+    losses = [run["heldout_loss"] for run in result["runs"]]
+    (row,) = result["rows"]
+    assert row["seeds"] == 2 and len(losses) == 2
+    assert row["heldout_loss"] == pytest.approx(sum(losses) / 2)
+    assert row["heldout_loss_std"] == pytest.approx(abs(losses[0] - losses[1]) / 2**0.5)
+    assert " ± " in (tmp_path / "out" / "results.md").read_text()
