@@ -7,7 +7,7 @@ One LLaMA decoder layer (q, k, v, o, gate, up, down; MLP size 8/3 hidden rounded
 size 64) per hidden size, with fixed random gradients, stepped ``gap`` times by each optimizer of
 ``benchmarks.bench_step`` (torch AdamW, galore_torch when installed, GaLorePlusAdamW svd and
 cross_head + randomized), so every projected weight refreshes its basis once: the time is the
-amortized step. State bytes are counted from the optimizer's tensors. The last columns are the
+amortized step (the fastest of ``--repeats`` runs). State bytes are counted from the optimizer's tensors. The last columns are the
 log-log slope of time and state against the hidden size (2 means quadratic). All rows come from
 one run; results are printed and written to ``--out`` as Markdown and JSON.
 """
@@ -40,15 +40,21 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
-def measure(hidden: int, rank: int, gap: int) -> dict[str, dict[str, float]]:
-    """{optimizer label: {"ms": amortized ms per step, "state_mib": optimizer state}} for one layer."""
+def measure(hidden: int, rank: int, gap: int, repeats: int) -> dict[str, dict[str, float]]:
+    """{optimizer label: {"ms": amortized ms per step, "state_mib": optimizer state}} for one layer.
+
+    Each optimizer is built afresh and stepped ``gap`` times, ``repeats`` times; the fastest
+    repeat counts (the others were slowed by something else running on the machine).
+    """
     heads = hidden // HEAD_DIM
     weights = layer_weights(hidden, mlp_size(hidden), heads, heads)
     results = {}
     for label, factory in optimizers(weights, rank, gap, heads, heads):
-        optimizer = factory()
-        seconds = mean_step_seconds(optimizer.step, gap)
-        results[label] = {"ms": 1e3 * seconds, "state_mib": tensor_bytes(list(optimizer.state.values())) / MIB}
+        timings = []
+        for _ in range(repeats):
+            optimizer = factory()
+            timings.append(mean_step_seconds(optimizer.step, gap))
+        results[label] = {"ms": 1e3 * min(timings), "state_mib": tensor_bytes(list(optimizer.state.values())) / MIB}
     return results
 
 
@@ -77,21 +83,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hidden", nargs="+", type=int, default=[256, 512, 1024], help="hidden sizes (multiples of 64)")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--gap", type=int, default=50, help="update_proj_gap; each optimizer is stepped this many times")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per optimizer; the fastest counts")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--out", default=os.path.join("results", "bench_scaling"))
     args = parser.parse_args(argv)
     for hidden in args.hidden:
         if hidden % HEAD_DIM or hidden < args.rank:
             parser.error(f"--hidden {hidden} must be a multiple of {HEAD_DIM} and at least --rank {args.rank}")
-    if args.gap < 1:
-        parser.error(f"--gap must be >= 1, got {args.gap}")
+    if args.gap < 1 or args.repeats < 1:
+        parser.error(f"--gap and --repeats must be >= 1, got {args.gap} and {args.repeats}")
     os.makedirs(args.out, exist_ok=True)
     previous_threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print(f"rank {args.rank}, gap {args.gap}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"rank {args.rank}, gap {args.gap}, repeats {args.repeats}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     try:
-        by_hidden = {hidden: measure(hidden, args.rank, args.gap) for hidden in args.hidden}
+        by_hidden = {hidden: measure(hidden, args.rank, args.gap, args.repeats) for hidden in args.hidden}
     finally:
         torch.set_num_threads(previous_threads)
     table = markdown(by_hidden)

@@ -19,7 +19,7 @@ def test_mlp_size_is_llama_like():
 
 
 def test_tiny_run_reports_every_optimizer_and_writes_files(tmp_path):
-    results = main(["--hidden", "64", "128", "--rank", "8", "--gap", "2", "--out", str(tmp_path)])
+    results = main(["--hidden", "64", "128", "--rank", "8", "--gap", "2", "--repeats", "1", "--out", str(tmp_path)])
     assert set(results) == {64, 128}
     for by_label in results.values():
         assert "torch AdamW (foreach)" in by_label and "GaLorePlusAdamW svd" in by_label
