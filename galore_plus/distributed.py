@@ -17,8 +17,8 @@ gradient reduce-scattered the same way. One step of such a weight:
   low-rank gradient is all-reduced every step; its moments are replicated on every rank.
 * update: W_local <- W_local (1 - lr wd) - lr scale (N_local Q | P_rows N), on local rows only.
 
-Only a 1-D device mesh with ``Shard(0)`` placement is handled; other shardings, residuals and
-8-bit moments raise ``NotImplementedError`` rather than giving wrong results.
+Only a 1-D device mesh with ``Shard(0)`` placement is handled; other shardings, ``transposed``
+weights, residuals and 8-bit moments raise ``NotImplementedError`` rather than giving wrong results.
 """
 
 from __future__ import annotations
@@ -113,6 +113,9 @@ def _check_supported(optimizer: GaLorePlusAdamW, group: dict[str, Any], label: s
     if group.get("residual_ratio", 0.0) > 0:
         raise NotImplementedError(f"{label}, key 'residual_ratio': residuals of sharded (DTensor) weights are not "
                                   "implemented; use residual_ratio=0 with FSDP2")
+    if group["transposed"]:
+        raise NotImplementedError(f"{label}, key 'transposed': a sharded weight stored (in, out) is sharded on its input "
+                                  "side; only row-sharded nn.Linear-layout weights are implemented")
     if getattr(optimizer, "optim_bits", 32) != 32:
         raise NotImplementedError(f"{label}: 8-bit moments of sharded (DTensor) weights are not implemented; "
                                   "use optim_bits=32 with FSDP2")

@@ -25,6 +25,7 @@ PROJECTED_GROUP_DEFAULTS: dict = {
     "oversample": 8,
     "power_iters": 2,
     "warm_start": True,
+    "transposed": False,
     "residual_ratio": 0.0,
     "residual_warmup": 10,
     "residual_mode": "exact",
@@ -78,8 +79,9 @@ def validate_projected_group(group: dict, index: int) -> None:
     scale = group["scale"]
     if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
         _fail(group, index, "scale", f"must be a finite number, got {scale!r}", TypeError)
-    if not isinstance(group["warm_start"], bool):
-        _fail(group, index, "warm_start", f"must be a bool, got {group['warm_start']!r}", TypeError)
+    for key in ("warm_start", "transposed"):
+        if not isinstance(group[key], bool):
+            _fail(group, index, key, f"must be a bool, got {group[key]!r}", TypeError)
     _require_choice(group, index, "projector", PROJECTORS)
     _require_choice(group, index, "proj_type", PROJ_TYPES)
     _require_choice(group, index, "head_projector", HEAD_PROJECTORS)
@@ -111,12 +113,12 @@ def _validate_heads(group: dict, index: int) -> None:
 
 
 def _validate_projected_param(group: dict, index: int, position: int, param: torch.Tensor) -> None:
-    where = f"parameter {position} of shape {tuple(param.shape)}"
+    where = f"parameter {position} of shape {tuple(param.shape)}" + (" (transposed)" if group["transposed"] else "")
     if param.dim() != 2:
         _fail(group, index, "rank", f"{where} is not 2-D; put it in a group without 'rank'")
     if param.is_complex() or not param.is_floating_point():
         _fail(group, index, "rank", f"{where} has dtype {param.dtype}; only real floating-point weights can be projected", TypeError)
-    m, n = param.shape
+    m, n = reversed(param.shape) if group["transposed"] else param.shape
     rank = group["rank"]
     if group["projector"] != "cross_head":
         if rank > min(m, n):

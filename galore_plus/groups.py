@@ -7,17 +7,19 @@ Where each weight goes (a *plan*, see :func:`plan_param_groups`):
 * fused query-key-value projections stored like ``nn.Linear`` (``qkv_proj``, ``query_key_value``,
   ``Wqkv``) -> a ``cross_head`` group whose heads are the q, k and v heads together: every row block
   of ``head_dim`` rows is one head, and one input-side basis serves all of them;
-* GPT-2's fused ``c_attn`` (a transformers ``Conv1D``) -> the ``projector`` group, see below;
+* the same projections stored by a transformers ``Conv1D`` (GPT-2's fused ``c_attn`` and
+  cross-attention ``q_attn``) -> ``cross_head`` groups with ``transposed=True``, see below;
 * every other targeted ``nn.Linear`` or ``Conv1D`` weight -> one ``projector`` group;
 * everything else -> a plain AdamW group.
 
-Conv1D (GPT-2, GPT) stores its weight transposed: shape (in, out), forward ``x @ W``. The
-``svd`` and ``randomized`` projectors do not care about the layout: with ``proj_type="std"`` they
-project the smaller side, which for ``c_attn`` (n_embd, 3 n_embd) is the input side, the side a
-cross-head basis would use. ``cross_head`` itself needs the heads on the rows and the basis on
-the columns (the ``nn.Linear`` layout), while Conv1D has the heads on the columns and the input
-on the rows; so ``c_attn`` gets the ``projector`` strategy on its input side, not the cross-head
-sampling of one head's rows.
+Conv1D (GPT-2, GPT) stores its weight transposed: shape (in, out), forward ``x @ W``, so its heads
+are column blocks and its input side is the row side. ``cross_head`` needs the ``nn.Linear``
+layout (heads are row blocks, the shared basis is on the columns), so these groups set
+``transposed=True``: the optimizer then steps the weight's transpose, a view, exactly as it would
+step the equivalent ``nn.Linear`` weight. GPT-2's ``c_attn`` (n_embd, 3 n_embd) becomes 3 n_head
+heads: the q, k and v heads share one input-side basis. The ``svd`` and ``randomized``
+projectors do not care about the layout (``proj_type="std"`` projects the smaller side either
+way), so other Conv1D weights need no flag.
 
 A targeted weight that cannot be projected stays in AdamW and is listed, with the reason, in
 ``ParamGroupPlan.unplaced`` (and in a warning from ``make_param_groups``): a side smaller than
@@ -34,9 +36,9 @@ from typing import Any, Iterable
 
 from torch import nn
 
-QUERY_NAMES = ("q_proj", "query", "wq", "q_lin")
+QUERY_NAMES = ("q_proj", "query", "wq", "q_lin", "q_attn")
 KEY_NAMES = ("k_proj", "key", "wk", "k_lin")
-FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "Wqkv", "qkv")
+FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "Wqkv", "qkv", "c_attn")
 OUTPUT_HEAD_NAMES = ("lm_head", "output", "embed_out", "classifier", "score", "decoder")
 
 
@@ -144,17 +146,19 @@ def plan_param_groups(
         if rank > min(weight.shape):
             plan.unplaced[weight_name] = f"shape {tuple(weight.shape)} has a side smaller than rank={rank}"
             continue
-        leaf = _leaf(module_name)
-        head_projection = leaf in QUERY_NAMES + KEY_NAMES + FUSED_QKV_NAMES and not is_conv1d(module)
-        if cross_head and head_projection:
+        if cross_head and _leaf(module_name) in QUERY_NAMES + KEY_NAMES + FUSED_QKV_NAMES:
             heads = _head_count(model, module_name, num_heads, num_kv_heads)
-            if weight.shape[0] % heads:
-                plan.unplaced[weight_name] = f"{heads} heads do not divide its {weight.shape[0]} rows; pass num_heads"
+            transposed = is_conv1d(module)
+            outputs = weight.shape[1] if transposed else weight.shape[0]
+            if outputs % heads:
+                plan.unplaced[weight_name] = f"{heads} heads do not divide its {outputs} outputs; pass num_heads"
                 continue
             options = dict(projected_options, projector="cross_head", num_heads=heads)
+            if transposed:
+                options["transposed"] = True
             if residual_ratio > 0:
                 options["residual_ratio"] = residual_ratio
-            place(f"cross_head_{heads}_heads", weight, weight_name, options)
+            place(f"cross_head_{heads}_heads" + ("_transposed" if transposed else ""), weight, weight_name, options)
         else:
             place(projector, weight, weight_name, dict(projected_options, projector=projector))
 
@@ -183,7 +187,7 @@ def make_param_groups(
     """Split a model's trainable parameters into GaLorePlusAdamW groups (see the module docstring).
 
     * query/key projections -> ``cross_head`` groups with ``residual_ratio``, one per head count;
-    * fused ``nn.Linear``-layout q/k/v projections -> ``cross_head`` with H + 2 K heads;
+    * fused q/k/v projections -> ``cross_head`` with H + 2 K heads (``transposed=True`` for Conv1D);
     * other matched 2-D ``nn.Linear`` and transformers ``Conv1D`` weights -> one ``projector`` group;
     * everything else (embeddings, norms, biases, the output head unless ``include_lm_head``, tied
       weights and matched weights smaller than ``rank``) -> a plain AdamW group.

@@ -157,6 +157,8 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
                             f"got a {'sparse' if grad.is_sparse else 'complex'} gradient")
         grad = grad.float()
         state = self.state[param]
+        if group["transposed"]:
+            param, grad = param.t(), grad.t()
         step = state.get("step", 0) + 1
         side = projection_side(tuple(grad.shape), group["proj_type"], group["projector"])
         if (step - 1) % group["update_proj_gap"] == 0:

@@ -70,6 +70,12 @@ def init_gloo(rank: int, port: int, world_size: int) -> None:
     )
 
 
+def finish_gloo() -> None:
+    """Wait for every rank before tearing down, so no rank exits while another still talks to it."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 class TwoLayer(nn.Module):
     """Attention-like input projection (3 heads of 8 rows) and an output projection of 15 rows.
 
@@ -131,7 +137,7 @@ def ddp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
     share = GLOBAL_BATCH // WORLD_SIZE
     train(ddp, optimizer, slice(rank * share, (rank + 1) * share))
     torch.save({name: p.detach() for name, p in model.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    finish_gloo()
 
 
 def test_ddp_ranks_end_bit_identical_and_equal_the_single_process_run(tmp_path):
@@ -210,7 +216,7 @@ def fsdp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
     resumed = full_parameters(model)
     torch.save({"continued": continued, "resumed": resumed, "errors": unsupported_errors()},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    finish_gloo()
 
 
 def single_rank_resume_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
@@ -220,7 +226,7 @@ def single_rank_resume_worker(rank: int, port: int, out_dir: str, world_size: in
     load_checkpoint(model, optimizer, os.path.join(out_dir, "checkpoint"))
     train(model, optimizer, slice(None), slice(STEPS // 2, None))
     torch.save(full_parameters(model), os.path.join(out_dir, "single_rank_resumed.pt"))
-    dist.destroy_process_group()
+    finish_gloo()
 
 
 def test_fsdp2_equals_single_process_and_resumes_from_a_distributed_checkpoint_on_2_and_1_ranks(tmp_path):

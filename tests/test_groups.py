@@ -63,12 +63,13 @@ def test_llama_query_and_key_get_cross_head_with_their_own_head_counts():
     assert plan.unplaced == {}
 
 
-def test_gpt2_conv1d_weights_are_projected_and_c_attn_is_in_the_projector_group():
+def test_gpt2_fused_c_attn_is_transposed_cross_head_and_other_conv1d_weights_are_projected():
     model = tiny_gpt2()
     plan = plan_param_groups(model, rank=4)
-    for leaf in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+    c_attn = group_of(plan, "transformer.h.1.attn.c_attn.weight")
+    assert (c_attn["projector"], c_attn["num_heads"], c_attn["transposed"]) == ("cross_head", 12, True)
+    for leaf in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
         assert plan.placement[f"transformer.h.0.{leaf}.weight"] == "randomized"
-    assert not any(g.get("projector") == "cross_head" for g in plan.groups)
     for name in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.bias"):
         assert plan.placement[name] == "adamw"
     assert "lm_head.weight" not in plan.placement
@@ -103,6 +104,39 @@ def test_weights_smaller_than_rank_are_listed_with_the_reason():
     plan = plan_param_groups(tiny_llama(), rank=40)
     assert "side smaller than rank=40" in plan.unplaced["model.layers.0.self_attn.q_proj.weight"]
     assert plan.placement["model.layers.0.self_attn.q_proj.weight"] == "adamw"
+
+
+def test_transposed_conv1d_weight_steps_like_the_equivalent_linear_weight():
+    """A Conv1D weight W (in, out) with transposed=True follows the nn.Linear weight W^T (out, in)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(24, 16)
+    linear = nn.Linear(16, 24)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    options = dict(rank=6, update_proj_gap=2, projector="cross_head", num_heads=3)
+    conv_optimizer = GaLorePlusAdamW([{"params": [conv.weight], "transposed": True, **options},
+                                      {"params": [conv.bias]}], lr=1e-2)
+    linear_optimizer = GaLorePlusAdamW([{"params": [linear.weight], **options}, {"params": [linear.bias]}], lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, y = torch.randn(32, 16, generator=generator), torch.randn(32, 24, generator=generator)
+        for module, optimizer in ((conv, conv_optimizer), (linear, linear_optimizer)):
+            nn.functional.mse_loss(module(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    torch.testing.assert_close(conv.weight.t(), linear.weight)
+    assert conv_optimizer.state[conv.weight]["projector"].shape == (6, 16)
+
+
+def test_transposed_must_be_a_bool_and_heads_must_divide_the_outputs():
+    weight = nn.Parameter(torch.zeros(16, 24))
+    with pytest.raises(TypeError, match="key 'transposed'"):
+        GaLorePlusAdamW([{"params": [weight], "rank": 2, "transposed": 1}])
+    with pytest.raises(ValueError, match=r"key 'num_heads': 5 does not divide the 24 rows .*\(transposed\)"):
+        GaLorePlusAdamW([{"params": [weight], "rank": 2, "transposed": True, "projector": "cross_head", "num_heads": 5}])
 
 
 class FusedAttention(nn.Module):
