@@ -24,7 +24,8 @@ way), so other Conv1D weights need no flag.
 A targeted weight that cannot be projected stays in AdamW and is listed, with the reason, in
 ``ParamGroupPlan.unplaced`` (and in a warning from ``make_param_groups``): a side smaller than
 ``rank``, a tensor tied to another parameter (GPT-2's ``lm_head`` and BERT's MLM ``decoder`` share
-the word embeddings; they are output heads, targeted only with ``include_lm_head``), or a head count that does not divide its rows.
+the word embeddings; they are output heads, targeted only with ``include_lm_head``), or a head
+count that does not divide its outputs.
 """
 
 from __future__ import annotations
