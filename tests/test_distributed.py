@@ -71,9 +71,15 @@ def init_gloo(rank: int, port: int, world_size: int) -> None:
 
 
 def finish_gloo() -> None:
-    """Wait for every rank before tearing down, so no rank exits while another still talks to it."""
+    """Wait for every rank, tear the process group down and exit without interpreter teardown.
+
+    With torch 2.13 a rank rarely (about 1 job in 15 here) aborted at exit with "terminate called
+    without an active exception" after its results were saved: gloo objects still referenced by
+    DTensors and device meshes were destroyed during interpreter teardown. ``os._exit`` skips it.
+    """
     dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)
 
 
 class TwoLayer(nn.Module):
