@@ -29,9 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .dispatch import lowrank_adam_direction
+from .finite import all_finite
 from .group_options import group_label
 from .projectors import basis_generator, cross_head_choice, project, projection_side
-from .lowrank_adam import lowrank_adam_direction
 from .update import apply_lowrank_update
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ def step_sharded_weight(
     low_rank = project(local_grad, local_basis, side)
     if side == "left":
         dist.all_reduce(low_rank, group=process_group)
-    finite = torch.isfinite(low_rank).all().to(torch.int32)
+    finite = all_finite(low_rank).to(torch.int32)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=process_group)
     if not bool(finite):
         optimizer._warn_once("grad", f"non-finite gradient in {label}: that weight's step was skipped on every rank "
