@@ -40,7 +40,7 @@ from torch import nn
 QUERY_NAMES = ("q_proj", "query", "wq", "q_lin", "q_attn")
 KEY_NAMES = ("k_proj", "key", "wk", "k_lin")
 FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "Wqkv", "qkv", "c_attn")
-OUTPUT_HEAD_NAMES = ("lm_head", "output", "embed_out", "classifier", "score", "decoder")
+OUTPUT_HEAD_NAMES = ("lm_head", "output", "embed_out", "classifier", "score", "decoder", "vocab_projector")
 
 
 @dataclass

@@ -100,6 +100,25 @@ def test_bert_tied_decoder_is_named_in_a_warning_when_heads_are_included():
         make_param_groups(tiny_bert(), rank=4, include_lm_head=True)
 
 
+def test_distilbert_q_lin_k_lin_are_cross_head_and_its_tied_vocab_projector_is_an_output_head():
+    config = transformers.DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, hidden_dim=48,
+                                           max_position_embeddings=16)
+    plan = plan_param_groups(transformers.DistilBertForMaskedLM(config), rank=4)
+    attention = "distilbert.transformer.layer.0.attention"
+    assert plan.placement[f"{attention}.q_lin.weight"] == plan.placement[f"{attention}.k_lin.weight"] == "cross_head_4_heads"
+    assert plan.placement[f"{attention}.v_lin.weight"] == "randomized"
+    assert plan.unplaced == {}
+
+
+def test_gpt_neox_fused_query_key_value_is_cross_head_over_3h_heads():
+    config = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=48, max_position_embeddings=16)
+    plan = plan_param_groups(transformers.GPTNeoXForCausalLM(config), rank=4)
+    group = group_of(plan, "gpt_neox.layers.0.attention.query_key_value.weight")
+    assert (group["projector"], group["num_heads"], group.get("transposed", False)) == ("cross_head", 12, False)
+    assert plan.placement["gpt_neox.layers.0.attention.dense.weight"] == "randomized"
+
+
 def test_weights_smaller_than_rank_are_listed_with_the_reason():
     plan = plan_param_groups(tiny_llama(), rank=40)
     assert "side smaller than rank=40" in plan.unplaced["model.layers.0.self_attn.q_proj.weight"]
