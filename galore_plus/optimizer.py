@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
+from .finite import all_finite
 from .group_options import fill_projected_defaults, group_label, validate_plain_group, validate_projected_group
-from .distributed import is_sharded, step_sharded_weight
 from .dispatch import lowrank_adam_direction
+from .distributed import is_sharded, step_sharded_weight
 from . import quant
 from .projectors import Side, basis_generator, compute_basis, project, projection_side, random_orthonormal_basis
 from .residual_state import residual_update, write_residual
@@ -166,7 +167,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             state["projector"] = self._refreshed_basis(grad, group, side, position, refresh_index, state.get("projector"))
         basis = state["projector"]
         low_rank = project(grad, basis, side)
-        if not bool(torch.isfinite(low_rank).all()):
+        if not bool(all_finite(low_rank)):
             self._warn_once("grad", f"non-finite gradient in {group_label(group, group_index)}: that weight's step was "
                                     "skipped (moments, weight and step count unchanged)")
             return
@@ -198,10 +199,10 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         if previous is not None and tuple(previous.shape) != expected:
             previous = None
         generator = basis_generator(self.seed, position, refresh_index, grad.device)
-        if bool(torch.isfinite(grad).all()):
+        if bool(all_finite(grad)):
             try:
                 basis = compute_basis(grad, group, side, generator, previous)
-                if bool(torch.isfinite(basis).all()):
+                if bool(all_finite(basis)):
                     return basis
             except torch.linalg.LinAlgError:
                 pass
