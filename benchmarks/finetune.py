@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA/DoRA alpha (default: rank, i.e. scaling 1)")
     parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
     parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows evaluated")
-    parser.add_argument("--pretrain-steps", type=int, default=400, help="pre-training steps on the stdlib sources")
+    parser.add_argument("--pretrain-steps", type=int, default=600, help="pre-training steps on the stdlib sources")
     parser.add_argument("--pretrain-batch-size", type=int, default=16)
     parser.add_argument("--pretrain-lr", type=float, default=3e-3)
     parser.add_argument("--pretrain-bytes", type=int, default=4_000_000, help="bytes of stdlib sources used for pre-training")
