@@ -89,3 +89,23 @@ def test_optimizer_cls_and_kwargs_builds_the_galore_groups(tmp_path):
     assert isinstance(trainer.optimizer, GaLorePlusAdamW)
     projectors = {group.get("projector") for group in trainer.optimizer.param_groups}
     assert {"cross_head", "randomized", None} <= projectors
+
+
+class GaLorePlusFactory:
+    """An optimizer factory for ``optimizer_cls_and_kwargs``: the Trainer calls it with the model it trains."""
+
+    def __call__(self, model: torch.nn.Module, **kwargs) -> GaLorePlusAdamW:
+        return GaLorePlusAdamW(make_param_groups(model, rank=4), **kwargs)
+
+
+def test_an_optimizer_factory_builds_the_groups_from_the_trainers_model(tmp_path):
+    model = tiny_llama()
+    trainer = transformers.Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=tiny_dataset(),
+        optimizer_cls_and_kwargs=(GaLorePlusFactory, {"lr": 1e-2, "seed": 1}),
+    )
+    trainer.create_optimizer()
+    assert isinstance(trainer.optimizer, GaLorePlusAdamW)
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()}
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e-2
