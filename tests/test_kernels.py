@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -15,15 +9,8 @@ from hypothesis import given, settings, strategies as st
 pytest.importorskip("triton", reason="triton is not installed; the torch references are used everywhere")
 
 
-def _interpreted(module_name: str):
-    """Import a kernel module so that its kernels run in the Triton interpreter."""
-    if module_name in sys.modules:
-        return importlib.reload(sys.modules[module_name])
-    return importlib.import_module(module_name)
-
-
-lowrank_adam_kernel = _interpreted("galore_plus.kernels.lowrank_adam")
-residual_kernel = _interpreted("galore_plus.kernels.residual_step")
+import galore_plus.kernels.lowrank_adam as lowrank_adam_kernel  # noqa: E402  (TRITON_INTERPRET=1 from conftest.py)
+import galore_plus.kernels.residual_step as residual_kernel  # noqa: E402
 
 from galore_plus.lowrank_adam import lowrank_adam_direction  # noqa: E402
 from galore_plus.residual import flat_index, select_residual_index  # noqa: E402
