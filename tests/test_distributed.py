@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from galore_plus import GaLorePlusAdamW
 from galore_plus.distributed import chunk_rows
 from galore_plus.group_options import PROJECTED_GROUP_DEFAULTS
+from galore_plus.per_layer import ConsumedGradient, enable_per_layer_steps
 
 WORLD_SIZE = 2
 JOB_TIMEOUT_SECONDS = 120
@@ -155,6 +156,74 @@ def test_ddp_ranks_end_bit_identical_and_equal_the_single_process_run(tmp_path):
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         torch.testing.assert_close(ranks[0][name], expected, rtol=1e-4, atol=1e-5)
         assert not torch.equal(expected, initial[name]), name
+
+
+def per_layer_ddp_errors() -> dict[str, str]:
+    """The errors of enabling per-layer steps on DDP models it cannot step correctly."""
+    errors = {}
+    model = build_model()
+    unused = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    for name, ddp, optimizer in (
+        ("find_unused", unused, GaLorePlusAdamW(model.parameters())),
+        ("foreign_param", nn.parallel.DistributedDataParallel(model.query),
+         GaLorePlusAdamW([{"params": [model.out.weight], "name": "out"}])),
+    ):
+        try:
+            enable_per_layer_steps(optimizer, ddp_model=ddp)
+        except ValueError as error:
+            errors[name] = str(error)
+    return errors
+
+
+PER_LAYER_RUNS = {"ordinary": (False, False), "per_layer": (True, False), "per_layer_bucket_view": (True, True)}
+
+
+def per_layer_ddp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
+    """Ordinary DDP and per-layer DDP (one bucket per weight, with and without gradient_as_bucket_view), one job."""
+    init_gloo(rank, port, world_size)
+    share = GLOBAL_BATCH // WORLD_SIZE
+    rows = slice(rank * share, (rank + 1) * share)
+    results = {}
+    for run, (per_layer, bucket_view) in PER_LAYER_RUNS.items():
+        model = build_model()
+        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1e-3, gradient_as_bucket_view=bucket_view)
+        optimizer = GaLorePlusAdamW(param_groups(model), lr=1e-2, seed=3)
+        consumed = []
+        if per_layer:
+            optimizer.register_step_pre_hook(  # runs before per-layer's own pre-hook, which clears the markers
+                lambda *_: consumed.append(all(isinstance(p.grad, ConsumedGradient) for p in model.parameters())))
+            enable_per_layer_steps(optimizer, ddp_model=ddp)
+        train(ddp, optimizer, rows)
+        results[run] = {
+            "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+            "state": optimizer.state_dict()["state"], "consumed": consumed,
+        }
+    results["errors"] = per_layer_ddp_errors()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finish_gloo()
+
+
+def test_per_layer_steps_under_ddp_equal_ordinary_ddp_and_the_single_process_run(tmp_path):
+    run_job(per_layer_ddp_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    reference = single_process_reference()
+    ordinary = ranks[0]["ordinary"]
+    for run in ("per_layer", "per_layer_bucket_view"):
+        for name, expected in reference.items():
+            per_layer = ranks[0][run]["params"][name]
+            assert torch.equal(per_layer, ranks[1][run]["params"][name]), (run, name)
+            assert torch.equal(per_layer, ordinary["params"][name]), (run, name)
+            torch.testing.assert_close(per_layer, expected, rtol=1e-4, atol=1e-5)
+        assert ordinary["state"].keys() == ranks[0][run]["state"].keys()
+        for position, state in ordinary["state"].items():
+            for key, value in state.items():
+                other = ranks[0][run]["state"][position][key]
+                assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (run, key)
+        for result in ranks:
+            assert result[run]["consumed"] == [True] * STEPS, run
+    for result in ranks:
+        assert "find_unused_parameters=True" in result["errors"]["find_unused"]
+        assert "param group 0 ('out'), key 'params'" in result["errors"]["foreign_param"]
 
 
 def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:

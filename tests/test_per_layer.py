@@ -169,12 +169,18 @@ def test_bad_use_is_rejected():
         enable_per_layer_steps(torch.optim.AdamW([nn.Parameter(torch.zeros(2))]))
 
 
-def test_distributed_job_is_rejected(monkeypatch):
+def test_distributed_job_without_the_ddp_model_is_rejected(monkeypatch):
     _, opt = make()
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args, **kwargs: 2)
-    with pytest.raises(RuntimeError, match="single-process"):
+    with pytest.raises(RuntimeError, match="ddp_model=ddp"):
         enable_per_layer_steps(opt)
+
+
+def test_ddp_model_must_be_a_distributed_data_parallel():
+    model, opt = make()
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        enable_per_layer_steps(opt, ddp_model=model)
 
 
 def test_sharded_parameters_are_rejected(monkeypatch):
