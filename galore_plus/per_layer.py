@@ -185,8 +185,9 @@ def enable_per_layer_steps(
         raise RuntimeError("per-layer steps are already enabled on this optimizer (each parameter would step twice)")
     if any(is_sharded(param) for _, _, _, param in optimizer._indexed_params()):
         raise RuntimeError("per-layer steps do not support FSDP-sharded (DTensor) parameters; use optimizer.step()")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if ddp_model is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if distributed and torch.distributed.get_world_size() > 1:
             raise RuntimeError("per-layer steps in a distributed job (world size > 1) need the DistributedDataParallel "
                                "model: enable_per_layer_steps(optimizer, ddp_model=ddp). Without it a gradient hook "
                                "would step each parameter with its local gradient before DDP reduces it")
@@ -198,11 +199,14 @@ def enable_per_layer_steps(
 
 
 def _check_ddp_model(optimizer: GaLorePlusAdamW, ddp_model: DistributedDataParallel) -> None:
+    """Raise unless per-layer steps from ``ddp_model``'s buckets step every parameter of ``optimizer`` correctly."""
     if not isinstance(ddp_model, DistributedDataParallel):
-        raise TypeError(f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}")
+        raise TypeError("ddp_model must be a torch.nn.parallel.DistributedDataParallel, "
+                        f"got {type(ddp_model).__name__}")
     if ddp_model.find_unused_parameters:
-        raise ValueError("ddp_model: per-layer steps do not support DistributedDataParallel(find_unused_parameters=True); "
-                         "DDP would hand the hook zeros for unused parameters and they would be stepped")
+        raise ValueError("ddp_model: per-layer steps do not support DistributedDataParallel("
+                         "find_unused_parameters=True); DDP would hand the hook zeros for unused parameters "
+                         "and they would be stepped")
     wrapped = {id(param) for param in ddp_model.parameters()}
     for group_index, group, _, param in optimizer._indexed_params():
         if param.requires_grad and id(param) not in wrapped:

@@ -179,7 +179,7 @@ PER_LAYER_RUNS = {"ordinary": (False, False), "per_layer": (True, False), "per_l
 
 
 def per_layer_ddp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
-    """Ordinary DDP and per-layer DDP (one bucket per weight, with and without gradient_as_bucket_view), one job."""
+    """Ordinary DDP and per-layer DDP (several small buckets, with and without gradient_as_bucket_view), one job."""
     init_gloo(rank, port, world_size)
     share = GLOBAL_BATCH // WORLD_SIZE
     rows = slice(rank * share, (rank + 1) * share)
