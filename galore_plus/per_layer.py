@@ -17,11 +17,12 @@ Under DistributedDataParallel, ``enable_per_layer_steps(optimizer, ddp_model=ddp
 communication hook instead of the gradient hooks: each gradient bucket is averaged over the ranks
 (the all-reduce of DDP's default hook) and, when that all-reduce completes, every parameter of the
 bucket is stepped with its reduced gradient. After backward (once DDP has finished with its buckets)
-the stepped gradients are replaced by the same markers. DDP's buckets hold a full copy of the
-gradients, so under DDP per-layer mode saves little memory (see docs/memory.md). Without
-``ddp_model`` a distributed job (world size > 1) is refused, because a gradient hook would step a
-parameter with its local gradient before DDP reduces it; FSDP-sharded (DTensor) parameters are
-refused always.
+the stepped gradients are replaced by the same markers. Backward passes inside ``ddp.no_sync()`` run
+no communication hook, so they step nothing and accumulate as in ordinary DDP. DDP's buckets hold a
+full copy of the gradients, so under DDP per-layer mode saves little memory (see docs/memory.md).
+Without ``ddp_model`` a distributed job (world size > 1) is refused, because a gradient hook would
+step a parameter with its local gradient before DDP reduces it; FSDP-sharded (DTensor) parameters
+are refused always.
 """
 
 import threading
@@ -43,7 +44,8 @@ CONSUMED_MESSAGE = (
     "per-layer mode: this parameter's gradient was consumed by its optimizer step during backward and freed. "
     "Nothing can read or accumulate into it: global gradient-norm clipping, gradient accumulation (several "
     "backward passes per optimizer.step()) and gradient logging do not work in per-layer mode. Call "
-    "optimizer.step() (or optimizer.zero_grad()) after every backward, or remove the per-layer handle."
+    "optimizer.step() (or optimizer.zero_grad()) after every backward, or remove the per-layer handle. "
+    "Under DistributedDataParallel, accumulate with backward passes inside ddp.no_sync()."
 )
 
 _ENABLED: weakref.WeakSet = weakref.WeakSet()
@@ -175,8 +177,9 @@ def enable_per_layer_steps(
 
     In a DistributedDataParallel job pass the wrapped model as ``ddp_model``: the parameters are
     then stepped from a DDP communication hook with their all-reduced gradients. It must be called
-    before the first backward pass, and DDP cannot remove a communication hook: after
-    :meth:`PerLayerSteps.remove` the hook only all-reduces. Parameters added to the optimizer later
+    before the first backward pass. DDP takes one communication hook per model and cannot remove it:
+    after :meth:`PerLayerSteps.remove` the hook only all-reduces, and enabling per-layer steps on the
+    same DDP model again raises DDP's own error. Parameters added to the optimizer later
     are stepped by ``optimizer.step()`` as usual.
     """
     if not isinstance(optimizer, GaLorePlusAdamW):
