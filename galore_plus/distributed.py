@@ -32,7 +32,7 @@ from torch import Tensor
 from .dispatch import lowrank_adam_direction
 from .finite import all_finite
 from .group_options import group_label
-from .projectors import basis_generator, cross_head_choice, project, projection_side
+from .projectors import basis_generator, cross_head_choice, group_num_heads, project, projection_side, due_refresh_index
 from .update import apply_lowrank_update
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def basis_gradient(
     if group["projector"] != "cross_head":
         return param.grad.full_tensor().float(), group
     m, n = param.shape
-    num_heads = m // group["head_dim"] if group["head_dim"] else group["num_heads"]
+    num_heads = group_num_heads(group, m)
     head_dim = m // num_heads
     local_grad = param.grad.to_local()
     generator = basis_generator(seed, position, refresh_index, local_grad.device)
@@ -134,11 +134,10 @@ def step_sharded_weight(
     state = optimizer.state[param]
     step = state.get("step", 0) + 1
     side = projection_side((m, n), group["proj_type"], group["projector"])
-    if (step - 1) % group["update_proj_gap"] == 0:
-        refresh_index = (step - 1) // group["update_proj_gap"]
-        grad, options = basis_gradient(param, group, optimizer.seed, position, refresh_index, start, rows)
-        state["projector"] = optimizer._refreshed_basis(grad, options, side, position, refresh_index,
-                                                        state.get("projector"))
+    refresh = due_refresh_index(step, group["update_proj_gap"])
+    if refresh is not None:
+        grad, options = basis_gradient(param, group, optimizer.seed, position, refresh, start, rows)
+        state["projector"] = optimizer._refreshed_basis(grad, options, side, position, refresh, state.get("projector"))
     basis = state["projector"]
     local_basis = basis if side == "right" else basis[start:start + rows]
     local_grad = param.grad.to_local().float()

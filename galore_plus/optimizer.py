@@ -14,7 +14,9 @@ from .group_options import fill_projected_defaults, group_label, validate_plain_
 from .dispatch import lowrank_adam_direction
 from .distributed import is_sharded, step_sharded_weight
 from . import quant
-from .projectors import Side, basis_generator, compute_basis, project, projection_side, random_orthonormal_basis
+from .projectors import (
+    Side, basis_generator, compute_basis, project, projection_side, random_orthonormal_basis, due_refresh_index,
+)
 from .residual_state import residual_update, write_residual
 from .update import apply_lowrank_update
 
@@ -162,9 +164,9 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             param, grad = param.t(), grad.t()
         step = state.get("step", 0) + 1
         side = projection_side(tuple(grad.shape), group["proj_type"], group["projector"])
-        if (step - 1) % group["update_proj_gap"] == 0:
-            refresh_index = (step - 1) // group["update_proj_gap"]
-            state["projector"] = self._refreshed_basis(grad, group, side, position, refresh_index, state.get("projector"))
+        refresh = due_refresh_index(step, group["update_proj_gap"])
+        if refresh is not None:
+            state["projector"] = self._refreshed_basis(grad, group, side, position, refresh, state.get("projector"))
         basis = state["projector"]
         low_rank = project(grad, basis, side)
         if not bool(all_finite(low_rank)):

@@ -175,6 +175,16 @@ def random_orthonormal_basis(shape: tuple[int, int], rank: int, side: Side, gene
     return q.contiguous() if side == "left" else q.t().contiguous()
 
 
+def due_refresh_index(step: int, update_proj_gap: int) -> int | None:
+    """The refresh count when step t (from 1) recomputes the basis, i.e. (t - 1) % gap == 0; else None."""
+    return (step - 1) // update_proj_gap if (step - 1) % update_proj_gap == 0 else None
+
+
+def group_num_heads(group: dict, rows: int) -> int:
+    """Heads of a ``cross_head`` weight with ``rows`` rows, from the group's ``num_heads`` or ``head_dim``."""
+    return rows // group["head_dim"] if group.get("head_dim") else group["num_heads"]
+
+
 def compute_basis(
     grad: Tensor, group: dict, side: Side, generator: torch.Generator, previous: Tensor | None
 ) -> Tensor:
@@ -186,7 +196,7 @@ def compute_basis(
         return svd_basis(grad, rank, side)
     if projector == "randomized":
         return randomized_basis(grad, rank, side, generator, group["oversample"], group["power_iters"], warm)
-    num_heads = grad.shape[0] // group["head_dim"] if group.get("head_dim") else group["num_heads"]
+    num_heads = group_num_heads(group, grad.shape[0])
     return cross_head_basis(
         grad, rank, num_heads, generator, group["head_projector"], group["oversample"], group["power_iters"], warm
     )
