@@ -33,7 +33,7 @@ from .training import LoopSettings, PretrainSettings, pretrained_state, train_ru
 
 REGIMES = ("finetune", "pretrain")
 DEFAULT_STEPS = {"finetune": 150, "pretrain": 300}
-DEFAULT_LR_GRID = {"finetune": (1e-3, 3e-3, 1e-2, 3e-2), "pretrain": (1e-3, 3e-3, 1e-2, 3e-2)}
+DEFAULT_LR_GRID = {"finetune": (1e-3, 3e-3, 1e-2, 3e-2), "pretrain": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)}
 HELDOUT_BYTES = 32_000  # validation and test bytes each, pre-training regime
 
 
@@ -173,8 +173,9 @@ def validate(args: argparse.Namespace) -> list[MethodSpec]:
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    """The settings a finished run depends on (compared on --resume)."""
-    skip = {"methods", "seeds", "out", "resume", "quiet", "cache_dir"}
+    """The settings a finished run depends on (compared on --resume). A run file is named by its method, lr and
+    seed, so --methods, --seeds, --lr and --lr-grid may change between resumed invocations."""
+    skip = {"methods", "seeds", "lr", "lr_grid", "out", "resume", "quiet", "cache_dir"}
     return {key: value for key, value in sorted(vars(args).items()) if key not in skip}
 
 

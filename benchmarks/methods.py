@@ -15,7 +15,9 @@ How to add a method (one entry in :data:`METHODS`, nothing else):
 
 A method whose package is missing, or whose GaLorePlusAdamW group keys do not exist (yet), is
 listed as unavailable with the reason (:func:`unavailable_reason`), never replaced. ``sets``:
-``default`` methods run without ``--methods``; every method is in ``all``.
+``default`` methods run without ``--methods`` (the default command is kept at about 15 minutes on an
+idle 2-core CPU, so new variants go to their own set, e.g. ``levers``, ``peers``, ``adapters``);
+every method is in ``all``.
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ def _residual_ablation() -> list[MethodSpec]:
 
 METHODS: list[MethodSpec] = [
     MethodSpec("adamw", "torch.optim.AdamW, all parameters", _adamw),
-    MethodSpec("adamw8bit", "bitsandbytes.optim.AdamW8bit, all parameters", _adamw8bit, requires=("bitsandbytes",)),
+    MethodSpec("adamw8bit", "bitsandbytes.optim.AdamW8bit, all parameters", _adamw8bit, requires=("bitsandbytes",),
+               sets=("8bit",)),
     galore_plus_method("galore", "GaLorePlusAdamW, projector='svd' on all linear weights (GaLore)",
                        placement={"projector": "svd", "cross_head": False}),
     MethodSpec("galore_torch", "galore_torch.GaLoreAdamW on all linear weights", _galore_torch, requires=("galore_torch",)),
@@ -166,7 +169,7 @@ METHODS: list[MethodSpec] = [
     galore_plus_method("galore_plus", "GaLore+: cross_head q/k with residual, randomized elsewhere",
                        placement=GALORE_PLUS_PLACEMENT, residual_mode="exact"),
     galore_plus_method("galore_plus_8bit", "GaLore+ with 8-bit moments", placement=GALORE_PLUS_PLACEMENT,
-                       optim_bits=8, residual_mode="exact"),
+                       optim_bits=8, residual_mode="exact", sets=("8bit",)),
     adapter_method("lora", "LoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "lora"),
     adapter_method("dora", "DoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "dora"),
     *_residual_ablation(),

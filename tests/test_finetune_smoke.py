@@ -88,7 +88,7 @@ def test_resume_keeps_finished_runs(tmp_path):
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     main(tiny_args(tmp_path, "--methods", "adamw"))
     with pytest.raises(SystemExit):
-        main(tiny_args(tmp_path, "--methods", "adamw", "--resume", "--lr-grid", "0.5"))
+        main(tiny_args(tmp_path, "--methods", "adamw", "--resume", "--weight-decay", "0.5"))
     assert "other settings" in capsys.readouterr().err
 
 
@@ -217,3 +217,15 @@ def test_missing_package_or_group_key_makes_a_method_unavailable():
     bad_value = galore_plus_method("z", "bad value", residual_mode="nonsense")
     assert "residual_mode" in unavailable_reason(bad_value)
     assert unavailable_reason(ALL_METHODS["galore_plus"]) is None
+
+
+def test_resume_extends_the_lr_grid_keeping_finished_runs(tmp_path):
+    argv = [a for a in tiny_args(tmp_path, "--methods", "adamw") if a not in ("--lr-grid", "1e-3", "1e-2")]
+    main(argv + ["--lr-grid", "1e-3"])
+    path = tmp_path / "out" / "runs" / "adamw__lr0.001__seed0.json"
+    run = json.loads(path.read_text())
+    run["validation_loss"] = 0.5  # a marker that also wins the selection
+    path.write_text(json.dumps(run))
+    result = main(argv + ["--lr-grid", "1e-3", "1e-2", "--resume"])
+    assert sorted(run["lr"] for run in result["runs"]) == [1e-3, 1e-2]
+    assert result["rows"][0]["lr"] == 1e-3
