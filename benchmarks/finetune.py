@@ -42,7 +42,7 @@ def _grid_text(grid: tuple[float, ...]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.finetune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__package__}.finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--regime", choices=REGIMES, default="finetune",
                         help="finetune: a cached pre-trained model fine-tuned on pydoc topics; pretrain: every method "
                              "trains the model from scratch on the stdlib sources (default: %(default)s)")
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        return run(args, specs, settings, command=" ".join(["python -m benchmarks.finetune", *argv]))
+        return run(args, specs, settings, command=" ".join([f"python -m {__package__}.finetune", *argv]))
     finally:
         torch.set_num_threads(previous_threads)
 
