@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .methods import ALL_METHODS, MethodSpec, OptimSettings, method_sets, resolve_methods, unavailable_reason
+from .methods import ALL_METHODS, PROJECTED_LR_GRIDS, MethodSpec, OptimSettings, method_sets, resolve_methods, unavailable_reason
 from .models import MODEL_SIZES, max_rank
 from .report import add_gaps, choose_lr, lr_sweep_markdown, markdown_table, summarize, write_plots, write_tables
 from .text_data import eval_windows, pydoc_topic_splits, stdlib_source_splits
@@ -33,7 +33,7 @@ from .training import LoopSettings, PretrainSettings, pretrained_state, train_ru
 
 REGIMES = ("finetune", "pretrain")
 DEFAULT_STEPS = {"finetune": 150, "pretrain": 300}
-DEFAULT_LR_GRID = {"finetune": (1e-3, 3e-3, 1e-2, 3e-2), "pretrain": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)}
+DEFAULT_LR_GRID = {"finetune": (1e-3, 3e-3, 1e-2, 3e-2), "pretrain": (1e-3, 3e-3, 1e-2, 3e-2)}
 HELDOUT_BYTES = 32_000  # validation and test bytes each, pre-training regime
 
 
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     learning_rate.add_argument("--lr-grid", nargs="+", type=float, default=None,
                                help="peak learning rates tried for every method; each method keeps the one with the "
                                     "lowest validation loss (default: " + "; ".join(
-                                        f"{k} {_grid_text(v)}" for k, v in DEFAULT_LR_GRID.items()) + ")")
+                                        f"{k} {_grid_text(v)}" for k, v in DEFAULT_LR_GRID.items()) +
+                                    f"; GaLore-type methods pretrain {_grid_text(PROJECTED_LR_GRIDS['pretrain'])})")
     learning_rate.add_argument("--lr", type=float, default=None,
                                help="one peak learning rate for every method, no selection (instead of --lr-grid)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
@@ -112,12 +113,13 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 
 
 def lr_grid(args: argparse.Namespace, spec: MethodSpec) -> tuple[float, ...]:
-    """The learning rates tried for ``spec``: ``--lr``, else ``--lr-grid``, else its own grid or the regime's default."""
+    """The learning rates tried for ``spec``: ``--lr``, else ``--lr-grid``, else its own grid for the regime, else the
+    regime's default."""
     if args.lr is not None:
         return (args.lr,)
     if args.lr_grid is not None:
         return tuple(args.lr_grid)
-    return spec.lr_grid or DEFAULT_LR_GRID[args.regime]
+    return spec.lr_grids.get(args.regime, DEFAULT_LR_GRID[args.regime])
 
 
 def _require_positive(args: argparse.Namespace, *names: str) -> None:
