@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=os.path.join("results", "cache"),
                         help="folder of the pre-trained model cache (default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="keep the finished runs found in --out")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the tables from the finished runs in --out (implies --resume); "
+                             "a method with a missing run of its lr grid is listed as not run")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size in windows (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=128, help="bytes per window (default: %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: steps // 10)")
@@ -110,6 +113,8 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.out is None:
         args.out = os.path.join("results", args.regime)
+    if args.report_only:
+        args.resume = True
 
 
 def lr_grid(args: argparse.Namespace, spec: MethodSpec) -> tuple[float, ...]:
@@ -177,7 +182,7 @@ def validate(args: argparse.Namespace) -> list[MethodSpec]:
 def run_settings(args: argparse.Namespace) -> dict:
     """The settings a finished run depends on (compared on --resume). A run file is named by its method, lr and
     seed, so --methods, --seeds, --lr and --lr-grid may change between resumed invocations."""
-    skip = {"methods", "seeds", "lr", "lr_grid", "out", "resume", "quiet", "cache_dir"}
+    skip = {"methods", "seeds", "lr", "lr_grid", "out", "resume", "report_only", "quiet", "cache_dir"}
     return {key: value for key, value in sorted(vars(args).items()) if key not in skip}
 
 
@@ -244,7 +249,8 @@ def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict, comma
     there; write the tables and plots."""
     started = time.perf_counter()
     device = torch.device(args.device)
-    initial_state, train_data, validation_windows, test_windows, notes = regime_data(args, device)
+    initial_state, train_data, validation_windows, test_windows, notes = (
+        (None, None, None, None, {}) if args.report_only else regime_data(args, device))
     loop = LoopSettings(args.steps, args.batch_size, args.seq_len,
                         args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
                         args.eval_every, eval_batch_size=32)
@@ -254,6 +260,8 @@ def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict, comma
         if args.resume and os.path.exists(path):
             with open(path) as handle:
                 return json.load(handle)
+        if args.report_only:
+            return {"method": spec.name, "seed": seed, "lr": lr, "status": "not run", "reason": f"lr {lr:g} seed {seed}"}
         optim_settings = OptimSettings(lr, args.weight_decay, args.rank, args.update_proj_gap, args.scale, args.lora_alpha)
         try:
             record = train_run(spec, seed, initial_state, args.model_size, optim_settings, loop, train_data,
@@ -276,9 +284,11 @@ def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict, comma
         if reason is not None:
             runs.append({"method": spec.name, "seed": selection_seed, "lr": None, "status": "unavailable", "reason": reason})
             continue
-        grid = lr_grid(args, spec)
-        runs.extend(one_run(spec, lr, selection_seed) for lr in grid)
-        chosen[spec.name] = choose_lr([run for run in runs if run["method"] == spec.name])
+        selection = [one_run(spec, lr, selection_seed) for lr in lr_grid(args, spec)]
+        runs.extend(selection)
+        if any(run["status"] == "not run" for run in selection):
+            continue
+        chosen[spec.name] = choose_lr(selection)
         if chosen[spec.name] is not None:
             runs.extend(one_run(spec, chosen[spec.name], seed) for seed in other_seeds)
 
