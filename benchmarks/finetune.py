@@ -33,7 +33,7 @@ from .training import LoopSettings, PretrainSettings, pretrained_state, train_ru
 
 REGIMES = ("finetune", "pretrain")
 DEFAULT_STEPS = {"finetune": 150, "pretrain": 300}
-DEFAULT_LR_GRID = {"finetune": (1e-3, 3e-3, 1e-2, 3e-2), "pretrain": (1e-3, 3e-3, 1e-2, 3e-2)}
+DEFAULT_LR_GRID = {"finetune": (1e-3, 3e-3, 1e-2, 3e-2), "pretrain": (3e-4, 1e-3, 3e-3, 1e-2)}
 HELDOUT_BYTES = 32_000  # validation and test bytes each, pre-training regime
 
 

@@ -71,7 +71,7 @@ class MethodSpec:
 
 
 # From scratch, the GaLore-type methods (update scale 0.25) need larger learning rates than AdamW: the
-# pre-training regime's shared grid (1e-3 .. 3e-2) is shifted up one step for them (docs/benchmarks.md shows
+# pre-training regime's shared grid (3e-4 .. 1e-2) is shifted up by one decade for them (docs/benchmarks.md shows
 # the validation loss at every lr tried).
 PROJECTED_LR_GRIDS: dict[str, tuple[float, ...]] = {"pretrain": (3e-3, 1e-2, 3e-2, 1e-1)}
 
