@@ -128,8 +128,6 @@ def _validate_levers(group: dict, index: int) -> None:
         _fail(group, index, "gap_overlap_threshold", f"must be in (0, 1], got {group['gap_overlap_threshold']!r}")
     _require_int(group, index, "gap_patience", 1)
     if group["cross_head_heads"] is not None:
-        if group["projector"] != "cross_head":
-            _fail(group, index, "cross_head_heads", f"only applies to projector 'cross_head', not {group['projector']!r}")
         _require_int(group, index, "cross_head_heads", 1)
 
 
