@@ -14,6 +14,7 @@ import torch
 from .auto_scale import AUTO
 from .projectors import HEAD_PROJECTORS, PROJ_TYPES, PROJECTORS
 from .residual import RESIDUAL_MODES
+from .update_rules import UPDATE_RULES
 
 PROJECTED_GROUP_DEFAULTS: dict = {
     "update_proj_gap": 200,
@@ -38,6 +39,7 @@ PROJECTED_GROUP_DEFAULTS: dict = {
     "max_update_proj_gap": None,
     "gap_overlap_threshold": 0.5,
     "gap_patience": 3,
+    "update_rule": "galore",
 }
 
 PROJECTOR_ONLY_KEYS = tuple(PROJECTED_GROUP_DEFAULTS) + ("rank",)
@@ -91,7 +93,8 @@ def validate_projected_group(group: dict, index: int) -> None:
     for key in ("warm_start", "transposed", "moment_transfer", "full_rank_residual", "adaptive_gap"):
         if not isinstance(group[key], bool):
             _fail(group, index, key, f"must be a bool, got {group[key]!r}", TypeError)
-    _require_choice(group, index, "projector", PROJECTORS)
+    _require_choice(group, index, "projector", tuple(PROJECTORS))
+    _require_choice(group, index, "update_rule", tuple(UPDATE_RULES))
     _require_choice(group, index, "proj_type", PROJ_TYPES)
     _require_choice(group, index, "head_projector", HEAD_PROJECTORS)
     _validate_residual(group, index)
