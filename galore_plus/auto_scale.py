@@ -43,3 +43,8 @@ def rms_matching_scale(direction: Tensor, update: Tensor) -> Tensor:
     """
     update_rms = rms(update)
     return torch.where(update_rms > 0, rms(direction) / update_rms.clamp(min=torch.finfo(update_rms.dtype).tiny), 0.0)
+
+
+def residual_scale(scale: float | str) -> float:
+    """The scale of the sparse residual's entries: 1 under ``"auto"`` (they are Adam updates already), else ``scale``."""
+    return 1.0 if scale == AUTO else scale

@@ -27,6 +27,8 @@ Adam's bias-correction step count continues unchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from .projectors import Side
@@ -59,3 +61,16 @@ def transfer_moments(
     """(M, V) re-expressed from basis ``old`` to basis ``new`` of the same side and rank."""
     change = basis_change(old, new, side)
     return transfer_exp_avg(exp_avg, change, side), transfer_exp_avg_sq(exp_avg_sq, change, side)
+
+
+def transfer_moments_at_refresh(
+    exp_avg: Tensor, exp_avg_sq: Tensor, previous: Tensor, basis: Tensor, side: Side,
+    state: dict[str, Any], group: dict[str, Any],
+) -> None:
+    """The refresh hook of :mod:`galore_plus.weight_step`: with ``moment_transfer``, move this process's
+    moments (written in place) from the basis ``previous`` to ``basis``; nothing when the refresh kept the basis."""
+    if not group["moment_transfer"] or previous is basis:
+        return
+    moved_avg, moved_avg_sq = transfer_moments(exp_avg, exp_avg_sq, previous, basis, side)
+    exp_avg.copy_(moved_avg)
+    exp_avg_sq.copy_(moved_avg_sq)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .auto_scale import residual_scale
 from .dispatch import residual_values
 from .projectors import Side
 from .residual import flat_index, residual_count, scatter_flat, select_residual_index
@@ -50,7 +51,7 @@ def residual_update(
         param, grad, index, state["residual_exp_avg"], state["residual_exp_avg_sq"],
         basis, side, low_rank, state["exp_avg_sq"], direction,
         group["residual_mode"], step, state["residual_step"], beta1, beta2, group["eps"],
-        group["lr"], group["weight_decay"], group["scale"],
+        group["lr"], group["weight_decay"], residual_scale(group["scale"]),
     )
     return index, values
 

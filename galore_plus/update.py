@@ -1,4 +1,4 @@
-"""Applying a low-rank Adam direction to a weight: p <- p (1 - lr wd) - lr scale (P N | N Q)."""
+"""Applying an update to a weight: p <- p (1 - lr wd) - lr scale U, U = P N | N Q (fused) or a full-size U."""
 
 from __future__ import annotations
 
@@ -23,3 +23,15 @@ def apply_lowrank_update(
         param.addmm_(a, b, beta=beta, alpha=alpha)
         return
     param.copy_(param.float().addmm_(a, b, beta=beta, alpha=alpha))
+
+
+def apply_full_update(param: Tensor, update: Tensor, lr: float, weight_decay: float, scale: float | Tensor) -> None:
+    """p <- p (1 - lr wd) - lr scale U for a full-size float32 ``update`` (overwritten); ``scale`` may be a 0-d tensor.
+
+    Weights that are not float32 are updated in a float32 copy and written back in their own dtype.
+    """
+    step = update.mul_(scale)
+    if param.dtype == torch.float32:
+        param.mul_(1.0 - lr * weight_decay).sub_(step, alpha=lr)
+        return
+    param.copy_(param.float().mul_(1.0 - lr * weight_decay).sub_(step, alpha=lr))

@@ -15,7 +15,7 @@ Extension points (plain dicts, lists and functions):
 * a projector: an entry of ``projectors.PROJECTORS`` (a :class:`~galore_plus.projectors.Projector`:
   basis function, the gradient rows it reads, fixed side, whether the basis is stored);
 * an update rule: an entry of ``update_rules.UPDATE_RULES``, chosen by the group's ``update_rule``;
-* a refresh hook: a function appended to :data:`REFRESH_HOOKS` in its own module's source,
+* a refresh hook: a function listed in :data:`REFRESH_HOOKS` (moment transfer is one),
   ``hook(exp_avg, exp_avg_sq, previous, basis, side, state, group)``, called at every refresh that
   replaces a basis, with this process's float32 moments (written in place, e.g. a change of
   coordinates into the new basis) and the old and new whole bases;
@@ -33,14 +33,16 @@ from torch import Tensor
 from . import quant
 from .dispatch import lowrank_adam_direction
 from .finite import all_finite
+from .moment_transfer import transfer_moments_at_refresh
 from .projectors import PROJECTORS, Shape, Side, basis_generator, project, projection_side
 from .refresh import Warn, refreshed_basis
+from .refresh_schedule import after_refresh, max_gap, overlap_value, schedule_from_state, store_schedule
 from .residual_state import residual_update, write_residual
 from .update_rules import UPDATE_RULES, UpdateInputs
 
 RefreshHook = Callable[[Tensor, Tensor, Tensor, Tensor, Side, dict[str, Any], dict[str, Any]], None]
 
-REFRESH_HOOKS: list[RefreshHook] = []
+REFRESH_HOOKS: list[RefreshHook] = [transfer_moments_at_refresh]
 
 
 class WeightLayout(Protocol):
@@ -86,15 +88,35 @@ class StepContext:
 
 
 def basis_schedule(state: dict[str, Any], group: dict[str, Any], step: int) -> tuple[int, bool]:
-    """(refresh count of the basis used at step t >= 1, whether step t computes it): t - 1 = count * gap + 0."""
+    """(refresh count of the basis used at step t >= 1, whether step t computes it).
+
+    Fixed gap: t - 1 = count * gap + 0. Adaptive gap (``adaptive_gap``): the weight's own
+    :class:`~galore_plus.refresh_schedule.RefreshSchedule` in ``state`` says when.
+    """
+    if group["adaptive_gap"]:
+        schedule = schedule_from_state(state, group["update_proj_gap"])
+        refresh = step >= schedule.next_step
+        return (schedule.count if refresh else schedule.count - 1), refresh
     gap = group["update_proj_gap"]
     return (step - 1) // gap, (step - 1) % gap == 0
 
 
+def record_refresh(state: dict[str, Any], group: dict[str, Any], step: int, previous: Tensor | None, basis: Tensor,
+                   side: Side) -> None:
+    """After a completed step that refreshed the basis: advance an adaptive schedule (reads the overlap to the host)."""
+    if not group["adaptive_gap"]:
+        return
+    overlap = overlap_value(previous, basis, side)
+    largest = max_gap(group["update_proj_gap"], group["max_update_proj_gap"])
+    schedule = schedule_from_state(state, group["update_proj_gap"])
+    store_schedule(state, after_refresh(schedule, step, overlap, group["gap_overlap_threshold"],
+                                        group["gap_patience"], largest))
+
+
 def step_basis(
     layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], side: Side, step: int, context: StepContext
-) -> tuple[Tensor, Tensor | None]:
-    """(basis of this step, the basis it replaced at a refresh, else None).
+) -> tuple[Tensor, Tensor | None, bool]:
+    """(basis of this step, the basis it replaced at a refresh (None: none stored), whether it refreshed).
 
     A stored basis is recomputed when the schedule says so, from the gradient rows its projector
     reads; a projector that stores none regenerates it every step from the seeded generator.
@@ -103,13 +125,13 @@ def step_basis(
     count, refresh = basis_schedule(state, group, step)
     generator = basis_generator(context.seed, context.position, count, layout.device)
     if not projector.stores_basis:
-        return projector.basis(None, layout.shape, group, side, generator, None), None
+        return projector.basis(None, layout.shape, group, side, generator, None), None, refresh
     if not refresh:
-        return state["projector"], None
+        return state["projector"], None, False
     previous = state.get("projector")
     read = layout.read_rows(projector.rows(group, layout.shape, generator))
     state["projector"] = refreshed_basis(read, layout.shape, group, side, generator, previous, context.warn)
-    return state["projector"], previous
+    return state["projector"], previous, True
 
 
 def step_projected_weight(
@@ -118,14 +140,16 @@ def step_projected_weight(
     """One GaLore+ step of a 2-D weight; skipped (with a warning) when its low-rank gradient is not finite."""
     step = state.get("step", 0) + 1
     side = projection_side(layout.shape, group["proj_type"], group["projector"])
-    basis, previous = step_basis(layout, state, group, side, step, context)
+    basis, previous, refreshed = step_basis(layout, state, group, side, step, context)
     local_basis = layout.local_basis(basis, side)
     grad = layout.gradient()
     low_rank = layout.reduce_low_rank(project(grad, local_basis, side), side)
     finite = layout.all_ranks(all_finite(low_rank))
     if not bool(finite):
         context.warn("grad", f"non-finite gradient in {context.label}: that weight's step was skipped "
-                             "(moments, weight and step count unchanged)")
+                             "(moments, basis, weight and step count unchanged)")
+        if previous is not None:
+            state["projector"] = previous
         return
     if context.optim_bits == 8:
         quant.load_moments(state)
@@ -136,12 +160,14 @@ def step_projected_weight(
     if previous is not None:
         for hook in REFRESH_HOOKS:
             hook(exp_avg, exp_avg_sq, previous, basis, side, state, group)
+    if refreshed:
+        record_refresh(state, group, step, previous, basis, side)
     state["step"] = step
     beta1, beta2 = group["betas"]
     direction = lowrank_adam_direction(low_rank, exp_avg, exp_avg_sq, step, beta1, beta2, group["eps"])
     weight = layout.weight()
     residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step)
-    inputs = UpdateInputs(weight, grad, low_rank, direction, local_basis, side, step, finite)
+    inputs = UpdateInputs(weight, layout.shape, grad, low_rank, direction, local_basis, side, step, finite)
     UPDATE_RULES[group["update_rule"]](inputs, state, group)
     if residual is not None:
         write_residual(weight, residual)
