@@ -12,6 +12,7 @@ from torch.optim.adam import adam
 from .distributed import LocalLayout, is_sharded, row_shard_layout
 from .group_options import fill_projected_defaults, group_label, validate_plain_group, validate_projected_group
 from . import quant
+from .refresh_schedule import weight_refresh_count
 from .weight_step import StepContext, step_projected_weight
 
 
@@ -105,6 +106,11 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             for param in group["params"]:
                 yield group_index, group, position, param
                 position += 1
+
+    def refresh_counts(self) -> dict[int, int]:
+        """Basis refreshes done so far by each projected weight, keyed by its position in the state dict."""
+        return {position: weight_refresh_count(self.state[param], group)
+                for _, group, position, param in self.indexed_params() if "rank" in group}
 
     @torch.no_grad()
     def step_parameter(self, param: Tensor, group_index: int, position: int) -> None:

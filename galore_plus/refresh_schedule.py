@@ -88,3 +88,10 @@ def overlap_value(old: Tensor | None, new: Tensor, side: Side) -> float | None:
     if old is None or tuple(old.shape) != tuple(new.shape):
         return None
     return float(subspace_overlap(old, new, side))
+
+
+def weight_refresh_count(state: dict, group: dict) -> int:
+    """Refreshes a projected weight has done: from its adaptive schedule, or from its step count under a fixed gap."""
+    if group["adaptive_gap"]:
+        return state.get("refresh_count", 0)
+    return fixed_refresh_count(state.get("step", 0), group["update_proj_gap"])
