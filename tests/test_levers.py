@@ -1,5 +1,7 @@
 """The levers inside GaLorePlusAdamW: group-key validation, each lever against a reference, composition, resume."""
 
+import io
+
 import pytest
 import torch
 
@@ -179,3 +181,191 @@ def test_full_and_sparse_residual_compose_sparse_entries_win_at_the_index_set():
     assert torch.equal(runs["both"][0][at_index], runs["sparse"][0][at_index])
     assert torch.equal(runs["both"][0][~at_index], runs["full"][0][~at_index])
     assert float((runs["full"][0] - runs["sparse"][0])[at_index].abs().max()) > 1e-3
+
+
+# ---------------------------------------------------------------- adaptive refresh gap
+
+def test_adaptive_gap_doubles_on_a_stable_subspace_and_counts_refreshes():
+    """A gradient with a fixed dominant subspace: gap 2 -> 4 -> 8 (the maximum), 5 refreshes in 24 steps against 12."""
+    shape = (12, 8)
+    grads = gradient_stream(shape, 24, seed=6, drift=0.01)
+    weight = start_weight(shape)
+    optimizer = optimizer_for(weight, rank=3, update_proj_gap=2, adaptive_gap=True, gap_patience=1,
+                              gap_overlap_threshold=0.9, max_update_proj_gap=8)
+    refresh_steps = []
+    for step, grad in enumerate(grads, start=1):
+        before = optimizer.refresh_counts()[0]
+        run(optimizer, weight, [grad])
+        if optimizer.refresh_counts()[0] > before:
+            refresh_steps.append(step)
+    assert refresh_steps == [1, 3, 7, 15, 23]
+    state = optimizer.state[weight]
+    assert (state["refresh_gap"], state["next_refresh_step"], state["refresh_count"]) == (8, 31, 5)
+    fixed = optimizer_for(start_weight(shape), rank=3, update_proj_gap=2)
+    run(fixed, fixed.param_groups[0]["params"][0], grads)
+    assert fixed.refresh_counts() == {0: 12}
+
+
+def test_adaptive_gap_keeps_the_fixed_schedule_when_the_subspace_keeps_changing():
+    """Pure noise gradients: overlaps near r / d, below the threshold, so the steps and bases equal the fixed gap's."""
+    shape = (12, 8)
+    grads = gradient_stream(shape, 12, seed=7, drift=10.0)
+    weights = []
+    for adaptive in (True, False):
+        weight = start_weight(shape)
+        optimizer = optimizer_for(weight, rank=2, update_proj_gap=3, adaptive_gap=adaptive, gap_overlap_threshold=0.9)
+        run(optimizer, weight, grads)
+        weights.append(weight.detach())
+        assert optimizer.refresh_counts() == {0: 4}
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_a_skipped_step_at_a_refresh_leaves_basis_and_schedule_unchanged():
+    shape = (12, 8)
+    grads = gradient_stream(shape, 3, seed=8)
+    weight = start_weight(shape)
+    optimizer = optimizer_for(weight, update_proj_gap=2, adaptive_gap=True, moment_transfer=True,
+                              projector="cross_head", num_heads=3)
+    run(optimizer, weight, grads[:2])
+    state = optimizer.state[weight]
+    before = {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+    bad = grads[2].clone()
+    bad[0, 0] = float("nan")                                  # row 0 is not read by every head choice, R is NaN
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        run(optimizer, weight, [bad])
+    for key, value in before.items():
+        assert torch.equal(state[key], value) if isinstance(value, torch.Tensor) else state[key] == value, key
+
+
+# ---------------------------------------------------------------- scale="auto"
+
+@pytest.mark.parametrize("shape, projected", [((12, 20), 12), ((20, 12), 12), ((30, 10), 10)])
+def test_auto_scale_without_residual_is_sqrt_of_projected_dimension_over_rank(shape, projected):
+    grads = gradient_stream(shape, 4, seed=9)
+    weights = []
+    for scale in ("auto", (projected / 3) ** 0.5):
+        weight = start_weight(shape)
+        run(optimizer_for(weight, rank=3, scale=scale), weight, grads)
+        weights.append(weight.detach())
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-6)
+
+
+def test_auto_scale_with_full_rank_residual_gives_the_whole_update_the_direction_rms():
+    shape = (16, 24)
+    grads = gradient_stream(shape, 3, seed=10)
+    weight = start_weight(shape)
+    optimizer = optimizer_for(weight, lr=1.0, rank=4, update_proj_gap=5, scale="auto", full_rank_residual=True)
+    run(optimizer, weight, grads[:2])
+    before = weight.detach().clone()
+    run(optimizer, weight, grads[2:])
+    state = optimizer.state[weight]
+    step, basis = 3, state["projector"]
+    direction = (state["exp_avg"] / (1 - 0.9**step)) / ((state["exp_avg_sq"] / (1 - 0.999**step)).sqrt() + 1e-8)
+    update = before - weight.detach()                        # lr = 1, no decay
+    torch.testing.assert_close(update.square().mean().sqrt(), direction.square().mean().sqrt(), rtol=1e-5, atol=0)
+    assert basis.shape == (16, 4)
+
+
+def test_auto_scale_uses_scale_one_for_the_sparse_residual_entries():
+    shape = (16, 12)
+    grads = gradient_stream(shape, 4, seed=11)
+    weights = []
+    for scale in ("auto", 1.0):
+        weight = start_weight(shape)
+        optimizer = optimizer_for(weight, rank=3, scale=scale, residual_ratio=0.1, residual_warmup=0)
+        run(optimizer, weight, grads)
+        weights.append(weight.detach())
+    state = optimizer.state[weight]
+    rows = torch.repeat_interleave(torch.arange(shape[0]), state["residual_row_ptr"].diff().long())
+    cols = state["residual_col"].long()
+    assert torch.equal(weights[0][rows, cols], weights[1][rows, cols])
+    assert not torch.allclose(weights[0], weights[1])
+
+
+# ---------------------------------------------------------------- cross-head head count
+
+@pytest.mark.parametrize("heads", [None, 2, 4])
+def test_cross_head_basis_reads_the_chosen_number_of_heads(heads, monkeypatch):
+    from galore_plus import projectors
+
+    read_rows = []
+    original = projectors.shared_head_basis
+    monkeypatch.setattr(projectors, "shared_head_basis", lambda rows, *args: read_rows.append(rows.shape[0]) or original(rows, *args))
+    weight = start_weight((24, 16))
+    run(optimizer_for(weight, rank=3, projector="cross_head", num_heads=6, cross_head_heads=heads),
+        weight, gradient_stream((24, 16), 1))
+    assert read_rows == [4 * (heads or 1)]
+
+
+# ---------------------------------------------------------------- every lever on: resume, per-layer
+
+ALL_LEVERS = dict(moment_transfer=True, full_rank_residual=True, adaptive_gap=True, gap_patience=1,
+                  gap_overlap_threshold=0.3, scale="auto", residual_ratio=0.05, residual_warmup=1)
+
+
+def lever_model(dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 10)).to(dtype)
+    return model
+
+
+def lever_optimizer(model, optim_bits=32):
+    groups = [{"params": [model[0].weight], "rank": 4, "update_proj_gap": 2, "projector": "cross_head",
+               "num_heads": 3, "cross_head_heads": 2, **ALL_LEVERS},
+              {"params": [model[2].weight], "rank": 3, "update_proj_gap": 2, "projector": "randomized", **ALL_LEVERS},
+              {"params": [model[0].bias, model[2].bias]}]
+    return GaLorePlusAdamW(groups, lr=1e-2, seed=1, optim_bits=optim_bits)
+
+
+def train(model, optimizer, batches):
+    for x, y in batches:
+        torch.nn.functional.mse_loss(model(x.to(model[0].weight.dtype)).float(), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def lever_batches(count):
+    generator = torch.Generator().manual_seed(2)
+    return [(torch.randn(16, 12, generator=generator), torch.randn(16, 10, generator=generator)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("dtype, bits", [(torch.float32, 32), (torch.bfloat16, 32), (torch.float32, 8)])
+def test_resume_with_every_lever_on_is_bit_exact(dtype, bits):
+    if bits == 8:
+        pytest.importorskip("bitsandbytes")
+    batches = lever_batches(12)
+    model = lever_model(dtype)
+    start = [p.detach().clone() for p in model.parameters()]
+    optimizer = lever_optimizer(model, bits)
+    train(model, optimizer, batches)
+    assert all(float((p.detach().float() - s.float()).abs().max()) > 1e-3 for p, s in zip(model.parameters(), start))
+    assert optimizer.state[model[0].weight]["refresh_gap"] > 2                 # the adaptive gap grew in this run
+
+    first = lever_model(dtype)
+    first_optimizer = lever_optimizer(first, bits)
+    train(first, first_optimizer, batches[:5])
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": first_optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = lever_model(dtype)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer = lever_optimizer(resumed, bits)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    train(resumed, resumed_optimizer, batches[5:])
+    for never_stopped, continued in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(never_stopped, continued)
+
+
+def test_per_layer_steps_with_every_lever_on_equal_normal_steps():
+    from galore_plus.per_layer import enable_per_layer_steps
+
+    batches = lever_batches(6)
+    normal = lever_model(torch.float32)
+    train(normal, lever_optimizer(normal), batches)
+    per_layer = lever_model(torch.float32)
+    optimizer = lever_optimizer(per_layer)
+    enable_per_layer_steps(optimizer)
+    train(per_layer, optimizer, batches)
+    for a, b in zip(normal.parameters(), per_layer.parameters()):
+        assert torch.equal(a, b)
