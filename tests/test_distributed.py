@@ -104,14 +104,25 @@ def build_model() -> TwoLayer:
     return TwoLayer()
 
 
-def param_groups(model: TwoLayer, residuals: bool = True) -> list[dict]:
-    """Cross-head (2 of 3 heads, input side) for ``query``, randomized (output side, 15 < 24) for ``out``."""
-    cross_head = dict(rank=10, update_proj_gap=GAP, projector="cross_head", num_heads=3)
+# The levers of docs/levers.md, on in the DDP and FSDP2 jobs (FSDP2 refuses the full-rank residual).
+LEVERS = dict(moment_transfer=True, adaptive_gap=True, gap_patience=1, gap_overlap_threshold=0.2, scale="auto")
+DDP_LEVERS = dict(LEVERS, full_rank_residual=True)
+
+
+def param_groups(model: TwoLayer, residuals: bool = True, levers: dict | None = None) -> list[dict]:
+    """Cross-head (2 of 3 heads, input side) for ``query``, randomized (output side, 15 < 24) for ``out``.
+
+    ``levers``: extra keys of both projected groups (with them ``query``'s basis reads 3 heads).
+    """
+    levers = levers or {}
+    cross_head = dict(rank=10, update_proj_gap=GAP, projector="cross_head", num_heads=3, **levers)
+    if levers:
+        cross_head.update(cross_head_heads=3)
     if residuals and "residual_ratio" in PROJECTED_GROUP_DEFAULTS:
         cross_head.update(residual_ratio=0.25, residual_warmup=1)
     return [
         {"params": [model.query.weight], **cross_head},
-        {"params": [model.out.weight], "rank": 4, "update_proj_gap": GAP, "projector": "randomized"},
+        {"params": [model.out.weight], "rank": 4, "update_proj_gap": GAP, "projector": "randomized", **levers},
         {"params": [model.query.bias, model.out.bias]},
     ]
 
@@ -130,9 +141,9 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, rows: slice, steps
         optimizer.zero_grad()
 
 
-def single_process_reference(residuals: bool = True) -> dict[str, torch.Tensor]:
+def single_process_reference(residuals: bool = True, levers: dict | None = None) -> dict[str, torch.Tensor]:
     model = build_model()
-    train(model, GaLorePlusAdamW(param_groups(model, residuals), lr=1e-2, seed=3), slice(None))
+    train(model, GaLorePlusAdamW(param_groups(model, residuals, levers), lr=1e-2, seed=3), slice(None))
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
@@ -140,7 +151,7 @@ def ddp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
     init_gloo(rank, port, world_size)
     model = build_model()
     ddp = nn.parallel.DistributedDataParallel(model)
-    optimizer = GaLorePlusAdamW(param_groups(model), lr=1e-2, seed=3)
+    optimizer = GaLorePlusAdamW(param_groups(model, levers=DDP_LEVERS), lr=1e-2, seed=3)
     share = GLOBAL_BATCH // WORLD_SIZE
     train(ddp, optimizer, slice(rank * share, (rank + 1) * share))
     torch.save({name: p.detach() for name, p in model.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -150,7 +161,7 @@ def ddp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
 def test_ddp_ranks_end_bit_identical_and_equal_the_single_process_run(tmp_path):
     run_job(ddp_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
-    reference = single_process_reference()
+    reference = single_process_reference(levers=DDP_LEVERS)
     initial = dict(build_model().named_parameters())
     for name, expected in reference.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name
@@ -259,7 +270,7 @@ def sharded_model_and_optimizer() -> tuple[nn.Module, GaLorePlusAdamW]:
 
     model = build_model()
     fully_shard(model)
-    return model, GaLorePlusAdamW(param_groups(model, residuals=False), lr=1e-2, seed=3)
+    return model, GaLorePlusAdamW(param_groups(model, residuals=False, levers=LEVERS), lr=1e-2, seed=3)
 
 
 def unsupported_step_error(dim: int, **group_options) -> str:
@@ -280,6 +291,7 @@ def unsupported_errors() -> dict[str, str]:
     errors = {"column_sharded": unsupported_step_error(1)}
     if "residual_ratio" in PROJECTED_GROUP_DEFAULTS:
         errors["residuals"] = unsupported_step_error(0, residual_ratio=0.25)
+    errors["full_rank_residual"] = unsupported_step_error(0, full_rank_residual=True)
     return errors
 
 
@@ -331,7 +343,7 @@ def single_rank_resume_worker(rank: int, port: int, out_dir: str, world_size: in
 def test_fsdp2_equals_single_process_and_resumes_from_a_distributed_checkpoint_on_2_and_1_ranks(tmp_path):
     run_job(fsdp_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
-    reference = single_process_reference(residuals=False)
+    reference = single_process_reference(residuals=False, levers=LEVERS)
     for name, expected in reference.items():
         torch.testing.assert_close(ranks[0]["continued"][name], expected, rtol=1e-4, atol=1e-5)
         for result in ranks:
@@ -345,3 +357,4 @@ def test_fsdp2_equals_single_process_and_resumes_from_a_distributed_checkpoint_o
         assert "Shard(dim=1)" in result["errors"]["column_sharded"]
         if "residual_ratio" in PROJECTED_GROUP_DEFAULTS:
             assert "key 'residual_ratio'" in result["errors"]["residuals"]
+        assert "param group 0 ('sharded'), key 'full_rank_residual'" in result["errors"]["full_rank_residual"]
