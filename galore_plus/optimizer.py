@@ -30,6 +30,11 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
     6. with ``residual_ratio`` > 0 the update at a fixed sparse index set I is replaced by an exact
        (or, with ``residual_mode="paper"``, Algorithm 2's) one; see :mod:`galore_plus.residual`.
 
+    Optional levers, all off by default (docs/levers.md): ``moment_transfer`` (M, V re-expressed in
+    the new basis at a refresh), ``full_rank_residual`` (Fira's norm-scaled residual added to the
+    update), ``adaptive_gap`` (a per-weight gap doubled while the subspace is stable) and
+    ``scale="auto"`` (the update's per-entry RMS matched to the low-rank Adam direction's).
+
     ``seed`` seeds every random choice of the projectors together with the parameter's position and
     the refresh count; torch's global RNG is never used.
 
