@@ -168,6 +168,7 @@ def _lever_methods() -> list[MethodSpec]:
         "mt_frr": ("moment transfer + full-rank residual", {"moment_transfer": True, "full_rank_residual": True}),
         "auto": ("scale='auto'", {"scale": "auto"}),
         "adaptive": ("adaptive refresh gap", {"adaptive_gap": True}),
+        "adaptive_p1": ("adaptive refresh gap, doubling after 1 stable refresh", {"adaptive_gap": True, "gap_patience": 1}),
     }
     specs = []
     for base, description, placement in (("galore", "GaLore (svd)", SVD_PLACEMENT),

@@ -167,6 +167,6 @@ def _validate_projected_param(group: dict, index: int, position: int, param: tor
     else:
         num_heads, head_dim = group["num_heads"], m // group["num_heads"]
     heads = group["cross_head_heads"]
-    if heads is not None and not rank <= heads * head_dim <= m:
-        _fail(group, index, "cross_head_heads", f"{heads} heads of {head_dim} rows give {heads * head_dim} rows; "
-                                                f"{where} needs between rank = {rank} and its {num_heads} heads' {m} rows")
+    if heads is not None and min(heads, num_heads) * head_dim < rank:
+        _fail(group, index, "cross_head_heads", f"{heads} heads of {head_dim} rows of {where} give fewer rows than "
+                                                f"rank = {rank}")

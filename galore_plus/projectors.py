@@ -149,11 +149,11 @@ def cross_head_choice(
 ) -> Tensor:
     """The heads whose rows a cross-head basis of ``rank`` directions is computed from.
 
-    ``count`` of them (the group's ``cross_head_heads``); None takes ceil(rank / head_dim), the
-    fewest whose rows can hold ``rank`` directions. Drawn from a fresh generator with
-    ``generator``'s seed, so ``generator`` itself is not advanced.
+    ``count`` of them (the group's ``cross_head_heads``), at most ``num_heads``; None takes
+    ceil(rank / head_dim), the fewest whose rows can hold ``rank`` directions. Drawn from a fresh
+    generator with ``generator``'s seed, so ``generator`` itself is not advanced.
     """
-    count = math.ceil(rank / head_dim) if count is None else count
+    count = math.ceil(rank / head_dim) if count is None else min(count, num_heads)
     return chosen_heads(num_heads, count, torch.Generator().manual_seed(generator.initial_seed()))
 
 
