@@ -31,6 +31,7 @@ LAYERS = {
     # name: hidden, intermediate, heads, key/value heads
     "tinyllama-1.1b": (2048, 5632, 32, 4),
     "llama-7b": (4096, 11008, 32, 32),
+    "llama-130m": (768, 2048, 12, 12),
     "tiny": (64, 176, 4, 2),
 }
 
