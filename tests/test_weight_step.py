@@ -272,15 +272,17 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("rule", sorted(update_rules.UPDATE_RULES))
 @pytest.mark.parametrize("bits", [32, 8])
 @pytest.mark.parametrize("mode", [None, "exact", "paper"])
 @pytest.mark.parametrize("projector", sorted(PROJECTORS))
-def test_steps_without_a_refresh_read_nothing_on_the_host(projector, mode, bits):
+def test_steps_without_a_refresh_read_nothing_on_the_host(projector, mode, bits, rule):
     if bits == 8:
         pytest.importorskip("bitsandbytes")
     tall = torch.nn.Parameter(torch.randn(16, 12))  # right side (left too for cross_head's rows)
     wide = torch.nn.Parameter(torch.randn(12, 16, dtype=torch.bfloat16))  # left side for svd / randomized
-    group = {"params": [tall, wide], "rank": 4, "update_proj_gap": 3, "projector": projector, "head_dim": 4}
+    group = {"params": [tall, wide], "rank": 4, "update_proj_gap": 3, "projector": projector, "head_dim": 4,
+             "update_rule": rule}
     if mode is not None:
         group.update(residual_ratio=0.1, residual_warmup=1, residual_mode=mode)
     opt = GaLorePlusAdamW([group], lr=1e-2, weight_decay=0.1, optim_bits=bits)
