@@ -83,8 +83,14 @@ def residual_state_bytes(shape: tuple[int, int], ratio: float) -> int:
     return row_ptr_bytes + col_bytes + 2 * 4 * count
 
 
+def stepped_shape(param: Tensor, group: dict[str, Any]) -> tuple[int, int]:
+    """The (m, n) shape the optimizer steps: the weight's transpose for a ``transposed`` group (GPT-2 Conv1D)."""
+    rows, columns = param.shape
+    return (columns, rows) if group.get("transposed") else (rows, columns)
+
+
 def projected_state_bytes(shape: tuple[int, int], group: dict[str, Any], optim_bits: int) -> int:
-    """Basis, low-rank moments and residual of one projected weight (``group`` has its defaults filled)."""
+    """Basis, low-rank moments and residual of one projected weight of stepped shape ``shape`` (defaults filled)."""
     m, n = shape
     rank = group["rank"]
     side = projection_side(shape, group["proj_type"], group["projector"])
@@ -107,7 +113,7 @@ def optimizer_state_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], o
         if "rank" in group:
             filled = dict(group)
             fill_projected_defaults(filled)
-            total += sum(projected_state_bytes(tuple(p.shape), filled, optim_bits) for p in filled["params"])
+            total += sum(projected_state_bytes(stepped_shape(p, filled), filled, optim_bits) for p in filled["params"])
         else:
             total += sum(plain_state_bytes(p, optim_bits) for p in group["params"])
     return total

@@ -13,6 +13,7 @@ from galore_plus.residual import residual_count
 
 TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+TINY_GPT2 = dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=128)
 
 
 def state_nbytes(opt: torch.optim.Optimizer) -> int:
@@ -97,13 +98,15 @@ def test_residual_and_8bit_change_the_state_as_documented():
     assert estimate_memory(model.groups(0.0), 8).optimizer_state < without
 
 
+@pytest.mark.parametrize("fields", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("bits", [32, 8])
-def test_meta_model_estimate_equals_a_real_model_training(bits):
+def test_meta_model_estimate_equals_a_real_model_training(bits, fields):
+    """GPT-2's fused c_attn is a ``transposed`` group: its state is that of the (out, in) transpose."""
     if bits == 8:
         pytest.importorskip("bitsandbytes")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = dict(TINY_LLAMA)
+    fields = dict(fields)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     meta = build_meta_model(config, torch.float32)
     torch.manual_seed(0)
