@@ -155,3 +155,30 @@ def test_bad_config_arguments_are_rejected(tmp_path):
     no_type.write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="model_type"):
         load_config(None, str(no_type))
+
+
+def test_command_line_accepts_a_checkpoint_folder_with_config_json(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    main(["--config", str(tmp_path), "--ranks", "8", "--dtype", "float32"])
+    assert "| GaLore+ | 8 | 8 | yes |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--config", "no/such/file.json"], "no such file"),
+    (["--model", "llama-999b"], "unknown --model"),
+    (["--config", "{folder}"], "no such file"),
+    (["--config", "{not_json}"], "not valid JSON"),
+    (["--config", "{unknown_type}"], "unknown_model"),
+])
+def test_command_line_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys, argv, words):
+    (tmp_path / "not_json.json").write_text("{hidden_size: 8")
+    (tmp_path / "unknown_type.json").write_text(json.dumps({"model_type": "unknown_model"}))
+    paths = dict(folder=tmp_path, not_json=tmp_path / "not_json.json", unknown_type=tmp_path / "unknown_type.json")
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg.format(**paths) for arg in argv])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m galore_plus.memory: error:") and words in lines[0]
+    assert "Traceback" not in captured.err
