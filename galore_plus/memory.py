@@ -35,7 +35,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from .group_options import fill_projected_defaults
+from .group_options import fill_projected_defaults, stepped_shape
 from .groups import make_param_groups
 from .projectors import projection_side
 from .quant import quantized_nbytes, uses_8bit_adamw
@@ -84,12 +84,6 @@ def residual_state_bytes(shape: tuple[int, int], ratio: float) -> int:
     row_ptr_bytes = (m + 1) * (4 if count < 2**31 else 8)
     col_bytes = count * (2 if n <= 2**15 else 4)
     return row_ptr_bytes + col_bytes + 2 * 4 * count
-
-
-def stepped_shape(param: Tensor, group: dict[str, Any]) -> tuple[int, int]:
-    """The (m, n) shape the optimizer steps: the weight's transpose for a ``transposed`` group (GPT-2 Conv1D)."""
-    rows, columns = param.shape
-    return (columns, rows) if group.get("transposed") else (rows, columns)
 
 
 def projected_state_bytes(shape: tuple[int, int], group: dict[str, Any], optim_bits: int) -> int:

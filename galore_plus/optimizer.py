@@ -10,7 +10,9 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 from .finite import all_finite
-from .group_options import fill_projected_defaults, group_label, validate_plain_group, validate_projected_group
+from .group_options import (
+    check_hyperparameters, group_label, keyword_argument_error, plain_adamw_warning, prepare_group,
+)
 from .dispatch import lowrank_adam_direction
 from .distributed import is_sharded, step_sharded_weight
 from . import quant
@@ -19,6 +21,9 @@ from .projectors import (
 )
 from .residual_state import residual_update, write_residual
 from .update import apply_lowrank_update
+
+
+CONSTRUCTOR_ARGS = ("params", "lr", "betas", "eps", "weight_decay", "seed", "foreach", "optim_bits")
 
 
 class GaLorePlusAdamW(torch.optim.Optimizer):
@@ -53,17 +58,12 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         seed: int = 0,
         foreach: bool | None = None,
         optim_bits: int = 32,
+        **group_keys: Any,
     ):
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if group_keys:
+            raise keyword_argument_error(group_keys, CONSTRUCTOR_ARGS)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        check_hyperparameters(defaults, "GaLorePlusAdamW(...)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         if isinstance(optim_bits, bool) or optim_bits not in (32, 8):
@@ -73,20 +73,21 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         self.optim_bits = optim_bits
         self.seed = seed
         self._warned: set[str] = set()
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
+        plain_warning = plain_adamw_warning(self.param_groups)
+        if plain_warning is not None:
+            warnings.warn(plain_warning, UserWarning, stacklevel=2)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Validate a group (filling projector defaults where it has ``rank``) and add it."""
+        """Validate a group (filling projector defaults where it has ``rank``) and add it.
+
+        Unknown keys and invalid values raise, naming the group and key (see :mod:`galore_plus.group_options`).
+        """
         params = param_group["params"]
         if not isinstance(params, set):
             param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        index = len(self.param_groups)
-        if "rank" in param_group:
-            fill_projected_defaults(param_group)
-            validate_projected_group(param_group, index)
-        else:
-            validate_plain_group(param_group, index)
+        for message in prepare_group(param_group, len(self.param_groups), self.defaults):
+            warnings.warn(message, UserWarning, stacklevel=2)
         super().add_param_group(param_group)
 
     @torch.no_grad()
