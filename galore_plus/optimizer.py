@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
+from .checkpoint import checked_state_dict
 from .finite import all_finite
 from .group_options import (
     check_hyperparameters, group_label, keyword_argument_error, plain_adamw_warning, prepare_group,
@@ -221,19 +222,19 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like torch, but keep projected weights' state in its saved dtype (float32).
+        """Load like torch after checking the checkpoint fits (:mod:`galore_plus.checkpoint`), keeping
+        projected weights' state in its saved dtype (float32).
 
-        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype,
-        which would round the float32 basis and moments of a bfloat16 weight (and, with
+        A foreign checkpoint (galore_torch), another rank or other shapes raise before anything is
+        changed. ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's
+        dtype, which would round the float32 basis and moments of a bfloat16 weight (and, with
         ``optim_bits=8``, the float32 absmax of every 8-bit moment).
         """
+        state_dict = checked_state_dict(self, state_dict)
         super().load_state_dict(state_dict)
-        for group_index, group, position, param in self._indexed_params():
+        for _, group, position, param in self._indexed_params():
             saved = state_dict["state"].get(position)
             if saved is not None and ("rank" in group or self.optim_bits == 8):
                 for key, value in saved.items():
                     if isinstance(value, Tensor):
                         self.state[param][key] = value.to(device=param.device, copy=True)
-            if saved is not None:
-                quantized = self.optim_bits == 8 and ("rank" in group or quant.uses_8bit_adamw(param))
-                quant.check_loaded_moments(saved, quantized, f"{group_label(group, group_index)}, parameter {position}")
