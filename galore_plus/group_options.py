@@ -38,6 +38,9 @@ PROJECTED_GROUP_DEFAULTS: dict = {
 # Keys every group may carry besides the optimizer's defaults (lr, betas, eps, weight_decay, foreach) and the
 # projector keys: torch's own (``param_names`` of named parameters, ``initial_lr`` set by LR schedulers) and ``name``.
 GENERAL_GROUP_KEYS = ("params", "name", "param_names", "initial_lr")
+# Keys torch's LR schedulers write into existing groups (OneCycleLR, CyclicLR, SWALR); a checkpoint's
+# groups may hold them even when the optimizer it is loaded into has no scheduler yet.
+SCHEDULER_GROUP_KEYS = ("max_lr", "min_lr", "base_momentum", "max_momentum", "momentum", "swa_lr")
 CONSTRUCTOR_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
 
 

@@ -71,6 +71,11 @@ class GaLorePlusTrainer(transformers.Trainer):
         if self.optimizer is None and not galore or (galore and "rank" not in galore):
             raise ValueError("GaLorePlusTrainer needs galore=dict(rank=..., ...): the arguments of "
                              "galore_plus.make_param_groups (or a built optimizer through optimizers=(opt, None))")
+        from_arguments = sorted(set(galore or {}) & {"lr", "weight_decay", "betas", "eps", "no_decay"})
+        if from_arguments:
+            raise ValueError(f"GaLorePlusTrainer: {', '.join(from_arguments)} in galore=... come from TrainingArguments "
+                             "(learning_rate, weight_decay, adam_beta1/2, adam_epsilon, the Trainer's no-decay rule); "
+                             "remove them from galore")
         if per_layer:
             check_per_layer_arguments(self.args)
         self.galore = dict(galore or {})

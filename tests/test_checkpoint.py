@@ -147,3 +147,15 @@ def test_scheduler_keys_present_on_both_sides_are_accepted():
     train(source, source_params, 2)
     opt.load_state_dict(source.state_dict())
     assert torch.equal(opt.state[params[0]]["projector"], source.state[source_params[0]]["projector"])
+
+
+def test_a_checkpoint_with_scheduler_keys_loads_before_the_scheduler_is_rebuilt():
+    source_params = weights()
+    source = GaLorePlusAdamW(groups(source_params), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(source, max_lr=0.1, total_steps=10)
+    train(source, source_params, 2)
+    scheduler.step()
+    params, opt = fresh()
+    opt.load_state_dict(source.state_dict())
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10, last_epoch=0)
+    assert opt.param_groups[0]["max_lr"] == 0.1

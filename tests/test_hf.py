@@ -96,6 +96,9 @@ def test_missing_rank_and_conflicting_arguments_are_refused(tmp_path):
     args = arguments(tmp_path)
     with pytest.raises(ValueError, match=r"needs galore=dict\(rank="):
         GaLorePlusTrainer(model=tiny_llama(), args=args, train_dataset=tiny_dataset(), galore={"update_proj_gap": 2})
+    with pytest.raises(ValueError, match="lr, weight_decay in galore=... come from TrainingArguments"):
+        GaLorePlusTrainer(model=tiny_llama(), args=args, train_dataset=tiny_dataset(),
+                          galore={"rank": 4, "lr": 1e-3, "weight_decay": 0.0})
     with pytest.raises(ValueError, match="instead of optimizer_cls_and_kwargs"):
         GaLorePlusTrainer(model=tiny_llama(), args=args, train_dataset=tiny_dataset(), galore=GALORE,
                           optimizer_cls_and_kwargs=(GaLorePlusAdamW, {"lr": 1e-3}))
