@@ -87,7 +87,7 @@ def _checked_group(saved: dict[str, Any], group: dict[str, Any], index: int, def
 def _check_param_state(state: dict[str, Any], param: Tensor, group: dict[str, Any], where: str, optim_bits: int) -> None:
     """Raise when one parameter's saved state is foreign, has the wrong shapes, or the wrong bit width."""
     for key, value in state.items():
-        if not isinstance(value, (Tensor, int, float, bool)):
+        if not is_plain_value(value):
             raise ValueError(f"load_state_dict: {where}, state key '{key}': holds a {type(value).__name__} object; "
                              f"{FOREIGN_HINT}")
     quantized = optim_bits == 8 and ("rank" in group or quant.uses_8bit_adamw(param))
@@ -112,6 +112,16 @@ def _check_param_state(state: dict[str, Any], param: Tensor, group: dict[str, An
             if isinstance(state.get(key), Tensor) and state[key].shape != residual_col.shape:
                 raise ValueError(f"load_state_dict: {where}, state key '{key}': shape {tuple(state[key].shape)} differs "
                                  f"from the index set's {tuple(residual_col.shape)}")
+
+
+def is_plain_value(value: Any) -> bool:
+    """Whether ``value`` is what GaLorePlusAdamW's state may hold: tensors and plain Python values (and
+    lists, tuples or dicts of them), never an object of some optimizer's class."""
+    if isinstance(value, (list, tuple)):
+        return all(is_plain_value(item) for item in value)
+    if isinstance(value, dict):
+        return all(is_plain_value(item) for item in value.values())
+    return value is None or isinstance(value, (Tensor, int, float, bool, str))
 
 
 def projected_state_shapes(param: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
