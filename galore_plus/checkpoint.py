@@ -8,7 +8,7 @@ with the optimizer it is loaded into before anything is changed, and raises a ``
 names the group, the parameter and the key at fault:
 
 * same number of groups and of parameters per group; no group key GaLorePlusAdamW does not know
-  (galore_torch's ``correct_bias``), unless the optimizer's group has it too (an LR scheduler's key);
+  (galore_torch's ``correct_bias``) other than torch LR schedulers' keys;
 * projected and plain groups in the same places, and every projector key (``rank``, ``projector``,
   ``num_heads``, ...) equal: a checkpoint never changes how a group is projected. Hyperparameters
   (``lr``, ``betas``, ``eps``, ``weight_decay``) are restored from the checkpoint, as in torch;
@@ -26,7 +26,9 @@ from typing import Any
 from torch import Tensor
 
 from . import quant
-from .group_options import closest_key_hint, group_label, projector_only_keys, stepped_shape, valid_group_keys
+from .group_options import (
+    SCHEDULER_GROUP_KEYS, closest_key_hint, group_label, projector_only_keys, stepped_shape, valid_group_keys,
+)
 from .projectors import projection_side
 
 FOREIGN_HINT = ("this is not a GaLorePlusAdamW checkpoint (galore_torch.GaLoreAdamW stores projector objects and a "
@@ -64,7 +66,7 @@ def _checked_group(saved: dict[str, Any], group: dict[str, Any], index: int, def
     if len(saved["params"]) != len(group["params"]):
         raise ValueError(f"load_state_dict: {label} has {len(group['params'])} parameters, the checkpoint's group "
                          f"{len(saved['params'])}; build the optimizer with the same groups as the run that saved it")
-    valid = valid_group_keys(defaults)
+    valid = valid_group_keys(defaults) + SCHEDULER_GROUP_KEYS
     for key in saved:
         if key not in valid and key not in group:
             raise ValueError(f"load_state_dict: {label}, key '{key}': the checkpoint's group has a key GaLorePlusAdamW "
