@@ -158,7 +158,8 @@ class AdaLoRALinear(AdapterLinear):
 
     @torch.no_grad()
     def update_sensitivity(self) -> None:
-        """Smoothed sensitivity ``Ī`` and uncertainty ``Ū`` of every entry of ``P``, ``λ``, ``Q``, from ``|w * ∇w|``."""
+        """Smoothed sensitivity ``Ī`` and uncertainty ``Ū`` of every entry of ``P``, ``λ``, ``Q``,
+        from the sensitivity ``|w * ∇w|`` of this step."""
         beta1, beta2 = self.schedule.beta1, self.schedule.beta2
         for name, p in self.factors().items():
             if p.grad is None:

@@ -1,4 +1,5 @@
-"""DoRA (Liu et al.): ``y = m / ||W + s B A||_c * (W + s B A) x + b``, and the weight decomposition it shares with DVoRA."""
+"""DoRA (Liu et al.): ``y = m / ||W + s B A||_c * (W + s B A) x + b``, and the weight decomposition it
+shares with DVoRA."""
 
 from __future__ import annotations
 
