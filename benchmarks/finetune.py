@@ -27,8 +27,7 @@ from tqdm.auto import tqdm
 
 from .methods import ALL_METHODS, MethodSpec, OptimSettings, method_sets, resolve_methods, unavailable_reason
 from .models import MODEL_SIZES, max_rank
-from .report import (add_gaps, choose_lr, lr_sweep_markdown, markdown_table, summarize, variants_markdown, write_plots,
-                     write_tables)
+from .report import add_gaps, choose_lr, lr_sweep_markdown, markdown_table, summarize, write_plots, write_tables
 from .text_data import eval_windows, pydoc_topic_splits, stdlib_source_splits
 from .training import LoopSettings, PretrainSettings, pretrained_state, train_run
 
@@ -292,7 +291,6 @@ def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict, comma
     files.update({os.path.basename(path): path for path in write_plots(rows, runs, selection_seed, args.out)})
     print(markdown_table(rows))
     print(lr_sweep_markdown(rows, runs, selection_seed))
-    print(variants_markdown(rows, runs), end="")
     cached = notes.get("pretrain_cached")
     print(f"{meta['seconds']:.0f} s in all" + ("" if cached is None else
           f" (pre-training {'loaded from cache' if cached else 'included'})") + "; wrote " + ", ".join(sorted(files.values())))

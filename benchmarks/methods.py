@@ -56,23 +56,24 @@ Variants = Callable[[nn.Module, Callable[[nn.Module], float]], dict[str, float]]
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method: ``build(model, settings, seed)`` returns its optimizer (and may add adapters to ``model``).
+    """One method: ``build(model, settings, seed)`` returns its optimizer (and may add adapters to ``model``);
+    ``variants``, if given, measures after training the test loss of named variants of the trained model
+    (DyLoRA at several ranks), written to results.md beside the table.
 
     ``requires``: importable modules it needs. ``group_keys``: GaLorePlusAdamW group keys it sets
     (checked to exist). ``lr_grid``: its own learning-rate grid, used instead of the shared default
     grid (never instead of an explicit ``--lr``/``--lr-grid``) when the shared grid does not bracket
-    its best. ``variants``: after training, the test loss of named variants of the trained model
-    (DyLoRA evaluated at several ranks), reported beside the table.
+    its best.
     """
 
     name: str
     description: str
     build: Builder
+    variants: Variants | None = None
     requires: tuple[str, ...] = ()
     sets: tuple[str, ...] = ("default",)
     group_keys: dict[str, Any] = field(default_factory=dict)
     lr_grid: tuple[float, ...] | None = None
-    variants: Variants | None = None
 
 
 def galore_plus_method(name: str, description: str, *, sets: tuple[str, ...] = ("default",),
