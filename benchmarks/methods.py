@@ -212,7 +212,7 @@ METHODS: list[MethodSpec] = [
     adapter_method("dylora", "DyLoRA adapters (rank sampled per step in [1, r]; test loss at several ranks below), "
                    "AdamW", "dylora", sets=("adapters",), variants=dylora_ranks),
     adapter_method("adalora", "AdaLoRA adapters (initial rank r pruned to 2r/3 by importance, orthogonality "
-                   "regulariser; its importance averages are not in the state column), AdamW", "adalora",
+                   "regulariser; state includes its importance averages), AdamW", "adalora",
                    sets=("adapters",), options=adalora_schedule),
     *_residual_ablation(),
 ]

@@ -16,6 +16,7 @@ from galore_plus.adapters import (
     adapter_loss,
     adapter_parameters,
     adapter_step,
+    adapter_training_state,
     add_adapters,
 )
 
@@ -126,6 +127,11 @@ def test_final_phase_fixes_the_kept_components_and_zeros_the_rest_each_step():
         optimizer.step()
         adapter_step(model, step)
         optimizer.zero_grad()
+        state = adapter_training_state(model)
+        if step < 8:  # Ī and Ū of every adapter parameter
+            assert sum(t.numel() for t in state) == 2 * sum(p.numel() for p in adapter_parameters(model))
+        else:
+            assert state == []
         if step == 8:
             fixed = [layer.rank_mask.clone() for layer in layers]
             assert sum(int(m.sum()) for m in fixed) == 4

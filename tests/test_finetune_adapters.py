@@ -58,3 +58,8 @@ def test_new_adapter_methods_train_and_report(tmp_path, monkeypatch):
     assert len(set(variants.values())) == 3
     assert all(runs[name]["variant_test_losses"] == {} for name in NEW if name != "dylora")
     assert "| dylora | rank 2 |" in (tmp_path / "out" / "results.md").read_text()
+    # AdaLoRA's importance averages (one copy each of Ī and Ū per adapter parameter) count as training state until
+    # its final phase frees them: at the peak, Adam's two moments plus those two; at the end, the moments only
+    adalora = runs["adalora"]
+    assert adalora["peak_bytes"]["state"] == pytest.approx(2 * adalora["state_bytes"], rel=0.01)
+    assert runs["hydra"]["peak_bytes"]["state"] == runs["hydra"]["state_bytes"]

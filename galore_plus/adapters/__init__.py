@@ -13,7 +13,14 @@ from .dvora import DVoRALinear
 from .dylora import DyLoRALinear, DyLoRARankSampler, set_adapter_rank
 from .hydra import HydraLinear
 from .lora import LoRALinear
-from .model import adapter_loss, adapter_parameters, adapter_step, add_adapters, merge_adapters
+from .model import (
+    adapter_loss,
+    adapter_parameters,
+    adapter_step,
+    adapter_training_state,
+    add_adapters,
+    merge_adapters,
+)
 from .registry import ADAPTERS
 from .vera import VeRALinear, VeRAProjections
 
@@ -35,5 +42,6 @@ __all__ = [
     "adapter_parameters",
     "adapter_loss",
     "adapter_step",
+    "adapter_training_state",
     "set_adapter_rank",
 ]

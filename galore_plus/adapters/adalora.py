@@ -173,6 +173,10 @@ class AdaLoRALinear(AdapterLinear):
             uncertainty = beta2 * uncertainty + (1 - beta2) * (sensitivity - average).abs()
             self.sensitivity[name] = (average, uncertainty)
 
+    def training_state(self) -> list[torch.Tensor]:
+        """The importance averages ``Ī`` and ``Ū`` (until the final phase frees them)."""
+        return [tensor for pair in self.sensitivity.values() for tensor in pair]
+
     def component_scores(self) -> torch.Tensor:
         """Importance ``S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)`` with ``s = Ī * Ū``, shape ``(rank,)``."""
         if not self.sensitivity:

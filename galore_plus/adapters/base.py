@@ -74,7 +74,8 @@ class AdapterLinear(nn.Module):
     that is not a plain additive update overrides :meth:`adapter_output` and :meth:`merged_weight`
     too; one that changes the bias overrides :meth:`merged_bias`; one whose branch does not read the
     input alone overrides :meth:`forward`. A method with a model-wide training term (a
-    regulariser, a step after the optimizer's) overrides :meth:`model_loss` / :meth:`model_step`.
+    regulariser, a step after the optimizer's) overrides :meth:`model_loss` / :meth:`model_step`, and
+    one that keeps tensors for that overrides :meth:`training_state`.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0) -> None:
@@ -140,6 +141,10 @@ class AdapterLinear(nn.Module):
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The adapter's own parameters (the base layer's are excluded)."""
         return [p for name, p in self.named_parameters() if not name.startswith("base.")]
+
+    def training_state(self) -> list[torch.Tensor]:
+        """Tensors the method keeps for training besides parameters and optimizer state (none by default)."""
+        return []
 
     @classmethod
     def model_loss(cls, layers: list[AdapterLinear]) -> torch.Tensor | None:

@@ -118,6 +118,12 @@ def adapter_step(model: nn.Module, step: int) -> None:
         cls.model_step(layers, step)
 
 
+def adapter_training_state(model: nn.Module) -> list[torch.Tensor]:
+    """Tensors the model's adapters keep for training besides parameters and optimizer state (AdaLoRA's
+    importance averages), for memory accounting."""
+    return [tensor for adapter in _adapters(model) for tensor in adapter.training_state()]
+
+
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Replace every adapter in ``model`` by a plain ``nn.Linear`` with the merged weight, in place.
 
