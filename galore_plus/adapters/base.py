@@ -97,9 +97,10 @@ class AdapterLinear(nn.Module):
     def from_linear(
         cls, base: nn.Linear, rank: int, alpha: float | None, dropout: float, context: BuildContext
     ) -> AdapterLinear:
-        """The adapter ``add_adapters`` puts in place of ``base``; methods with options or shared
-        parts override this, and their extra keyword arguments are the method's options."""
-        return cls(base, rank, alpha, dropout)
+        """The adapter ``add_adapters`` puts in place of ``base``, its random initialisation drawn from
+        ``context.generator`` (a subclass's ``__init__`` takes it as ``generator``). Methods with
+        options or shared parts override this; their extra keyword arguments are the method's options."""
+        return cls(base, rank, alpha, dropout, generator=context.generator)
 
     @classmethod
     def option_names(cls) -> list[str]:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLinear, BuildContext, kaiming_uniform
+from .base import AdapterLinear, kaiming_uniform
 
 
 class HydraLinear(AdapterLinear):
@@ -37,12 +37,6 @@ class HydraLinear(AdapterLinear):
         self.parallel_up = nn.Parameter(weight.new_zeros(self.out_features, rank))
         self.sequential_down = nn.Parameter(sequential_down.to(device=weight.device, dtype=weight.dtype))
         self.sequential_up = nn.Parameter(weight.new_zeros(self.out_features, rank))
-
-    @classmethod
-    def from_linear(
-        cls, base: nn.Linear, rank: int, alpha: float | None, dropout: float, context: BuildContext
-    ) -> HydraLinear:
-        return cls(base, rank, alpha, dropout, generator=context.generator)
 
     def sequential_matrix(self) -> torch.Tensor:
         """``s * B_s A_s``, shape ``(out, out)``: what the sequential branch adds to ``h``."""

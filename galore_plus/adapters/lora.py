@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLinear, BuildContext, kaiming_uniform
+from .base import AdapterLinear, kaiming_uniform
 
 
 class LoRALinear(AdapterLinear):
@@ -30,12 +30,6 @@ class LoRALinear(AdapterLinear):
         lora_A = kaiming_uniform(rank, self.in_features, generator)
         self.lora_A = nn.Parameter(lora_A.to(device=weight.device, dtype=weight.dtype))
         self.lora_B = nn.Parameter(weight.new_zeros(self.out_features, rank))
-
-    @classmethod
-    def from_linear(
-        cls, base: nn.Linear, rank: int, alpha: float | None, dropout: float, context: BuildContext
-    ) -> LoRALinear:
-        return cls(base, rank, alpha, dropout, generator=context.generator)
 
     def delta_weight(self) -> torch.Tensor:
         """The scaled low-rank update ``s * B A``, shape ``(out, in)``."""
