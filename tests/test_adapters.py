@@ -135,6 +135,23 @@ def test_initialisation_follows_peft_conventions():
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_bfloat16_models_keep_their_dtype_and_follow_float32(method):
+    model = make_model()
+    plain = model(tokens())
+    add_adapters(model, method, rank=2, **OPTIONS.get(method, {}))
+    randomize_adapters(model)
+    model.eval()  # DyLoRA: the full rank, not a sampled one
+    expected = model(tokens())
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    out = low(tokens())
+    assert out.dtype == torch.bfloat16
+    assert {p.dtype for p in adapter_parameters(low)} == {torch.bfloat16}
+    tolerance = 0.05  # a few bfloat16 roundings (2^-8 relative) through four layers of outputs of size ~1
+    assert (out.float() - expected).abs().max() < tolerance
+    assert (expected - plain).abs().max() > 5 * tolerance  # the adapters' effect is far above the tolerance
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_merge_gives_plain_linears_with_equal_outputs(method):
     model = make_model()
     add_adapters(model, method, rank=2, alpha=4.0, target_modules="all-linear", **OPTIONS.get(method, {}))
