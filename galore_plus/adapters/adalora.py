@@ -146,6 +146,7 @@ class AdaLoRALinear(AdapterLinear):
         return self.scaling * F.linear(F.linear(x, self.right) * self.singular_values, self.left)
 
     def factors(self) -> dict[str, nn.Parameter]:
+        """``P``, ``λ`` and ``Q`` by name: the parameters whose importance is tracked."""
         return {"left": self.left, "singular_values": self.singular_values, "right": self.right}
 
     def orthogonality_residuals(self) -> list[torch.Tensor]:
