@@ -101,8 +101,10 @@ def optimizers(weights, rank, gap, heads, kv_heads):
             galore_plus_groups(weights, rank, gap, heads, kv_heads, projector), lr=1e-5)
 
 
-def refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refreshes: int) -> dict[str, tuple[float, float]]:
-    """Projector -> (fastest step with a refresh, fastest step without one), in seconds.
+def refresh_cost(
+    size: int, heads: int, rank: int, plain_steps: int, refreshes: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, tuple[float, float]]:
+    """Projector -> (fastest step with a refresh, fastest step without one), in seconds of ``clock``.
 
     Each optimizer steps one weight with gap ``plain_steps + 1``; the first (cold) refresh is not
     timed, the next ``refreshes`` (warm, as in training; svd: one, it takes seconds) are. The
@@ -118,20 +120,21 @@ def refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refreshes: 
                                       "num_heads": heads if projector == "cross_head" else None}], lr=1e-5)
         timed = []
         for _ in range((1 + (1 if projector == "svd" else refreshes)) * gap):
-            start = time.perf_counter()
+            start = clock()
             optimizer.step()
-            timed.append(time.perf_counter() - start)
+            timed.append(clock() - start)
         with_refresh = min(timed[gap::gap])
         without = min(seconds for index, seconds in enumerate(timed) if index % gap)
         results[projector] = (with_refresh, without)
     return results
 
 
-def print_refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refreshes: int) -> None:
+def print_refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refreshes: int, cpu_time: bool) -> None:
+    clock = time.process_time if cpu_time else time.perf_counter
     print(f"refresh cost, {size}x{size} weight, {heads} heads, rank {rank}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, {'process CPU' if cpu_time else 'wall'} time")
     print(f"{'projector':>12} {'step+refresh ms':>16} {'step ms':>9} {'refresh ms':>11} {'svd refresh / this':>19}")
-    results = refresh_cost(size, heads, rank, plain_steps, refreshes)
+    results = refresh_cost(size, heads, rank, plain_steps, refreshes, clock)
     costs = {projector: with_refresh - without for projector, (with_refresh, without) in results.items()}
     for projector, (with_refresh, without) in results.items():
         print(f"{projector:>12} {with_refresh * 1e3:>16.1f} {without * 1e3:>9.1f} {costs[projector] * 1e3:>11.1f} "
@@ -148,9 +151,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=32, help="--refresh-cost: heads of the cross_head weight")
     parser.add_argument("--plain-steps", type=int, default=3, help="--refresh-cost: steps between refreshes")
     parser.add_argument("--refreshes", type=int, default=5, help="--refresh-cost: warm refreshes timed (svd: 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="--refresh-cost: time with the process's CPU time, which other load on a shared "
+                             "machine disturbs less than wall time (use with --threads 1)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.refresh_cost:
-        print_refresh_cost(args.size, args.heads, args.rank, args.plain_steps, args.refreshes)
+        print_refresh_cost(args.size, args.heads, args.rank, args.plain_steps, args.refreshes, args.cpu_time)
         return
     hidden, intermediate, heads, kv_heads = LAYERS[args.layer]
     weights = layer_weights(hidden, intermediate, heads, kv_heads)

@@ -1,5 +1,7 @@
 """The step microbenchmark (benchmarks/bench_step.py) at a tiny size: it runs and reports every projector."""
 
+import torch
+
 from benchmarks.bench_step import main, refresh_cost
 
 
@@ -10,6 +12,11 @@ def test_refresh_cost_times_a_refresh_and_the_steps_without_one_for_every_projec
 
 
 def test_refresh_cost_command_prints_one_row_per_projector(capsys):
-    main(["--refresh-cost", "--size", "32", "--heads", "4", "--rank", "4", "--plain-steps", "1", "--refreshes", "1"])
+    threads = torch.get_num_threads()
+    try:
+        main(["--refresh-cost", "--size", "32", "--heads", "4", "--rank", "4", "--plain-steps", "1", "--refreshes", "1",
+              "--cpu-time", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[2:]] == ["svd", "randomized", "cross_head"]
