@@ -1,14 +1,12 @@
 """The fine-tuning methods the benchmark compares, and how each one's optimizer is built.
 
 A method is a :class:`MethodSpec`; :func:`unavailable_reason` says why one cannot run here (a
-missing package, or a feature of ``galore_plus`` that does not exist yet), and
-:func:`build_optimizer` makes its optimizer for a fresh model (adding adapters for LoRA/DoRA).
+missing optional package), and :func:`build_optimizer` makes its optimizer for a fresh model (adding adapters for LoRA/DoRA).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -91,42 +89,12 @@ def resolve_methods(names: list[str]) -> list[MethodSpec]:
     return [ALL_METHODS[name] for name in resolved]
 
 
-def _group_rejects(extra: dict) -> bool:
-    """Whether GaLorePlusAdamW rejects a group with ``extra`` keys: how an invalid value of a key it knows is told
-    apart from a key it silently ignores."""
-    weight = nn.Parameter(torch.zeros(8, 8))
-    try:
-        GaLorePlusAdamW([{"params": [weight], "rank": 2, "projector": "cross_head", "num_heads": 2, **extra}])
-    except (ValueError, TypeError):
-        return True
-    return False
-
-
-def residual_supported() -> bool:
-    """Whether the optimizer implements ``residual_ratio`` and ``residual_mode`` (it then rejects bad values)."""
-    return _group_rejects({"residual_ratio": 2.0}) and _group_rejects({"residual_ratio": 0.01, "residual_mode": "?"})
-
-
-def eight_bit_supported() -> bool:
-    return "optim_bits" in inspect.signature(GaLorePlusAdamW).parameters
-
-
 def unavailable_reason(spec: MethodSpec) -> str | None:
     """Why ``spec`` cannot run in this environment, or None when it can."""
-    if spec.family == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+    if (spec.family == "adamw8bit" or spec.optim_bits == 8) and importlib.util.find_spec("bitsandbytes") is None:
         return "bitsandbytes is not installed (pip install bitsandbytes)"
     if spec.family == "galore_torch" and importlib.util.find_spec("galore_torch") is None:
         return "galore_torch is not installed (pip install galore-torch)"
-    if spec.family in ("lora", "dora"):
-        try:
-            from galore_plus.adapters import adapter_parameters, add_adapters  # noqa: F401
-        except ImportError as error:
-            return f"galore_plus.adapters (add_adapters, adapter_parameters) is not available yet: {error}"
-    if spec.family == "galore_plus":
-        if spec.residual_ratio > 0 and not residual_supported():
-            return "GaLorePlusAdamW has no sparse residual yet (group keys residual_ratio / residual_mode)"
-        if spec.optim_bits == 8 and not eight_bit_supported():
-            return "GaLorePlusAdamW has no optim_bits=8 yet"
     return None
 
 
