@@ -15,7 +15,9 @@
 
 Tolerances, per weight dtype, in units of one step's size (lr, times ``scale`` for projected weights):
 
-* float32: at most 1% of a step apart (the CPU and CUDA SVD, matmul and sqrt round differently);
+* float32: at most 1% of a step plus 1e-5 of the value apart (the CPU and CUDA SVD, matmul and sqrt
+  round differently; the relative term matters only for values far above a step, such as the
+  weights the "paper" residual mode drives to 1e5 in a few steps);
 * bfloat16: at most one bfloat16 spacing at the value plus that (a float32 difference can flip a rounding);
 * 8-bit: the mean difference at most 1% of the mean movement and the largest at most one step (a
   moment value next to a code boundary may round to the neighbouring code on one device only).
@@ -222,10 +224,10 @@ def optimizer_run(case: OptimizerCase, device: torch.device) -> Run:
         for param, shape in zip(params, shapes):
             param.grad = torch.randn(shape, generator=generator).to(device=device, dtype=case.weight_dtype)
         optimizer.step()
-        basis = optimizer.state[params[0]]["projector"].cpu()
+        basis = optimizer.state[params[0]]["projector"].to("cpu", copy=True)
         subspaces.append(basis @ basis.t() if basis.shape[0] > basis.shape[1] else basis.t() @ basis)
         if step == GAP:
-            one_basis = [p.detach().cpu() for p in params]
+            one_basis = [p.detach().to("cpu", copy=True) for p in params]
     return Run(starts, one_basis, subspaces, [p.detach().cpu() for p in params])
 
 
@@ -258,7 +260,9 @@ def compare_runs(case: OptimizerCase, device: torch.device) -> list[Check]:
         if case.optim_bits == 8:
             ratio = max(float(difference.mean()) / (0.01 * moved), float(difference.max()) / step)
         else:
-            bound = 0.01 * step + (bfloat16_spacing(expected) if case.weight_dtype == torch.bfloat16 else 0.0)
+            bound = 0.01 * step + 1e-5 * expected.abs()
+            if case.weight_dtype == torch.bfloat16:
+                bound = bound + bfloat16_spacing(expected)
             ratio = float((difference / bound).max())
         checks.append(Check(part, f"{case.name}: {name} at t={GAP}", ratio, ratio <= 1.0))
     subspace_error = max(float((a - b).abs().max()) for a, b in zip(cpu.subspaces, other.subspaces))
