@@ -252,7 +252,8 @@ def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict, comma
         if args.resume and os.path.exists(path):
             with open(path) as handle:
                 return json.load(handle)
-        optim_settings = OptimSettings(lr, args.weight_decay, args.rank, args.update_proj_gap, args.scale, args.lora_alpha)
+        optim_settings = OptimSettings(lr, args.weight_decay, args.rank, args.update_proj_gap, args.scale, args.lora_alpha,
+                                       args.steps)
         try:
             record = train_run(spec, seed, initial_state, args.model_size, optim_settings, loop, train_data,
                                validation_windows, test_windows, device, not args.quiet)

@@ -15,7 +15,7 @@ from .group_options import (
     check_hyperparameters, group_label, keyword_argument_error, plain_adamw_warning, prepare_group,
 )
 from . import quant
-from .weight_step import StepContext, step_projected_weight
+from .weight_step import SkippedSteps, StepContext, step_projected_weight
 
 
 CONSTRUCTOR_ARGS = ("params", "lr", "betas", "eps", "weight_decay", "seed", "foreach", "optim_bits")
@@ -31,9 +31,13 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
     2. R = P^T G or G Q^T;
     3. M, V are Adam moments of R, with bias corrections that use t (never reset at a refresh);
     4. N = (M / (1 - b1^t)) / (sqrt(V / (1 - b2^t)) + eps);
-    5. p <- p (1 - lr wd) - lr scale (P N or N Q).
+    5. p <- p (1 - lr wd) - lr scale (P N or N Q) (the update rule ``"galore"``);
     6. with ``residual_ratio`` > 0 the update at a fixed sparse index set I is replaced by an exact
        (or, with ``residual_mode="paper"``, Algorithm 2's) one; see :mod:`galore_plus.residual`.
+
+    The order is written once, in :mod:`galore_plus.weight_step`. A step whose values are not
+    finite leaves that weight and its moments unchanged, decided on the device (no host read on a
+    step without a refresh); a warning follows at the next refresh or ``state_dict()``.
 
     ``seed`` seeds every random choice of the projectors together with the parameter's position and
     the refresh count; torch's global RNG is never used.
@@ -68,6 +72,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         self.optim_bits = optim_bits
         self.seed = seed
         self._warned: set[str] = set()
+        self._skipped = SkippedSteps()
         super().__init__(params, defaults)
         plain_warning = plain_adamw_warning(self.param_groups)
         if plain_warning is not None:
@@ -168,13 +173,18 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             layout = row_shard_layout(param, group, label, self.optim_bits)
         else:
             layout = LocalLayout(param, group["transposed"])
-        context = StepContext(self.seed, position, self.optim_bits, label, self._warn_once)
+        context = StepContext(self.seed, position, self.optim_bits, label, self._warn_once, self._skipped)
         step_projected_weight(layout, self.state[param], group, context)
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's state dict; first warns if projected weights' steps were skipped since the last refresh."""
+        self._skipped.report(self._warn_once)
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like torch after checking the checkpoint fits (:mod:`galore_plus.checkpoint`), keeping
