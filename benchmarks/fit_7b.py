@@ -334,6 +334,8 @@ def markdown_report(record: dict[str, Any]) -> str:
             f"| {gib(step['peak_resident_bytes'])} | {gib(step['param_bytes'])} | {gib(step['grad_bytes'])} "
             f"| {step['state_bytes'] / GIB:.3f} | {gib(tensors)} | {estimate['total'] / tensors:.3f} |")
     lines += ["", f"Peak resident memory of the whole process: **{gib(record['peak_resident_bytes'])} GiB**."]
+    if not record["complete"]:
+        lines += ["", "**Incomplete run**: stopped or still running after the steps above."]
     products = record.get("projection_products_s")
     if products is not None:
         lines += ["", f"Rank-{record['rank']} projection products alone (float32, every projected weight's shape, "
@@ -360,6 +362,17 @@ def markdown_report(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_record(record: dict[str, Any], out: Path) -> str:
+    """Write the JSON and Markdown of a run (also after every step, so a stopped run keeps its steps); the Markdown."""
+    record["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{record['model']}_{record['method']}{'' if record['per_layer'] else '_no_per_layer'}"
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    report = markdown_report(record)
+    (out / f"{stem}.md").write_text(report)
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     config = load_config(args.model, args.config)
@@ -375,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{machine_memory_bytes()[0] / GIB:.1f} GiB", load_before=" ".join(f"{x:.1f}" for x in os.getloadavg()),
         estimate=dict(parameters=estimate.parameters, gradients=estimate.gradients,
                       optimizer_state=estimate.optimizer_state, total=estimate.total),
-        available_before=machine_memory_bytes()[1],
+        available_before=machine_memory_bytes()[1], complete=False,
     )
     print(f"estimate {gib(estimate.total)} GiB fits --budget-gib {args.budget_gib:.1f}; building {record['model']} ...",
           flush=True)
@@ -385,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = build_model(config, args.seed)
     record["build_s"] = time.perf_counter() - start
     record["resident_after_build"], record["peak_build"] = resident_bytes(), peak_resident_bytes()
+    record["peak_resident_bytes"] = record["peak_build"]
     record["parameters"] = sum(p.numel() for p in model.parameters())
     record["layers"] = config.num_hidden_layers
     print(f"built in {record['build_s']:.0f} s, resident {gib(record['resident_after_build'])} GiB", flush=True)
@@ -400,14 +414,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     refresh = RefreshTimer(torch.device("cpu"))
     lengths = [args.tokens[0]] * args.steps + list(args.tokens[1:])
     record["steps"] = []
+    out = Path(args.out)
     for index, tokens in enumerate(lengths, 1):
         batch = token_batch(config.vocab_size, args.batch, tokens, args.seed)
         step = train_step(model, optimizer, clock, refresh, batch, progress, f"step {index}/{len(lengths)}")
         record["steps"].append(step)
+        record["peak_resident_bytes"] = max(record["peak_resident_bytes"], step["peak_resident_bytes"])
         print(f"step {index}: {tokens} tokens, loss {step['loss']:.4f}, wall {step['wall_s']:.1f} s (fwd+bwd "
               f"{step['forward_backward_s']:.1f}, optimizer {step['optimizer_s']:.1f}, refresh {step['refresh_s']:.1f}), "
               f"peak resident {gib(step['peak_resident_bytes'])} GiB", flush=True)
-    record["peak_resident_bytes"] = max([record["peak_build"]] + [s["peak_resident_bytes"] for s in record["steps"]])
+        save_record(record, out)
 
     shapes = projected_shapes(optimizer)
     if per_layer is not None:
@@ -418,15 +434,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record["projection_products_s"] = projection_product_seconds(shapes)
         if not args.skip_refresh_comparison:
             record["layer_refresh"] = layer_refresh_seconds(model, config, args)
-    record["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{record['model']}_{args.method}{'' if record['per_layer'] else '_no_per_layer'}"
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    report = markdown_report(record)
-    (out / f"{stem}.md").write_text(report)
-    print(report)
+    record["complete"] = True
+    print(save_record(record, out))
     return record
 
 

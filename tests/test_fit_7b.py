@@ -49,9 +49,9 @@ def test_tiny_run_measures_what_the_estimator_predicts(tiny_config, tmp_path):
     layer = record["layer_refresh"]
     assert layer["weights"] == layer["svd_refreshes"] == layer["galore_plus_refreshes"] == PROJECTED_PER_LAYER
     saved = json.loads((tmp_path / "out" / "tiny_galore+8.json").read_text())
-    assert saved["steps"] == steps
+    assert saved["steps"] == steps and saved["complete"]
     page = (tmp_path / "out" / "tiny_galore+8.md").read_text()
-    assert "svd (scaled) / GaLore+ (measured in step 1)" in page and "| 4 | 16 |" in page
+    assert "svd (scaled) / GaLore+ (measured in step 1)" in page and "| 4 | 16 |" in page and "Incomplete" not in page
 
 
 def test_without_per_layer_all_gradients_are_alive(tiny_config, tmp_path):
