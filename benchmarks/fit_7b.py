@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from galore_plus import GaLorePlusAdamW
 from galore_plus.memory import GIB, MemoryEstimate, build_meta_model, estimate_memory, load_config, method_groups
-from galore_plus.per_layer import enable_per_layer_steps
+from galore_plus.per_layer import PerLayerSteps, enable_per_layer_steps
 
 from .measure import RefreshTimer, tensor_bytes
 from .resident import machine_memory_bytes, peak_resident_bytes, reset_peak_resident, resident_bytes
@@ -199,6 +199,20 @@ class OptimizerClock:
         self.seconds, self.peak_grad_bytes = 0.0, 0
 
 
+def attach_hooks(optimizer: GaLorePlusAdamW, clock: OptimizerClock, per_layer: bool) -> PerLayerSteps | None:
+    """The clock's hooks around the per-layer steps (or around nothing, with ``per_layer`` False)."""
+    clock.attach_before()
+    handle = enable_per_layer_steps(optimizer) if per_layer else None
+    clock.attach_after()
+    return handle
+
+
+def detach_hooks(clock: OptimizerClock, per_layer: PerLayerSteps | None) -> None:
+    if per_layer is not None:
+        per_layer.remove()
+    clock.remove()
+
+
 def token_batch(vocab_size: int, batch: int, tokens: int, seed: int) -> Tensor:
     """Uniformly random token ids (batch, tokens) from a seeded generator."""
     return torch.randint(vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed))
@@ -272,13 +286,14 @@ def layer_refresh_seconds(model: nn.Module, config: Any, args: argparse.Namespac
     """Refresh time of the last decoder layer's projected weights with svd (GaLore) and with GaLore+'s projectors.
 
     Only that layer's projected weights get gradients (one forward+backward at the first --tokens);
-    each method then takes one 32-bit ``step`` of a fresh optimizer over them (which refreshes every
-    basis), timed by wrapping ``compute_basis``. Changes the model's weights.
+    each method then takes one 32-bit ``step`` of a fresh optimizer with lr 0 over them (which
+    refreshes every basis and leaves the weights unchanged), timed by wrapping ``compute_basis``.
     """
     prefix = f".layers.{config.num_hidden_layers - 1}."
     names = {id(p): name for name, p in model.named_parameters()}
     plan = training_groups(model, "GaLore+", args.rank, args.residual_ratio, args.residual_warmup)
     chosen = {id(p) for group in plan if "rank" in group for p in group["params"] if prefix in names[id(p)]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
     for param in model.parameters():
         param.requires_grad_(id(param) in chosen)
     batch = token_batch(config.vocab_size, args.batch, args.tokens[0], args.seed)
@@ -288,7 +303,7 @@ def layer_refresh_seconds(model: nn.Module, config: Any, args: argparse.Namespac
         groups = [dict(group, params=[p for p in group["params"] if id(p) in chosen])
                   for group in training_groups(model, method, args.rank, args.residual_ratio, args.residual_warmup)
                   if "rank" in group]
-        optimizer = GaLorePlusAdamW([group for group in groups if group["params"]], lr=args.lr)
+        optimizer = GaLorePlusAdamW([group for group in groups if group["params"]], lr=0.0, weight_decay=0.0)
         timer = RefreshTimer(torch.device("cpu"))
         with timer.patched():
             optimizer.step()
@@ -296,6 +311,7 @@ def layer_refresh_seconds(model: nn.Module, config: Any, args: argparse.Namespac
         del optimizer
     for param in model.parameters():
         param.grad = None
+        param.requires_grad_(id(param) in trainable)
     return result
 
 
@@ -408,32 +424,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         groups = training_groups(model, method, args.rank, args.residual_ratio, args.residual_warmup)
     optimizer = GaLorePlusAdamW(groups, lr=args.lr, optim_bits=bits, seed=args.seed)
     clock = OptimizerClock([p for p in model.parameters() if p.requires_grad])
-    clock.attach_before()
-    per_layer = None if args.no_per_layer else enable_per_layer_steps(optimizer)
-    clock.attach_after()
+    per_layer = attach_hooks(optimizer, clock, not args.no_per_layer)
     refresh = RefreshTimer(torch.device("cpu"))
     lengths = [args.tokens[0]] * args.steps + list(args.tokens[1:])
     record["steps"] = []
     out = Path(args.out)
-    for index, tokens in enumerate(lengths, 1):
-        batch = token_batch(config.vocab_size, args.batch, tokens, args.seed)
-        step = train_step(model, optimizer, clock, refresh, batch, progress, f"step {index}/{len(lengths)}")
-        record["steps"].append(step)
-        record["peak_resident_bytes"] = max(record["peak_resident_bytes"], step["peak_resident_bytes"])
-        print(f"step {index}: {tokens} tokens, loss {step['loss']:.4f}, wall {step['wall_s']:.1f} s (fwd+bwd "
-              f"{step['forward_backward_s']:.1f}, optimizer {step['optimizer_s']:.1f}, refresh {step['refresh_s']:.1f}), "
-              f"peak resident {gib(step['peak_resident_bytes'])} GiB", flush=True)
-        save_record(record, out)
 
+    def run_steps(count: int) -> None:
+        for _ in range(count):
+            index = len(record["steps"]) + 1
+            batch = token_batch(config.vocab_size, args.batch, lengths[index - 1], args.seed)
+            step = train_step(model, optimizer, clock, refresh, batch, progress, f"step {index}/{len(lengths)}")
+            record["steps"].append(step)
+            record["peak_resident_bytes"] = max(record["peak_resident_bytes"], step["peak_resident_bytes"])
+            print(f"step {index}: {step['tokens']} tokens, loss {step['loss']:.4f}, wall {step['wall_s']:.1f} s (fwd+bwd "
+                  f"{step['forward_backward_s']:.1f}, optimizer {step['optimizer_s']:.1f}, refresh "
+                  f"{step['refresh_s']:.1f}), peak resident {gib(step['peak_resident_bytes'])} GiB", flush=True)
+            save_record(record, out)
+
+    run_steps(args.steps)
     shapes = projected_shapes(optimizer)
-    if per_layer is not None:
-        per_layer.remove()
-    clock.remove()
-    del optimizer
     if shapes:
         record["projection_products_s"] = projection_product_seconds(shapes)
+        print(f"projection products alone: {record['projection_products_s']:.1f} s", flush=True)
+        save_record(record, out)
         if not args.skip_refresh_comparison:
+            detach_hooks(clock, per_layer)
             record["layer_refresh"] = layer_refresh_seconds(model, config, args)
+            per_layer = attach_hooks(optimizer, clock, not args.no_per_layer)
+            print(f"refresh of one layer: {record['layer_refresh']}", flush=True)
+            save_record(record, out)
+    run_steps(len(args.tokens) - 1)
     record["complete"] = True
     print(save_record(record, out))
     return record
