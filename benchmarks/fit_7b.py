@@ -101,6 +101,13 @@ def training_groups(model: nn.Module, method: str, rank: int, residual_ratio: fl
     return groups
 
 
+def method_label(method: str, bits: int, rank: int, per_layer: bool) -> str:
+    """E.g. ``GaLore+ 8-bit, rank 128, per-layer steps`` or ``AdamW 8-bit, ordinary steps``."""
+    name = method if method.endswith("-bit") else f"{method} {bits}-bit"
+    ranked = "" if method.startswith("AdamW") else f", rank {rank}"
+    return f"{name}{ranked}, {'per-layer' if per_layer else 'ordinary'} steps"
+
+
 def check_budget(config: Any, args: argparse.Namespace) -> MemoryEstimate:
     """The estimate of the chosen method on a meta-device model; raises SystemExit when it exceeds the budget."""
     method, bits = METHODS[args.method]
@@ -109,8 +116,8 @@ def check_budget(config: Any, args: argparse.Namespace) -> MemoryEstimate:
                                bits, per_layer=not args.no_per_layer)
     if estimate.total > args.budget_gib * GIB:
         raise SystemExit(
-            f"refused before building anything: {args.method} ({method} {bits}-bit, rank {args.rank}, per-layer "
-            f"{'no' if args.no_per_layer else 'yes'}) is estimated at {estimate.total / GIB:.2f} GiB "
+            f"refused before building anything: {args.method} "
+            f"({method_label(method, bits, args.rank, not args.no_per_layer)}) is estimated at {estimate.total / GIB:.2f} GiB "
             f"(parameters {estimate.parameters / GIB:.2f} + gradients {estimate.gradients / GIB:.2f} + optimizer state "
             f"{estimate.optimizer_state / GIB:.2f}), more than --budget-gib {args.budget_gib:.2f}, before activations")
     return estimate
@@ -323,8 +330,8 @@ def markdown_report(record: dict[str, Any]) -> str:
     """The Markdown page of one run."""
     estimate = record["estimate"]
     lines = [
-        f"# {record['model']}: {record['method']} ({record['method_name']} {record['bits']}-bit, rank {record['rank']}, "
-        f"per-layer {'yes' if record['per_layer'] else 'no'})",
+        f"# {record['model']}: {record['method']} "
+        f"({method_label(record['method_name'], record['bits'], record['rank'], record['per_layer'])})",
         "",
         f"Command: `{record['command']}`  ",
         f"{record['date']}, {record['machine']}; torch {record['torch']}, {record['threads']} threads; "
