@@ -166,7 +166,8 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 
 class OptimizerClock:
-    """Seconds spent in per-layer optimizer steps during backward, and the most gradient bytes alive at once.
+    """Seconds spent in per-layer optimizer steps during backward, the most gradient bytes alive at once, and how
+    much of the step's peak resident memory (VmHWM) was reached inside those steps.
 
     Gradient hooks run in registration order: :meth:`attach_before` (called before
     ``enable_per_layer_steps``) starts the clock on a parameter, :meth:`attach_after` stops it after
@@ -175,11 +176,9 @@ class OptimizerClock:
 
     def __init__(self, params: list[Tensor]):
         self.params = params
-        self.seconds = 0.0
-        self.peak_grad_bytes = 0
         self.on_step_end = None
-        self._started = 0.0
         self._handles: list = []
+        self.reset()
 
     def attach_before(self) -> None:
         self._handles += [param.register_post_accumulate_grad_hook(self._start) for param in self.params]
@@ -195,15 +194,22 @@ class OptimizerClock:
     def _start(self, param: Tensor) -> None:
         live = sum(p.grad.nbytes for p in self.params if type(p.grad) is Tensor)
         self.peak_grad_bytes = max(self.peak_grad_bytes, live)
+        self._peak_before = peak_resident_bytes()
         self._started = time.perf_counter()
 
     def _stop(self, param: Tensor) -> None:
         self.seconds += time.perf_counter() - self._started
+        growth = peak_resident_bytes() - self._peak_before
+        self.peak_growth_in_optimizer += growth
+        if growth > self.largest_growth[0]:
+            self.largest_growth = (growth, tuple(param.shape))
         if self.on_step_end is not None:
             self.on_step_end()
 
     def reset(self) -> None:
-        self.seconds, self.peak_grad_bytes = 0.0, 0
+        self.seconds, self.peak_grad_bytes, self.peak_growth_in_optimizer = 0.0, 0, 0
+        self.largest_growth: tuple[int, tuple[int, ...]] = (0, ())
+        self._started, self._peak_before = 0.0, 0
 
 
 def attach_hooks(optimizer: GaLorePlusAdamW, clock: OptimizerClock, per_layer: bool) -> PerLayerSteps | None:
@@ -231,6 +237,7 @@ def train_step(model: nn.Module, optimizer: GaLorePlusAdamW, clock: OptimizerClo
     clock.reset()
     refresh_before, calls_before = refresh.seconds, refresh.calls
     reset_peak_resident()
+    resident_at_start = resident_bytes()
     bar = tqdm(total=len(clock.params), desc=label, unit="param", disable=not progress, leave=True)
     clock.on_step_end = bar.update
     start = time.perf_counter()
@@ -249,7 +256,9 @@ def train_step(model: nn.Module, optimizer: GaLorePlusAdamW, clock: OptimizerClo
     return dict(
         tokens=batch.shape[1], loss=loss.item(), wall_s=wall, forward_backward_s=wall - optimizer_seconds,
         optimizer_s=optimizer_seconds - refresh_seconds, refresh_s=refresh_seconds, refreshes=refresh.calls - calls_before,
-        peak_resident_bytes=peak_resident_bytes(), param_bytes=sum(p.nbytes for p in model.parameters()),
+        peak_resident_bytes=peak_resident_bytes(), resident_at_start=resident_at_start, resident_at_end=resident_bytes(),
+        peak_growth_in_optimizer=clock.peak_growth_in_optimizer, largest_growth_bytes=clock.largest_growth[0],
+        largest_growth_shape=list(clock.largest_growth[1]), param_bytes=sum(p.nbytes for p in model.parameters()),
         grad_bytes=max(clock.peak_grad_bytes, grads_after_backward),
         state_bytes=tensor_bytes(list(optimizer.state.values())),
     )
@@ -357,6 +366,18 @@ def markdown_report(record: dict[str, Any]) -> str:
             f"| {gib(step['peak_resident_bytes'])} | {gib(step['param_bytes'])} | {gib(step['grad_bytes'])} "
             f"| {step['state_bytes'] / GIB:.3f} | {gib(tensors)} | {estimate['total'] / tensors:.3f} |")
     lines += ["", f"Peak resident memory of the whole process: **{gib(record['peak_resident_bytes'])} GiB**."]
+    if "resident_at_start" in record["steps"][0]:
+        lines += ["", "Where each step's peak was reached: resident at the start of the step, plus the growth of the peak "
+                      "(VmHWM) inside the per-layer optimizer steps (largest single one and its weight shape), plus the "
+                      "rest (forward, backward, activations):", "",
+                  "| step | resident at start GiB | peak growth in optimizer steps GiB (largest, shape) "
+                  "| peak growth elsewhere GiB | peak GiB | resident at end GiB |", "|---|---|---|---|---|---|"]
+        for index, step in enumerate(record["steps"], 1):
+            elsewhere = step["peak_resident_bytes"] - step["resident_at_start"] - step["peak_growth_in_optimizer"]
+            lines.append(
+                f"| {index} | {gib(step['resident_at_start'])} | {gib(step['peak_growth_in_optimizer'])} "
+                f"({gib(step['largest_growth_bytes'])}, {'x'.join(map(str, step['largest_growth_shape'])) or '-'}) "
+                f"| {gib(elsewhere)} | {gib(step['peak_resident_bytes'])} | {gib(step['resident_at_end'])} |")
     if not record["complete"]:
         lines += ["", "**Incomplete run**: stopped or still running after the steps above."]
     products = record.get("projection_products_s")

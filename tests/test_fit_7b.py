@@ -45,6 +45,8 @@ def test_tiny_run_measures_what_the_estimator_predicts(tiny_config, tmp_path):
         assert min(step["forward_backward_s"], step["optimizer_s"]) > 0
         assert step["forward_backward_s"] + step["optimizer_s"] + step["refresh_s"] == pytest.approx(step["wall_s"])
         assert step["peak_resident_bytes"] > step["param_bytes"]
+        assert 0 <= step["largest_growth_bytes"] <= step["peak_growth_in_optimizer"]
+        assert step["resident_at_start"] + step["peak_growth_in_optimizer"] <= step["peak_resident_bytes"]
     assert record["projection_products_s"] > 0
     layer = record["layer_refresh"]
     assert layer["weights"] == layer["svd_refreshes"] == layer["galore_plus_refreshes"] == PROJECTED_PER_LAYER
