@@ -4,8 +4,9 @@ A rule is a function ``rule(inputs, state, group) -> None`` that writes ``inputs
 It sees everything one weight's step has computed (:class:`UpdateInputs`, all local to this
 process's rows of a sharded weight), the weight's optimizer state (a rule may keep tensors or
 plain values of its own there; they are checkpointed with the rest) and the parameter group.
-A rule must leave the weight unchanged when ``inputs.finite`` is False and must never write a
-non-finite value.
+A rule must leave the weight unchanged when ``inputs.finite`` (a 0-d bool tensor on the device)
+is False, without reading it on the host (``torch.where`` on the device: the step must not
+synchronise), and must never write a non-finite value.
 
 * ``"galore"``: p <- p (1 - lr wd) - lr scale (P N | N Q), one fused ``addmm_`` (see :mod:`galore_plus.update`).
 """
@@ -26,10 +27,11 @@ class UpdateInputs:
     """One weight's step, as an update rule sees it (every tensor is this process's rows).
 
     ``weight``: the parameter (transposed to (m, n) for ``transposed`` groups), any float dtype;
-    ``grad``: its float32 gradient; ``low_rank``: R = P^T G | G Q^T (summed over ranks on the
-    left side); ``direction``: N, the Adam direction of R; ``basis``: P (these rows) | Q;
-    ``step``: t >= 1; ``finite``: a 0-d bool tensor on the weight's device, False when this step
-    must leave the weight unchanged.
+    ``grad``: its float32 gradient (may hold NaN/Inf: then ``finite`` is False); ``low_rank``:
+    R = P^T G | G Q^T (summed over ranks on the left side); ``direction``: N, the Adam direction
+    of R, zero where ``finite`` is False; ``basis``: P (these rows) | Q; ``step``: t >= 1;
+    ``finite``: a 0-d bool tensor on the weight's device, False when this step must leave the
+    weight unchanged.
     """
 
     weight: Tensor
@@ -48,7 +50,7 @@ UpdateRule = Callable[[UpdateInputs, dict[str, Any], dict[str, Any]], None]
 def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
     """GaLore's rule: decoupled weight decay, then the back-projected direction times lr * scale."""
     apply_lowrank_update(inputs.weight, inputs.direction, inputs.basis, inputs.side, group["lr"],
-                         group["weight_decay"], group["scale"])
+                         group["weight_decay"], group["scale"], inputs.finite)
 
 
 UPDATE_RULES: dict[str, UpdateRule] = {"galore": galore_update}
