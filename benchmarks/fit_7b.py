@@ -82,7 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-refresh-comparison", action="store_true",
                         help="skip the svd vs GaLore+ refresh timing of one decoder layer")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/fit_7b", help="directory of the Markdown and JSON (default results/fit_7b)")
+    parser.add_argument("--out", default="docs/results/fit_7b",
+                        help="directory of the Markdown and JSON (default docs/results/fit_7b)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.model is None and args.config is None:
