@@ -37,9 +37,10 @@ def summarize(method: str, runs: list[dict], lr: float | None, grid: tuple[float
     """One table row: the runs of ``method`` at its chosen ``lr``, means over seeds (test loss also its std)."""
     ok = [run for run in runs if run["status"] == "ok" and run["lr"] == lr]
     if not ok:
-        reasons = sorted({run.get("reason", "diverged") for run in runs})
-        status = runs[0]["status"] if runs and runs[0]["status"] == "unavailable" else "failed"
-        return {"method": method, "status": status, "seeds": 0, "note": "; ".join(reasons)}
+        statuses = {run["status"] for run in runs}
+        status = next((s for s in ("unavailable", "not run") if s in statuses), "failed")
+        reasons = [run.get("reason", "diverged") for run in runs if run["status"] == status or status == "failed"]
+        return {"method": method, "status": status, "seeds": 0, "note": "; ".join(dict.fromkeys(reasons))}
     loss, loss_std = _mean_std([run["test_loss"] for run in ok])
     peak = {key: statistics.fmean(run["peak_bytes"][key] for run in ok) / MIB for key in ("params", "grads", "state")}
     return {

@@ -1,4 +1,10 @@
-"""Defaults and validation of the keys of a projected parameter group (one that has ``rank``).
+"""Defaults and validation of parameter-group keys, done when a group is added to the optimizer.
+
+* every key must be one the optimizer reads (a misspelling gets the closest valid key, by difflib);
+  the valid keys derive from :data:`PROJECTED_GROUP_DEFAULTS`, so a key added there is valid at once;
+* ``lr``, ``betas``, ``eps``, ``weight_decay`` must be valid numbers, in every group;
+* a projected group (one that has ``rank``) gets its defaults and every projector key checked; a
+  ``rank`` not below the side a weight projects is warned about (it saves no memory).
 
 Every error names the parameter group (its index, and its ``name`` key if it has one) and the key
 at fault, so a mistake in a 200-group configuration is found at once.
