@@ -2,12 +2,17 @@
 
     python -m benchmarks.bench_step                           # TinyLlama-1.1B layer, rank 128, gap 50
     python -m benchmarks.bench_step --layer llama-7b --gaps 50 200 500
+    python -m benchmarks.bench_step --device cuda             # on a GPU (benchmarks.gpu_check runs this)
     python -m benchmarks.bench_step --refresh-cost            # refresh cost per projector, 4096 x 4096, 32 heads
 
 Each optimizer steps the seven weights of one layer (q, k, v, o, gate, up, down) for ``gap``
 steps with fixed gradients, so every projected weight refreshes its basis exactly once; the
 printed time is the mean over those steps. The floor is the time of the two rank-r matrix
 products every projection method needs (R = G Q^T and U = N Q). All rows come from one run.
+
+On CUDA the time is taken between two ``torch.cuda.synchronize()`` calls, torch's AdamW is its
+fused kernel, and each row also shows the optimizer's peak memory: ``torch.cuda.max_memory_allocated``
+during its steps minus the memory allocated before it was built (weights and gradients).
 
 ``--refresh-cost`` measures instead, for each projector on one (size x size) weight with ``heads``
 heads (default: the LLaMA-2-7B q_proj, 4096 x 4096, 32 heads, rank 128), what a refresh adds to a
@@ -24,6 +29,7 @@ from typing import Callable
 import torch
 
 from galore_plus import GaLorePlusAdamW
+from galore_plus.dispatch import lowrank_adam_direction
 from galore_plus.projectors import project, project_back, projection_side
 
 LAYERS = {
@@ -33,7 +39,9 @@ LAYERS = {
 }
 
 
-def layer_weights(hidden: int, intermediate: int, heads: int, kv_heads: int) -> dict[str, torch.nn.Parameter]:
+def layer_weights(
+    hidden: int, intermediate: int, heads: int, kv_heads: int, device: str | torch.device = "cpu"
+) -> dict[str, torch.nn.Parameter]:
     head_dim = hidden // heads
     shapes = {
         "q_proj": (hidden, hidden), "k_proj": (kv_heads * head_dim, hidden), "v_proj": (kv_heads * head_dim, hidden),
@@ -43,8 +51,8 @@ def layer_weights(hidden: int, intermediate: int, heads: int, kv_heads: int) -> 
     generator = torch.Generator().manual_seed(0)
     weights = {}
     for name, shape in shapes.items():
-        weight = torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02)
-        weight.grad = torch.randn(shape, generator=generator) * 1e-3
+        weight = torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.02).to(device))
+        weight.grad = (torch.randn(shape, generator=generator) * 1e-3).to(device)
         weights[name] = weight
     return weights
 
@@ -67,7 +75,7 @@ def two_products(weights: dict[str, torch.nn.Parameter], rank: int) -> Callable[
     for name, w in weights.items():
         side = projection_side(tuple(w.shape), "std", "randomized")
         m, n = w.shape
-        bases[name] = (torch.randn((m, rank) if side == "left" else (rank, n)), side)
+        bases[name] = (torch.randn((m, rank) if side == "left" else (rank, n), device=w.device), side)
 
     def run() -> None:
         for name, w in weights.items():
@@ -77,17 +85,24 @@ def two_products(weights: dict[str, torch.nn.Parameter], rank: int) -> Callable[
     return run
 
 
-def mean_step_seconds(step: Callable[[], None], steps: int) -> float:
+def mean_step_seconds(step: Callable[[], None], steps: int, device: torch.device = torch.device("cpu")) -> float:
+    """Mean wall time of ``steps`` calls; on CUDA the queued work is waited for before and after."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize()
     return (time.perf_counter() - start) / steps
 
 
 def optimizers(weights, rank, gap, heads, kv_heads):
     """(label, factory) of every optimizer compared; each factory builds a fresh optimizer."""
     params = list(weights.values())
-    yield "torch AdamW (foreach)", lambda: torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    if params[0].is_cuda:
+        yield "torch AdamW (fused)", lambda: torch.optim.AdamW(params, lr=1e-5, fused=True)
+    else:
+        yield "torch AdamW (foreach)", lambda: torch.optim.AdamW(params, lr=1e-5, foreach=True)
     try:
         from galore_torch import GaLoreAdamW
     except ImportError:
@@ -99,6 +114,28 @@ def optimizers(weights, rank, gap, heads, kv_heads):
         label = "GaLorePlusAdamW svd" if projector == "svd" else "GaLorePlusAdamW cross_head+randomized"
         yield label, lambda projector=projector: GaLorePlusAdamW(
             galore_plus_groups(weights, rank, gap, heads, kv_heads, projector), lr=1e-5)
+
+
+def warm_up_cuda(device: torch.device, rank: int) -> None:
+    """First-call costs nobody should be timed with: cuBLAS/cuSOLVER handles and the Triton kernel's compilation."""
+    matrix = torch.randn(256, 64, device=device)
+    torch.linalg.svd(matrix, full_matrices=False)
+    moments = torch.zeros(rank, 64, device=device), torch.zeros(rank, 64, device=device)
+    lowrank_adam_direction(torch.randn(rank, 64, device=device), *moments, 1, 0.9, 0.999, 1e-8)
+    torch.cuda.synchronize(device)
+
+
+def timed_steps(factory: Callable[[], torch.optim.Optimizer], steps: int, device: torch.device) -> tuple[float, float | None]:
+    """(mean seconds per step, peak MiB the optimizer added above the weights and gradients, or None off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    optimizer = factory()
+    seconds = mean_step_seconds(optimizer.step, steps, device)
+    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else None
+    del optimizer
+    return seconds, peak
 
 
 def refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refreshes: int) -> dict[str, tuple[float, float]]:
@@ -138,11 +175,13 @@ def print_refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refre
               f"{costs['svd'] / costs[projector]:>19.1f}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, float | None]]] | None:
+    """Print the table; return {gap: {optimizer: (seconds per step, peak MiB or None)}} (None with --refresh-cost)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layer", default="tinyllama-1.1b", choices=sorted(LAYERS))
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--gaps", nargs="+", type=int, default=[50])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda also reports peak memory)")
     parser.add_argument("--refresh-cost", action="store_true", help="measure what a refresh adds to a step instead")
     parser.add_argument("--size", type=int, default=4096, help="--refresh-cost: the weight is size x size")
     parser.add_argument("--heads", type=int, default=32, help="--refresh-cost: heads of the cross_head weight")
@@ -151,25 +190,32 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.refresh_cost:
         print_refresh_cost(args.size, args.heads, args.rank, args.plain_steps, args.refreshes)
-        return
+        return None
+    device = torch.device(args.device)
     hidden, intermediate, heads, kv_heads = LAYERS[args.layer]
-    weights = layer_weights(hidden, intermediate, heads, kv_heads)
-    print(f"{args.layer} layer, rank {args.rank}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    weights = layer_weights(hidden, intermediate, heads, kv_heads, device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
+    print(f"{args.layer} layer, rank {args.rank}, torch {torch.__version__}, {device.type} ({where})")
+    if device.type == "cuda":
+        warm_up_cuda(device, args.rank)
     products = two_products(weights, args.rank)
     products()  # warm-up of allocators and BLAS
-    floor = mean_step_seconds(products, 5)
-    print(f"{'optimizer':>40} {'gap':>5} {'ms/step':>9} {'x two products':>15} {'x galore_torch':>15} {'x AdamW':>8}")
+    floor = mean_step_seconds(products, 5, device)
+    print(f"{'optimizer':>40} {'gap':>5} {'ms/step':>9} {'x two products':>15} {'x galore_torch':>15} {'x AdamW':>8}"
+          f" {'peak MiB':>9}")
     print(f"{'two rank-r products (floor)':>40} {'-':>5} {floor * 1e3:>9.1f} {1.0:>15.2f}")
+    results = {}
     for gap in args.gaps:
-        results = {}
-        for label, factory in optimizers(weights, args.rank, gap, heads, kv_heads):
-            optimizer = factory()
-            results[label] = mean_step_seconds(optimizer.step, gap)
-        galore = results.get("galore_torch GaLoreAdamW")
-        adamw = results["torch AdamW (foreach)"]
-        for label, seconds in results.items():
+        results[gap] = {label: timed_steps(factory, gap, device)
+                        for label, factory in optimizers(weights, args.rank, gap, heads, kv_heads)}
+        galore = results[gap].get("galore_torch GaLoreAdamW", (None,))[0]
+        adamw = next(seconds for label, (seconds, _) in results[gap].items() if label.startswith("torch AdamW"))
+        for label, (seconds, peak) in results[gap].items():
             versus_galore = f"{seconds / galore:>15.2f}" if galore else f"{'n/a':>15}"
-            print(f"{label:>40} {gap:>5} {seconds * 1e3:>9.1f} {seconds / floor:>15.2f} {versus_galore} {seconds / adamw:>8.2f}")
+            peak_text = f"{peak:>9.0f}" if peak is not None else f"{'n/a':>9}"
+            print(f"{label:>40} {gap:>5} {seconds * 1e3:>9.1f} {seconds / floor:>15.2f} {versus_galore}"
+                  f" {seconds / adamw:>8.2f} {peak_text}")
+    return results
 
 
 if __name__ == "__main__":
