@@ -59,8 +59,9 @@ def limit_norm_growth(
 ) -> tuple[Tensor, Tensor]:
     """(S limited in place, the norm to store) for the limiter of the module docstring.
 
-    ``previous_norm`` is the stored norm of the last step (None on the first); ``bias_factor`` is
-    :func:`adam_bias_factor` of this step. Runs on the device: no value is read to the host.
+    ``previous_norm`` is the stored norm of the last step (None or +inf on the first: no limiting);
+    ``bias_factor`` is :func:`adam_bias_factor` of this step. Runs on the device: no value is read
+    to the host.
     """
     norm = torch.linalg.vector_norm(term) / bias_factor
     if previous_norm is None or limit is None:

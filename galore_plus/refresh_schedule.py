@@ -83,9 +83,9 @@ def store_schedule(state: dict, schedule: RefreshSchedule) -> None:
     state["stable_refreshes"] = schedule.stable
 
 
-def overlap_value(old: Tensor | None, new: Tensor, side: Side) -> float | None:
-    """The overlap as a Python float (one host read, on the refresh path only), or None without an old basis."""
-    if old is None or tuple(old.shape) != tuple(new.shape):
+def overlap_value(old: Tensor | None, new: Tensor | None, side: Side) -> float | None:
+    """The overlap as a Python float (one host read, on the refresh path only), or None without two bases."""
+    if old is None or new is None or tuple(old.shape) != tuple(new.shape):
         return None
     return float(subspace_overlap(old, new, side))
 

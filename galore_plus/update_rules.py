@@ -4,8 +4,9 @@ A rule is a function ``rule(inputs, state, group) -> None`` that writes ``inputs
 It sees everything one weight's step has computed (:class:`UpdateInputs`, all local to this
 process's rows of a sharded weight), the weight's optimizer state (a rule may keep tensors or
 plain values of its own there; they are checkpointed with the rest) and the parameter group.
-A rule must leave the weight unchanged when ``inputs.finite`` is False and must never write a
-non-finite value.
+A rule must leave the weight unchanged when ``inputs.finite`` (a 0-d bool tensor on the device)
+is False, without reading it on the host (``torch.where`` on the device: the step must not
+synchronise), and must never write a non-finite value.
 
 * ``"galore"``: p <- p (1 - lr wd) - lr scale (P N | N Q), one fused ``addmm_`` (see :mod:`galore_plus.update`);
   with the group key ``full_rank_residual``, U = P N + S, Fira's norm-scaled residual S
@@ -15,9 +16,11 @@ non-finite value.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
@@ -32,10 +35,11 @@ class UpdateInputs:
 
     ``weight``: the parameter (transposed to (m, n) for ``transposed`` groups), any float dtype;
     ``shape``: (m, n) of the whole weight (a sharded weight's ``weight`` holds some of its rows);
-    ``grad``: its float32 gradient; ``low_rank``: R = P^T G | G Q^T (summed over ranks on the
-    left side); ``direction``: N, the Adam direction of R; ``basis``: P (these rows) | Q;
-    ``step``: t >= 1; ``finite``: a 0-d bool tensor on the weight's device, False when this step
-    must leave the weight unchanged.
+    ``grad``: its float32 gradient (may hold NaN/Inf: then ``finite`` is False); ``low_rank``:
+    R = P^T G | G Q^T (summed over ranks on the left side); ``direction``: N, the Adam direction
+    of R, zero where ``finite`` is False; ``basis``: P (these rows) | Q; ``step``: t >= 1;
+    ``finite``: a 0-d bool tensor on the weight's device, False when this step must leave the
+    weight unchanged.
     """
 
     weight: Tensor
@@ -59,15 +63,17 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
         if scale == AUTO:
             scale = lowrank_auto_scale(inputs.shape, group["rank"], inputs.side)
         apply_lowrank_update(inputs.weight, inputs.direction, inputs.basis, inputs.side, group["lr"],
-                             group["weight_decay"], scale)
+                             group["weight_decay"], scale, inputs.finite)
         return
     beta1, beta2 = group["betas"]
-    update, state["residual_norm"] = norm_scaled_update(
-        inputs.grad, inputs.low_rank, inputs.direction, inputs.basis, inputs.side, state.get("residual_norm"),
+    previous = state.get("residual_norm", torch.full((), math.inf, device=inputs.grad.device))
+    update, norm = norm_scaled_update(
+        inputs.grad, inputs.low_rank, inputs.direction, inputs.basis, inputs.side, previous,
         group["norm_growth_limit"], adam_bias_factor(inputs.step, beta1, beta2),
     )
+    state["residual_norm"] = torch.where(inputs.finite, norm, previous)
     scale = rms_matching_scale(inputs.direction, update) if group["scale"] == AUTO else group["scale"]
-    apply_full_update(inputs.weight, update, group["lr"], group["weight_decay"], scale)
+    apply_full_update(inputs.weight, update, group["lr"], group["weight_decay"], scale, inputs.finite)
 
 
 UPDATE_RULES: dict[str, UpdateRule] = {"galore": galore_update}

@@ -6,9 +6,16 @@ communication hook of per-layer mode and FSDP2 row shards. What differs between 
 which rows are local, how the rows a refresh reads are gathered, the sum of the left-side low-rank
 gradient over ranks, the cross-rank agreement on finiteness, and how moment zeros are made.
 
-Order of a step: schedule -> refresh (or the stored basis) -> R = P^T G | G Q^T -> finiteness ->
-moments (8-bit: dequantised) -> refresh hooks -> Adam direction N -> sparse residual at I ->
-update rule -> residual written -> moments stored (8-bit: quantised).
+Order of a step: schedule -> refresh (or the stored basis) -> R = P^T G | G Q^T -> moments (8-bit:
+dequantised) -> refresh hooks -> Adam direction N -> finiteness -> sparse residual at I -> update
+rule -> residual written -> moments stored (8-bit: quantised).
+
+A step without a refresh reads nothing on the host: finiteness is a 0-d bool tensor on the device.
+When R, N or V is not finite, ``torch.where`` keeps the old moments, N is zeroed and the update
+rule leaves the weight unchanged (the residual likewise keeps its moments and p at I). The step
+still counts in t (the schedule and bias corrections are host ints), and each skip adds one to a
+device-side counter (:class:`SkippedSteps`) that is read, with one warning per optimizer, at the
+next refresh or ``state_dict()``.
 
 Extension points (plain dicts, lists and functions):
 
@@ -76,15 +83,43 @@ class WeightLayout(Protocol):
         """This process's part of a moment, a view written in place."""
 
 
+class SkippedSteps:
+    """Device-side counts of skipped weight steps per parameter group; only :meth:`report` reads them."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, torch.device], Tensor] = {}
+
+    def add(self, label: str, kept: Tensor) -> None:
+        """Count one skipped step of a weight of group ``label`` when the 0-d bool ``kept`` is False."""
+        key = (label, kept.device)
+        if key in self.counts:
+            self.counts[key].add_(~kept)
+        else:
+            self.counts[key] = (~kept).to(torch.int64)
+
+    def report(self, warn: Warn) -> None:
+        """Read the counts (a host synchronisation), warn if any step was skipped, and reset them."""
+        skipped = {}
+        for (label, _), count in self.counts.items():
+            skipped[label] = skipped.get(label, 0) + int(count)
+        self.counts.clear()
+        skipped = {label: count for label, count in skipped.items() if count}
+        if skipped:
+            where = ", ".join(f"{label} ({count})" for label, count in skipped.items())
+            warn("grad", f"non-finite values (gradient, or moments overflowing) in weight steps of {where}: "
+                         "those steps were skipped (moments, residual and weight unchanged; the step still counts)")
+
+
 @dataclass(frozen=True)
 class StepContext:
-    """What a weight's step needs from its optimizer: seeding, bit width, names for messages, a warn-once."""
+    """What a weight's step needs from its optimizer: seeding, bit width, names for messages, warnings."""
 
     seed: int
     position: int
     optim_bits: int
     label: str
     warn: Warn
+    skipped: SkippedSteps
 
 
 def basis_schedule(state: dict[str, Any], group: dict[str, Any], step: int) -> tuple[int, bool]:
@@ -101,9 +136,9 @@ def basis_schedule(state: dict[str, Any], group: dict[str, Any], step: int) -> t
     return (step - 1) // gap, (step - 1) % gap == 0
 
 
-def record_refresh(state: dict[str, Any], group: dict[str, Any], step: int, previous: Tensor | None, basis: Tensor,
+def record_refresh(state: dict[str, Any], group: dict[str, Any], step: int, previous: Tensor | None, basis: Tensor | None,
                    side: Side) -> None:
-    """After a completed step that refreshed the basis: advance an adaptive schedule (reads the overlap to the host)."""
+    """After a refresh at step t: advance an adaptive schedule (reads the subspace overlap on the host, at a refresh only)."""
     if not group["adaptive_gap"]:
         return
     overlap = overlap_value(previous, basis, side)
@@ -115,8 +150,8 @@ def record_refresh(state: dict[str, Any], group: dict[str, Any], step: int, prev
 
 def step_basis(
     layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], side: Side, step: int, context: StepContext
-) -> tuple[Tensor, Tensor | None, bool]:
-    """(basis of this step, the basis it replaced at a refresh (None: none stored), whether it refreshed).
+) -> tuple[Tensor, Tensor | None]:
+    """(basis of this step, the basis it replaced at a refresh, else None).
 
     A stored basis is recomputed when the schedule says so, from the gradient rows its projector
     reads; a projector that stores none regenerates it every step from the seeded generator.
@@ -125,51 +160,53 @@ def step_basis(
     count, refresh = basis_schedule(state, group, step)
     generator = basis_generator(context.seed, context.position, count, layout.device)
     if not projector.stores_basis:
-        return projector.basis(None, layout.shape, group, side, generator, None), None, refresh
+        if refresh:
+            record_refresh(state, group, step, None, None, side)
+        return projector.basis(None, layout.shape, group, side, generator, None), None
     if not refresh:
-        return state["projector"], None, False
+        return state["projector"], None
+    context.skipped.report(context.warn)
     previous = state.get("projector")
-    read = layout.read_rows(projector.rows(group, layout.shape, generator))
-    state["projector"] = refreshed_basis(read, layout.shape, group, side, generator, previous, context.warn)
-    return state["projector"], previous, True
+    rows = projector.rows(group, layout.shape, generator)
+    read = layout.read_rows(rows)
+    state["projector"] = refreshed_basis(read, layout.shape, group, side, generator, previous, context.warn,
+                                         check_read=rows is not None)
+    record_refresh(state, group, step, previous, state["projector"], side)
+    return state["projector"], previous
 
 
 def step_projected_weight(
     layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext
 ) -> None:
-    """One GaLore+ step of a 2-D weight; skipped (with a warning) when its low-rank gradient is not finite."""
+    """One GaLore+ step of a 2-D weight; a step with non-finite values changes nothing but t (see module docs)."""
     step = state.get("step", 0) + 1
     side = projection_side(layout.shape, group["proj_type"], group["projector"])
-    basis, previous, refreshed = step_basis(layout, state, group, side, step, context)
+    basis, previous = step_basis(layout, state, group, side, step, context)
     local_basis = layout.local_basis(basis, side)
     grad = layout.gradient()
     low_rank = layout.reduce_low_rank(project(grad, local_basis, side), side)
-    finite = layout.all_ranks(all_finite(low_rank))
-    if not bool(finite):
-        context.warn("grad", f"non-finite gradient in {context.label}: that weight's step was skipped "
-                             "(moments, basis, weight and step count unchanged)")
-        if previous is not None:
-            state["projector"] = previous
-        return
-    if context.optim_bits == 8:
-        quant.load_moments(state)
+    stored = quant.load_moments(state) if context.optim_bits == 8 else {}
     if "exp_avg" not in state:
         state["exp_avg"] = layout.moment_zeros(low_rank, side)
         state["exp_avg_sq"] = layout.moment_zeros(low_rank, side)
-    exp_avg, exp_avg_sq = layout.local(state["exp_avg"]), layout.local(state["exp_avg_sq"])
+    moments = layout.local(state["exp_avg"]), layout.local(state["exp_avg_sq"])
     if previous is not None:
         for hook in REFRESH_HOOKS:
-            hook(exp_avg, exp_avg_sq, previous, basis, side, state, group)
-    if refreshed:
-        record_refresh(state, group, step, previous, basis, side)
+            hook(*moments, previous, basis, side, state, group)
+    before = [moment.clone() for moment in moments]
     state["step"] = step
     beta1, beta2 = group["betas"]
-    direction = lowrank_adam_direction(low_rank, exp_avg, exp_avg_sq, step, beta1, beta2, group["eps"])
+    direction = lowrank_adam_direction(low_rank, *moments, step, beta1, beta2, group["eps"])
+    finite = layout.all_ranks(all_finite(low_rank, direction, moments[1]))
+    for moment, old in zip(moments, before):
+        moment.copy_(torch.where(finite, moment, old))
+    direction = torch.where(finite, direction, 0.0)
     weight = layout.weight()
-    residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step)
-    inputs = UpdateInputs(weight, layout.shape, grad, low_rank, direction, local_basis, side, step, finite)
-    UPDATE_RULES[group["update_rule"]](inputs, state, group)
+    residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite)
+    UPDATE_RULES[group["update_rule"]](UpdateInputs(weight, layout.shape, grad, low_rank, direction, local_basis, side, step, finite),
+                                       state, group)
     if residual is not None:
         write_residual(weight, residual)
+    context.skipped.add(context.label, finite if residual is None else residual.finite)
     if context.optim_bits == 8:
-        quant.store_moments(state)
+        quant.store_moments(state, stored, finite)

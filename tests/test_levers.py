@@ -219,21 +219,29 @@ def test_adaptive_gap_keeps_the_fixed_schedule_when_the_subspace_keeps_changing(
     assert torch.equal(weights[0], weights[1])
 
 
-def test_a_skipped_step_at_a_refresh_leaves_basis_and_schedule_unchanged():
+def test_a_non_finite_step_at_a_refresh_keeps_the_weight_and_moments_in_the_new_basis():
+    """Sync-free skip: the refresh (from finite rows) and the moment transfer happen, the Adam update does not."""
     shape = (12, 8)
     grads = gradient_stream(shape, 3, seed=8)
     weight = start_weight(shape)
-    optimizer = optimizer_for(weight, update_proj_gap=2, adaptive_gap=True, moment_transfer=True,
+    optimizer = optimizer_for(weight, update_proj_gap=2, adaptive_gap=True, moment_transfer=True, full_rank_residual=True,
                               projector="cross_head", num_heads=3)
     run(optimizer, weight, grads[:2])
     state = optimizer.state[weight]
-    before = {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+    old_basis, old_avg, old_avg_sq = state["projector"].clone(), state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+    old_norm, old_weight = state["residual_norm"].clone(), weight.detach().clone()
     bad = grads[2].clone()
-    bad[0, 0] = float("nan")                                  # row 0 is not read by every head choice, R is NaN
-    with pytest.warns(RuntimeWarning, match="skipped"):
-        run(optimizer, weight, [bad])
-    for key, value in before.items():
-        assert torch.equal(state[key], value) if isinstance(value, torch.Tensor) else state[key] == value, key
+    bad[0, 1] = float("nan")                 # row 0 (head 0) makes R non-finite; the refresh reads another head
+    run(optimizer, weight, [bad])
+    assert torch.equal(weight.detach(), old_weight)
+    assert torch.equal(state["residual_norm"], old_norm)
+    assert not torch.equal(state["projector"], old_basis)
+    moved_avg, moved_avg_sq = transfer_moments(old_avg, old_avg_sq, old_basis, state["projector"], "right")
+    torch.testing.assert_close(state["exp_avg"], moved_avg, rtol=0, atol=1e-6)
+    torch.testing.assert_close(state["exp_avg_sq"], moved_avg_sq, rtol=0, atol=1e-6)
+    assert state["step"] == 3 and state["refresh_count"] == 2
+    run(optimizer, weight, [grads[2]])
+    assert not torch.equal(weight.detach(), old_weight)
 
 
 # ---------------------------------------------------------------- scale="auto"
