@@ -262,7 +262,8 @@ def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict, comma
                 return json.load(handle)
         if args.report_only:
             return {"method": spec.name, "seed": seed, "lr": lr, "status": "not run", "reason": f"lr {lr:g} seed {seed}"}
-        optim_settings = OptimSettings(lr, args.weight_decay, args.rank, args.update_proj_gap, args.scale, args.lora_alpha)
+        optim_settings = OptimSettings(lr, args.weight_decay, args.rank, args.update_proj_gap, args.scale, args.lora_alpha,
+                                       args.steps)
         try:
             record = train_run(spec, seed, initial_state, args.model_size, optim_settings, loop, train_data,
                                validation_windows, test_windows, device, not args.quiet)

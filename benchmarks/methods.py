@@ -46,14 +46,19 @@ class OptimSettings:
     update_proj_gap: int
     scale: float
     lora_alpha: float | None
+    steps: int  # the run's length in optimizer steps (AdaLoRA's budget schedule needs it)
 
 
 Builder = Callable[[nn.Module, OptimSettings, int], torch.optim.Optimizer]
+# (trained model, test-loss function) -> test loss of named variants of the trained model (DyLoRA: each rank)
+Variants = Callable[[nn.Module, Callable[[nn.Module], float]], dict[str, float]]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method: ``build(model, settings, seed)`` returns its optimizer (and may add adapters to ``model``).
+    """One method: ``build(model, settings, seed)`` returns its optimizer (and may add adapters to ``model``);
+    ``variants``, if given, measures after training the test loss of named variants of the trained model
+    (DyLoRA at several ranks), written to results.md beside the table.
 
     ``requires``: importable modules it needs. ``group_keys``: GaLorePlusAdamW group keys it sets
     (checked to exist). ``lr_grids``: regime -> its own learning-rate grid, used instead of the
@@ -64,6 +69,7 @@ class MethodSpec:
     name: str
     description: str
     build: Builder
+    variants: Variants | None = None
     requires: tuple[str, ...] = ()
     sets: tuple[str, ...] = ("default",)
     group_keys: dict[str, Any] = field(default_factory=dict)
@@ -96,17 +102,43 @@ def galore_plus_method(name: str, description: str, *, sets: tuple[str, ...] = (
 
 
 def adapter_method(name: str, description: str, kind: str, *, sets: tuple[str, ...] = ("default",),
+                   options: Callable[[OptimSettings], dict[str, Any]] | None = None, variants: Variants | None = None,
                    **adapter_kwargs: Any) -> MethodSpec:
-    """An adapter method: ``add_adapters(model, kind, rank, alpha, target_modules="all-linear")``, AdamW on the adapters."""
+    """An adapter method: ``add_adapters(model, kind, rank, alpha, target_modules="all-linear")``, AdamW on the adapters.
+
+    ``options(settings)`` gives ``add_adapters`` options that depend on the run (AdaLoRA's schedule). The training
+    loop adds ``adapter_loss(model)`` to the loss and calls ``adapter_step(model, step)`` after each optimizer step.
+    """
 
     def build(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
         from galore_plus.adapters import adapter_parameters, add_adapters
 
+        run_options = options(settings) if options is not None else {}
         add_adapters(model, kind, settings.rank, alpha=settings.lora_alpha, target_modules="all-linear", seed=seed,
-                     **adapter_kwargs)
+                     **adapter_kwargs, **run_options)
         return torch.optim.AdamW(adapter_parameters(model), lr=settings.lr, weight_decay=settings.weight_decay)
 
-    return MethodSpec(name, description, build, sets=sets)
+    return MethodSpec(name, description, build, sets=sets, variants=variants)
+
+
+def adalora_schedule(settings: OptimSettings) -> dict[str, Any]:
+    """AdaLoRA's schedule in the main job: initial rank ``--rank``, target ``2/3`` of it (the paper's initial budget
+    of 1.5x the target), budget fixed for the first 10 % of steps, pruned until 80 %, then fixed; peft's other defaults."""
+    return {"target_rank": max(1, 2 * settings.rank // 3), "total_steps": settings.steps,
+            "warmup_steps": settings.steps // 10, "final_steps": settings.steps // 5}
+
+
+def dylora_ranks(model: nn.Module, test_loss: Callable[[nn.Module], float]) -> dict[str, float]:
+    """Test loss of one trained DyLoRA model at ranks r/8, r/4, r/2 and r (those >= 1, without repeats)."""
+    from galore_plus.adapters import DyLoRALinear, set_adapter_rank
+
+    rank = max(layer.rank for layer in model.modules() if isinstance(layer, DyLoRALinear))
+    losses = {}
+    for b in sorted({max(1, rank // 8), max(1, rank // 4), max(1, rank // 2), rank}):
+        set_adapter_rank(model, b)
+        losses[f"rank {b}"] = test_loss(model)
+    set_adapter_rank(model, rank)
+    return losses
 
 
 def _adamw(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
@@ -164,6 +196,31 @@ def _residual_ablation() -> list[MethodSpec]:
     return specs
 
 
+SVD_PLACEMENT = {"projector": "svd", "cross_head": False}
+
+
+def _lever_methods() -> list[MethodSpec]:
+    """Each lever of docs/levers.md alone and together, on GaLore (svd) and on GaLore+; cross-head head counts."""
+    levers = {
+        "mt": ("moment transfer", {"moment_transfer": True}),
+        "frr": ("norm-scaled full-rank residual", {"full_rank_residual": True}),
+        "mt_frr": ("moment transfer + full-rank residual", {"moment_transfer": True, "full_rank_residual": True}),
+        "auto": ("scale='auto'", {"scale": "auto"}),
+        "adaptive": ("adaptive refresh gap", {"adaptive_gap": True}),
+        "adaptive_p1": ("adaptive refresh gap, doubling after 1 stable refresh", {"adaptive_gap": True, "gap_patience": 1}),
+    }
+    specs = []
+    for base, description, placement in (("galore", "GaLore (svd)", SVD_PLACEMENT),
+                                          ("galore_plus", "GaLore+", GALORE_PLUS_PLACEMENT)):
+        for suffix, (lever, keys) in levers.items():
+            specs.append(galore_plus_method(f"{base}_{suffix}", f"{description} + {lever}", sets=("levers",),
+                                            placement=placement, **keys))
+    for heads in (1, 2, 4):
+        specs.append(galore_plus_method(f"galore_plus_heads{heads}", f"GaLore+ with cross-head bases from {heads} head(s)",
+                                        sets=("heads",), placement=GALORE_PLUS_PLACEMENT, cross_head_heads=heads))
+    return specs
+
+
 METHODS: list[MethodSpec] = [
     MethodSpec("adamw", "torch.optim.AdamW, all parameters", _adamw),
     MethodSpec("adamw8bit", "bitsandbytes.optim.AdamW8bit, all parameters", _adamw8bit, requires=("bitsandbytes",),
@@ -180,7 +237,18 @@ METHODS: list[MethodSpec] = [
                        optim_bits=8, residual_mode="exact", sets=("8bit",)),
     adapter_method("lora", "LoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "lora"),
     adapter_method("dora", "DoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "dora"),
+    adapter_method("vera", "VeRA adapters (galore_plus.adapters) on all linear layers, AdamW", "vera", sets=("adapters",)),
+    adapter_method("dvora", "DVoRA adapters (DoRA magnitude + VeRA direction) on all linear layers, AdamW", "dvora",
+                   sets=("adapters",)),
+    adapter_method("hydra", "Hydra adapters (parallel + sequential low-rank branches) on all linear layers, AdamW",
+                   "hydra", sets=("adapters",)),
+    adapter_method("dylora", "DyLoRA adapters (rank sampled per step in [1, r]; test loss at several ranks below), "
+                   "AdamW", "dylora", sets=("adapters",), variants=dylora_ranks),
+    adapter_method("adalora", "AdaLoRA adapters (initial rank r pruned to 2r/3 by importance, orthogonality "
+                   "regulariser; state includes its importance averages), AdamW", "adalora",
+                   sets=("adapters",), options=adalora_schedule),
     *_residual_ablation(),
+    *_lever_methods(),
 ]
 
 ALL_METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in METHODS}

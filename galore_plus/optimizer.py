@@ -9,16 +9,17 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-from .finite import all_finite
-from .group_options import fill_projected_defaults, group_label, validate_plain_group, validate_projected_group
-from .dispatch import lowrank_adam_direction
-from .distributed import is_sharded, step_sharded_weight
-from . import quant
-from .projectors import (
-    Side, basis_generator, compute_basis, project, projection_side, random_orthonormal_basis, due_refresh_index,
+from .checkpoint import checked_state_dict
+from .distributed import LocalLayout, is_sharded, row_shard_layout
+from .group_options import (
+    check_hyperparameters, group_label, keyword_argument_error, plain_adamw_warning, prepare_group,
 )
-from .residual_state import residual_update, write_residual
-from .update import apply_lowrank_update
+from . import quant
+from .refresh_schedule import weight_refresh_count
+from .weight_step import SkippedSteps, StepContext, step_projected_weight
+
+
+CONSTRUCTOR_ARGS = ("params", "lr", "betas", "eps", "weight_decay", "seed", "foreach", "optim_bits")
 
 
 class GaLorePlusAdamW(torch.optim.Optimizer):
@@ -31,9 +32,18 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
     2. R = P^T G or G Q^T;
     3. M, V are Adam moments of R, with bias corrections that use t (never reset at a refresh);
     4. N = (M / (1 - b1^t)) / (sqrt(V / (1 - b2^t)) + eps);
-    5. p <- p (1 - lr wd) - lr scale (P N or N Q).
+    5. p <- p (1 - lr wd) - lr scale (P N or N Q) (the update rule ``"galore"``);
     6. with ``residual_ratio`` > 0 the update at a fixed sparse index set I is replaced by an exact
        (or, with ``residual_mode="paper"``, Algorithm 2's) one; see :mod:`galore_plus.residual`.
+
+    Optional levers, all off by default (docs/levers.md): ``moment_transfer`` (M, V re-expressed in
+    the new basis at a refresh), ``full_rank_residual`` (Fira's norm-scaled residual added to the
+    update), ``adaptive_gap`` (a per-weight gap doubled while the subspace is stable) and
+    ``scale="auto"`` (the update's per-entry RMS matched to the low-rank Adam direction's).
+
+    The order is written once, in :mod:`galore_plus.weight_step`. A step whose values are not
+    finite leaves that weight and its moments unchanged, decided on the device (no host read on a
+    step without a refresh); a warning follows at the next refresh or ``state_dict()``.
 
     ``seed`` seeds every random choice of the projectors together with the parameter's position and
     the refresh count; torch's global RNG is never used.
@@ -53,17 +63,12 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         seed: int = 0,
         foreach: bool | None = None,
         optim_bits: int = 32,
+        **group_keys: Any,
     ):
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if group_keys:
+            raise keyword_argument_error(group_keys, CONSTRUCTOR_ARGS)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        check_hyperparameters(defaults, "GaLorePlusAdamW(...)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         if isinstance(optim_bits, bool) or optim_bits not in (32, 8):
@@ -73,20 +78,22 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         self.optim_bits = optim_bits
         self.seed = seed
         self._warned: set[str] = set()
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        self._skipped = SkippedSteps()
         super().__init__(params, defaults)
+        plain_warning = plain_adamw_warning(self.param_groups)
+        if plain_warning is not None:
+            warnings.warn(plain_warning, UserWarning, stacklevel=2)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Validate a group (filling projector defaults where it has ``rank``) and add it."""
+        """Validate a group (filling projector defaults where it has ``rank``) and add it.
+
+        Unknown keys and invalid values raise, naming the group and key (see :mod:`galore_plus.group_options`).
+        """
         params = param_group["params"]
         if not isinstance(params, set):
             param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        index = len(self.param_groups)
-        if "rank" in param_group:
-            fill_projected_defaults(param_group)
-            validate_projected_group(param_group, index)
-        else:
-            validate_plain_group(param_group, index)
+        for message in prepare_group(param_group, len(self.param_groups), self.defaults):
+            warnings.warn(message, UserWarning, stacklevel=2)
         super().add_param_group(param_group)
 
     @torch.no_grad()
@@ -99,21 +106,35 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             if "rank" not in group:
                 self._step_plain(group)
-        for group_index, group, position, param in self._indexed_params():
+        for group_index, group, position, param in self.indexed_params():
             if "rank" in group and param.grad is not None:
-                if is_sharded(param):
-                    step_sharded_weight(self, param, group, group_index, position)
-                else:
-                    self._step_projected(param, group, group_index, position)
+                self._step_projected(param, group, group_index, position)
         return loss
 
-    def _indexed_params(self) -> Iterator[tuple[int, dict[str, Any], int, Tensor]]:
+    def indexed_params(self) -> Iterator[tuple[int, dict[str, Any], int, Tensor]]:
         """(group index, group, position in the state dict, parameter) for every parameter."""
         position = 0
         for group_index, group in enumerate(self.param_groups):
             for param in group["params"]:
                 yield group_index, group, position, param
                 position += 1
+
+    def refresh_counts(self) -> dict[int, int]:
+        """Basis refreshes done so far by each projected weight, keyed by its position in the state dict."""
+        return {position: weight_refresh_count(self.state[param], group)
+                for _, group, position, param in self.indexed_params() if "rank" in group}
+
+    @torch.no_grad()
+    def step_parameter(self, param: Tensor, group_index: int, position: int) -> None:
+        """The step of one parameter with its current ``.grad``: what ``step()`` does for it.
+
+        ``group_index`` and ``position`` are as given by :meth:`indexed_params`. Used by per-layer mode.
+        """
+        group = self.param_groups[group_index]
+        if "rank" in group:
+            self._step_projected(param, group, group_index, position)
+        else:
+            self._step_plain({**group, "params": [param]})
 
     def _step_plain(self, group: dict[str, Any]) -> None:
         """Torch's AdamW update for the parameters of a group without ``rank``."""
@@ -153,86 +174,43 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         )
 
     def _step_projected(self, param: Tensor, group: dict[str, Any], group_index: int, position: int) -> None:
-        """One GaLore+ step of a 2-D weight; skipped (with a warning) when its low-rank gradient is not finite."""
+        """One GaLore+ step of a 2-D weight (see :mod:`galore_plus.weight_step`), in its layout."""
         grad = param.grad
+        label = group_label(group, group_index)
         if grad.is_sparse or grad.is_complex():
-            raise TypeError(f"{group_label(group, group_index)}, key 'rank': projected weights need dense real gradients, "
+            raise TypeError(f"{label}, key 'rank': projected weights need dense real gradients, "
                             f"got a {'sparse' if grad.is_sparse else 'complex'} gradient")
-        grad = grad.float()
-        state = self.state[param]
-        if group["transposed"]:
-            param, grad = param.t(), grad.t()
-        step = state.get("step", 0) + 1
-        side = projection_side(tuple(grad.shape), group["proj_type"], group["projector"])
-        refresh = due_refresh_index(step, group["update_proj_gap"])
-        if refresh is not None:
-            state["projector"] = self._refreshed_basis(grad, group, side, position, refresh, state.get("projector"))
-        basis = state["projector"]
-        low_rank = project(grad, basis, side)
-        if not bool(all_finite(low_rank)):
-            self._warn_once("grad", f"non-finite gradient in {group_label(group, group_index)}: that weight's step was "
-                                    "skipped (moments, weight and step count unchanged)")
-            return
-        if self.optim_bits == 8:
-            quant.load_moments(state)
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(low_rank)
-            state["exp_avg_sq"] = torch.zeros_like(low_rank)
-        state["step"] = step
-        beta1, beta2 = group["betas"]
-        direction = lowrank_adam_direction(low_rank, state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, group["eps"])
-        residual = residual_update(param, grad, low_rank, direction, side, state, group, step)
-        apply_lowrank_update(param, direction, basis, side, group["lr"], group["weight_decay"], group["scale"])
-        if residual is not None:
-            write_residual(param, residual)
-        if self.optim_bits == 8:
-            quant.store_moments(state)
-
-    def _refreshed_basis(
-        self, grad: Tensor, group: dict[str, Any], side: Side, position: int, refresh_index: int, previous: Tensor | None
-    ) -> Tensor:
-        """A new basis, or a fallback when the gradient or its decomposition is unusable.
-
-        Fallback: the previous basis when there is one, otherwise a random orthonormal basis from
-        the same seeded generator. A warning is given once per optimizer.
-        """
-        rows = group["rank"]
-        expected = (grad.shape[0], rows) if side == "left" else (rows, grad.shape[1])
-        if previous is not None and tuple(previous.shape) != expected:
-            previous = None
-        generator = basis_generator(self.seed, position, refresh_index, grad.device)
-        if bool(all_finite(grad)):
-            try:
-                basis = compute_basis(grad, group, side, generator, previous)
-                if bool(all_finite(basis)):
-                    return basis
-            except torch.linalg.LinAlgError:
-                pass
-        self._warn_once("basis", "a projector refresh failed (non-finite gradient or decomposition did not converge); "
-                                 "kept the previous basis (a random orthonormal one on the first step)")
-        if previous is not None:
-            return previous
-        return random_orthonormal_basis(tuple(grad.shape), rows, side, generator, grad.device)
+        if is_sharded(param):
+            layout = row_shard_layout(param, group, label, self.optim_bits)
+        else:
+            layout = LocalLayout(param, group["transposed"])
+        context = StepContext(self.seed, position, self.optim_bits, label, self._warn_once, self._skipped)
+        step_projected_weight(layout, self.state[param], group, context)
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's state dict; first warns if projected weights' steps were skipped since the last refresh."""
+        self._skipped.report(self._warn_once)
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like torch, but keep projected weights' state in its saved dtype (float32).
+        """Load like torch after checking the checkpoint fits (:mod:`galore_plus.checkpoint`), keeping
+        projected weights' state in its saved dtype (float32).
 
-        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype,
-        which would round the float32 basis and moments of a bfloat16 weight (and, with
+        A foreign checkpoint (galore_torch), another rank or other shapes raise before anything is
+        changed. ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's
+        dtype, which would round the float32 basis and moments of a bfloat16 weight (and, with
         ``optim_bits=8``, the float32 absmax of every 8-bit moment).
         """
+        state_dict = checked_state_dict(self, state_dict)
         super().load_state_dict(state_dict)
-        for group_index, group, position, param in self._indexed_params():
+        for _, group, position, param in self.indexed_params():
             saved = state_dict["state"].get(position)
             if saved is not None and ("rank" in group or self.optim_bits == 8):
                 for key, value in saved.items():
                     if isinstance(value, Tensor):
                         self.state[param][key] = value.to(device=param.device, copy=True)
-            if saved is not None:
-                quantized = self.optim_bits == 8 and ("rank" in group or quant.uses_8bit_adamw(param))
-                quant.check_loaded_moments(saved, quantized, f"{group_label(group, group_index)}, parameter {position}")

@@ -1,0 +1,212 @@
+"""One GaLore+ step of one projected weight: the only place where the order of a step is written.
+
+Every path calls :func:`step_projected_weight`: ``optimizer.step()``, per-layer hooks, the DDP
+communication hook of per-layer mode and FSDP2 row shards. What differs between them is behind a
+:class:`WeightLayout` (``LocalLayout`` and ``RowShardLayout`` in :mod:`galore_plus.distributed`):
+which rows are local, how the rows a refresh reads are gathered, the sum of the left-side low-rank
+gradient over ranks, the cross-rank agreement on finiteness, and how moment zeros are made.
+
+Order of a step: schedule -> refresh (or the stored basis) -> R = P^T G | G Q^T -> moments (8-bit:
+dequantised) -> refresh hooks -> Adam direction N -> finiteness -> sparse residual at I -> update
+rule -> residual written -> moments stored (8-bit: quantised).
+
+A step without a refresh reads nothing on the host: finiteness is a 0-d bool tensor on the device.
+When R, N or V is not finite, ``torch.where`` keeps the old moments, N is zeroed and the update
+rule leaves the weight unchanged (the residual likewise keeps its moments and p at I). The step
+still counts in t (the schedule and bias corrections are host ints), and each skip adds one to a
+device-side counter (:class:`SkippedSteps`) that is read, with one warning per optimizer, at the
+next refresh or ``state_dict()``.
+
+Extension points (plain dicts, lists and functions):
+
+* a projector: an entry of ``projectors.PROJECTORS`` (a :class:`~galore_plus.projectors.Projector`:
+  basis function, the gradient rows it reads, fixed side, whether the basis is stored);
+* an update rule: an entry of ``update_rules.UPDATE_RULES``, chosen by the group's ``update_rule``;
+* a refresh hook: a function listed in :data:`REFRESH_HOOKS` (moment transfer is one),
+  ``hook(exp_avg, exp_avg_sq, previous, basis, side, state, group)``, called at every refresh that
+  replaces a basis, with this process's float32 moments (written in place, e.g. a change of
+  coordinates into the new basis) and the old and new whole bases;
+* the schedule: :func:`basis_schedule` (a per-weight gap kept in ``state`` is read there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from . import quant
+from .dispatch import lowrank_adam_direction
+from .finite import all_finite
+from .moment_transfer import transfer_moments_at_refresh
+from .projectors import PROJECTORS, Shape, Side, basis_generator, project, projection_side
+from .refresh import Warn, refreshed_basis
+from .refresh_schedule import after_refresh, max_gap, overlap_value, schedule_from_state, store_schedule
+from .residual_state import residual_update, write_residual
+from .update_rules import UPDATE_RULES, UpdateInputs
+
+RefreshHook = Callable[[Tensor, Tensor, Tensor, Tensor, Side, dict[str, Any], dict[str, Any]], None]
+
+REFRESH_HOOKS: list[RefreshHook] = [transfer_moments_at_refresh]
+
+
+class WeightLayout(Protocol):
+    """Where one weight's rows live; (m, n) is the weight as projected (transposed groups already transposed)."""
+
+    shape: Shape
+    device: torch.device
+
+    def weight(self) -> Tensor:
+        """This process's rows of the weight, a view written in place."""
+
+    def gradient(self) -> Tensor:
+        """This process's rows of the gradient, float32."""
+
+    def read_rows(self, rows: Tensor | None) -> Tensor:
+        """The float32 gradient rows ``rows`` (all rows when None), the same on every process."""
+
+    def local_basis(self, basis: Tensor, side: Side) -> Tensor:
+        """The part of a whole basis that multiplies this process's rows."""
+
+    def reduce_low_rank(self, low_rank: Tensor, side: Side) -> Tensor:
+        """The low-rank gradient of the whole weight from this process's part of it."""
+
+    def all_ranks(self, flag: Tensor) -> Tensor:
+        """A 0-d bool tensor that is True only when ``flag`` is True on every process."""
+
+    def moment_zeros(self, low_rank: Tensor, side: Side) -> Tensor:
+        """Zeros to start a moment of this low-rank gradient (sharded like the weight where it is)."""
+
+    def local(self, moment: Tensor) -> Tensor:
+        """This process's part of a moment, a view written in place."""
+
+
+class SkippedSteps:
+    """Device-side counts of skipped weight steps per parameter group; only :meth:`report` reads them."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, torch.device], Tensor] = {}
+
+    def add(self, label: str, kept: Tensor) -> None:
+        """Count one skipped step of a weight of group ``label`` when the 0-d bool ``kept`` is False."""
+        key = (label, kept.device)
+        if key in self.counts:
+            self.counts[key].add_(~kept)
+        else:
+            self.counts[key] = (~kept).to(torch.int64)
+
+    def report(self, warn: Warn) -> None:
+        """Read the counts (a host synchronisation), warn if any step was skipped, and reset them."""
+        skipped = {}
+        for (label, _), count in self.counts.items():
+            skipped[label] = skipped.get(label, 0) + int(count)
+        self.counts.clear()
+        skipped = {label: count for label, count in skipped.items() if count}
+        if skipped:
+            where = ", ".join(f"{label} ({count})" for label, count in skipped.items())
+            warn("grad", f"non-finite values (gradient, or moments overflowing) in weight steps of {where}: "
+                         "those steps were skipped (moments, residual and weight unchanged; the step still counts)")
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a weight's step needs from its optimizer: seeding, bit width, names for messages, warnings."""
+
+    seed: int
+    position: int
+    optim_bits: int
+    label: str
+    warn: Warn
+    skipped: SkippedSteps
+
+
+def basis_schedule(state: dict[str, Any], group: dict[str, Any], step: int) -> tuple[int, bool]:
+    """(refresh count of the basis used at step t >= 1, whether step t computes it).
+
+    Fixed gap: t - 1 = count * gap + 0. Adaptive gap (``adaptive_gap``): the weight's own
+    :class:`~galore_plus.refresh_schedule.RefreshSchedule` in ``state`` says when.
+    """
+    if group["adaptive_gap"]:
+        schedule = schedule_from_state(state, group["update_proj_gap"])
+        refresh = step >= schedule.next_step
+        return (schedule.count if refresh else schedule.count - 1), refresh
+    gap = group["update_proj_gap"]
+    return (step - 1) // gap, (step - 1) % gap == 0
+
+
+def record_refresh(state: dict[str, Any], group: dict[str, Any], step: int, previous: Tensor | None, basis: Tensor | None,
+                   side: Side) -> None:
+    """After a refresh at step t: advance an adaptive schedule (reads the subspace overlap on the host, at a refresh only)."""
+    if not group["adaptive_gap"]:
+        return
+    overlap = overlap_value(previous, basis, side)
+    largest = max_gap(group["update_proj_gap"], group["max_update_proj_gap"])
+    schedule = schedule_from_state(state, group["update_proj_gap"])
+    store_schedule(state, after_refresh(schedule, step, overlap, group["gap_overlap_threshold"],
+                                        group["gap_patience"], largest))
+
+
+def step_basis(
+    layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], side: Side, step: int, context: StepContext
+) -> tuple[Tensor, Tensor | None]:
+    """(basis of this step, the basis it replaced at a refresh, else None).
+
+    A stored basis is recomputed when the schedule says so, from the gradient rows its projector
+    reads; a projector that stores none regenerates it every step from the seeded generator.
+    """
+    projector = PROJECTORS[group["projector"]]
+    count, refresh = basis_schedule(state, group, step)
+    generator = basis_generator(context.seed, context.position, count, layout.device)
+    if not projector.stores_basis:
+        if refresh:
+            record_refresh(state, group, step, None, None, side)
+        return projector.basis(None, layout.shape, group, side, generator, None), None
+    if not refresh:
+        return state["projector"], None
+    context.skipped.report(context.warn)
+    previous = state.get("projector")
+    rows = projector.rows(group, layout.shape, generator)
+    read = layout.read_rows(rows)
+    state["projector"] = refreshed_basis(read, layout.shape, group, side, generator, previous, context.warn,
+                                         check_read=rows is not None)
+    record_refresh(state, group, step, previous, state["projector"], side)
+    return state["projector"], previous
+
+
+def step_projected_weight(
+    layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext
+) -> None:
+    """One GaLore+ step of a 2-D weight; a step with non-finite values changes nothing but t (see module docs)."""
+    step = state.get("step", 0) + 1
+    side = projection_side(layout.shape, group["proj_type"], group["projector"])
+    basis, previous = step_basis(layout, state, group, side, step, context)
+    local_basis = layout.local_basis(basis, side)
+    grad = layout.gradient()
+    low_rank = layout.reduce_low_rank(project(grad, local_basis, side), side)
+    stored = quant.load_moments(state) if context.optim_bits == 8 else {}
+    if "exp_avg" not in state:
+        state["exp_avg"] = layout.moment_zeros(low_rank, side)
+        state["exp_avg_sq"] = layout.moment_zeros(low_rank, side)
+    moments = layout.local(state["exp_avg"]), layout.local(state["exp_avg_sq"])
+    if previous is not None:
+        for hook in REFRESH_HOOKS:
+            hook(*moments, previous, basis, side, state, group)
+    before = [moment.clone() for moment in moments]
+    state["step"] = step
+    beta1, beta2 = group["betas"]
+    direction = lowrank_adam_direction(low_rank, *moments, step, beta1, beta2, group["eps"])
+    finite = layout.all_ranks(all_finite(low_rank, direction, moments[1]))
+    for moment, old in zip(moments, before):
+        moment.copy_(torch.where(finite, moment, old))
+    direction = torch.where(finite, direction, 0.0)
+    weight = layout.weight()
+    residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite)
+    UPDATE_RULES[group["update_rule"]](UpdateInputs(weight, layout.shape, grad, low_rank, direction, local_basis, side, step, finite),
+                                       state, group)
+    if residual is not None:
+        write_residual(weight, residual)
+    context.skipped.add(context.label, finite if residual is None else residual.finite)
+    if context.optim_bits == 8:
+        quant.store_moments(state, stored, finite)
