@@ -1,0 +1,123 @@
+"""APOLLO's update rule against apollo_torch.APOLLOAdamW on the same gradients and the same basis."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from galore_plus.apollo_update import (
+    apollo_direction, apollo_step_size, apollo_update, apply_dense_update, gradient_scaling, limit_norm_growth,
+)
+from galore_plus.lowrank_adam import update_moments
+from galore_plus.projectors import project
+
+BETAS = (0.9, 0.999)
+EPS = 1e-6
+
+
+def growing_gradients(shape: tuple[int, int], steps: int, seed: int) -> list[torch.Tensor]:
+    """Gradients whose norm grows 1.5x per step from step 4 on, so the norm-growth limiter acts."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) * 1e-2 * 1.5 ** max(0, t - 3) for t in range(steps)]
+
+
+def run_apollo_torch(weight, grads, rank, scale_type, scale, gap, lr, weight_decay=0.0):
+    """apollo_torch's weights after each step and the basis it used at each step."""
+    apollo_torch = pytest.importorskip("apollo_torch")
+    param = torch.nn.Parameter(weight.clone())
+    group = {"params": [param], "rank": rank, "proj": "random", "scale_type": scale_type, "scale": scale,
+             "update_proj_gap": gap, "proj_type": "std"}
+    optimizer = apollo_torch.APOLLOAdamW([group], lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay)
+    weights, bases = [], []
+    for grad in grads:
+        param.grad = grad.clone()
+        optimizer.step()
+        weights.append(param.detach().clone())
+        bases.append(optimizer.state[param]["projector"].ortho_matrix.clone())
+    return weights, bases
+
+
+def run_ours(weight, grads, bases, scale_type, scale, lr, weight_decay=0.0):
+    """Our pure functions on the same gradients and bases: weights after each step, and whether the limiter acted."""
+    side = "right" if weight.shape[0] >= weight.shape[1] else "left"
+    weight = weight.clone()
+    exp_avg = exp_avg_sq = previous_norm = None
+    weights, limited = [], []
+    for step, (grad, basis) in enumerate(zip(grads, bases), start=1):
+        low_rank = project(grad, basis, side)
+        if exp_avg is None:
+            exp_avg, exp_avg_sq = torch.zeros_like(low_rank), torch.zeros_like(low_rank)
+        update_moments(low_rank, exp_avg, exp_avg_sq, *BETAS)
+        direction = apollo_direction(exp_avg, exp_avg_sq, EPS)
+        unlimited = float((grad * gradient_scaling(direction, low_rank, side, scale_type)).norm())
+        update, previous_norm = apollo_update(grad, low_rank, direction, side, scale_type, scale, previous_norm)
+        limited.append(float(previous_norm) < unlimited * (1 - 1e-4))
+        apply_dense_update(weight, update, apollo_step_size(lr, step, *BETAS), 1 - lr * weight_decay)
+        weights.append(weight.clone())
+    return weights, limited
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(m=st.integers(2, 40), n=st.integers(2, 40), rank_fraction=st.floats(0.0, 1.0),
+       scale_type=st.sampled_from(["channel", "tensor"]), scale=st.sampled_from([1.0, 128.0]),
+       seed=st.integers(0, 2**16))
+def test_equals_apollo_torch_on_the_same_basis(m, n, rank_fraction, scale_type, scale, seed):
+    rank = max(1, round(rank_fraction * min(m, n)))
+    weight = torch.randn(m, n, generator=torch.Generator().manual_seed(seed + 1))
+    grads = growing_gradients((m, n), 8, seed)
+    theirs, bases = run_apollo_torch(weight, grads, rank, scale_type, scale, gap=3, lr=1e-2)
+    ours, limited = run_ours(weight, grads, bases, scale_type, scale, lr=1e-2)
+    assert not torch.equal(bases[0], bases[3])  # the basis was refreshed at step 4
+    assert any(limited)
+    for step, (mine, reference) in enumerate(zip(ours, theirs), start=1):
+        moved = float((reference - weight).abs().max())
+        assert moved > 1e-3, f"step {step}: the weights did not move"
+        assert torch.allclose(mine, reference, rtol=0, atol=2e-5 * moved), f"step {step}"
+
+
+def test_apollo_mini_rank_one_tensor_scaling_equals_apollo_torch():
+    weight = torch.randn(64, 48, generator=torch.Generator().manual_seed(3))
+    grads = growing_gradients((64, 48), 10, 4)
+    theirs, bases = run_apollo_torch(weight, grads, 1, "tensor", 128.0, gap=200, lr=1e-2)
+    ours, _ = run_ours(weight, grads, bases, "tensor", 128.0, lr=1e-2)
+    moved = float((theirs[-1] - weight).abs().max())
+    assert moved > 1e-2
+    assert torch.allclose(ours[-1], theirs[-1], rtol=0, atol=2e-5 * moved)
+
+
+def test_weight_decay_is_applied_to_the_old_weight_where_apollo_torch_decays_the_updated_one():
+    """One step: ours = w (1 - lr wd) - a U and theirs = (w - a U)(1 - lr wd), so ours = theirs / (1 - lr wd) - lr wd w."""
+    lr, weight_decay = 1e-2, 0.5
+    weight = torch.randn(20, 12, generator=torch.Generator().manual_seed(5))
+    grads = growing_gradients((20, 12), 1, 6)
+    theirs, bases = run_apollo_torch(weight, grads, 4, "channel", 1.0, gap=200, lr=lr, weight_decay=weight_decay)
+    ours, _ = run_ours(weight, grads, bases, "channel", 1.0, lr=lr, weight_decay=weight_decay)
+    decay = lr * weight_decay
+    expected = theirs[0] / (1 - decay) - decay * weight
+    assert float((ours[0] - theirs[0]).abs().max()) > 1e-4  # the orders differ measurably
+    assert torch.allclose(ours[0], expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("side, factor_shape", [("right", (30, 1)), ("left", (1, 20))])
+def test_channel_scaling_is_one_factor_per_unprojected_channel_in_float64(side, factor_shape):
+    """Dense float64 check: factor j is ||N_j|| / (||R_j|| + 1e-8) over the channel's low-rank entries."""
+    generator = torch.Generator().manual_seed(0)
+    low_rank = torch.randn((30, 4) if side == "right" else (4, 20), generator=generator, dtype=torch.float64)
+    direction = torch.randn(low_rank.shape, generator=generator, dtype=torch.float64)
+    factor = gradient_scaling(direction, low_rank, side, "channel")
+    assert factor.shape == factor_shape
+    rows = low_rank if side == "right" else low_rank.t()
+    directions = direction if side == "right" else direction.t()
+    expected = [math.sqrt(float((d * d).sum())) / (math.sqrt(float((r * r).sum())) + 1e-8) for r, d in zip(rows, directions)]
+    assert torch.allclose(factor.flatten(), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_limiter_caps_growth_at_1_01_and_leaves_shrinking_updates_alone():
+    update = torch.full((3, 3), 2.0)
+    limited, norm = limit_norm_growth(update.clone(), torch.tensor(1.0))
+    assert math.isclose(float(norm), 1.01, rel_tol=1e-6)
+    assert math.isclose(float(limited.norm()), 1.01, rel_tol=1e-6)
+    kept, kept_norm = limit_norm_growth(update.clone(), torch.tensor(100.0))
+    assert torch.equal(kept, update) and math.isclose(float(kept_norm), 6.0, rel_tol=1e-6)
