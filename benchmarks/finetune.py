@@ -1,7 +1,12 @@
-"""The main job: fine-tune a small pre-trained LLaMA with every method and compare loss, time and memory.
+"""The main job: train a small LLaMA with every method, each at its own validated learning rate; compare test loss, time and memory.
 
-Run ``python -m benchmarks.finetune --help`` for the flags; docs/benchmarks.md explains the setup,
-the measurements and the latest results. Nothing is downloaded: the corpora ship with Python.
+Two regimes: ``finetune`` (default) fine-tunes a cached pre-trained model on the English help
+topics of ``pydoc_data``; ``pretrain`` trains the same architecture from scratch on the standard
+library's sources. For each method, every learning rate of the grid is run with the first seed and
+the one with the lowest validation loss is kept; the other seeds then run at that learning rate,
+and the table reports the loss on a separate test split. Run with ``--help`` for the flags;
+docs/benchmarks.md explains the setup, the measurements and the latest results. Nothing is
+downloaded: the corpora ship with Python.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import platform
 import sys
@@ -16,47 +22,102 @@ import time
 from dataclasses import asdict
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from .methods import ALL_METHODS, METHOD_SETS, MethodSpec, OptimSettings, resolve_methods, unavailable_reason
+from .methods import ALL_METHODS, MethodSpec, OptimSettings, method_sets, resolve_methods, unavailable_reason
 from .models import MODEL_SIZES, max_rank
-from .report import ablation_markdown, markdown_table, summarize, write_plots, write_tables
-from .text_data import eval_windows, pydoc_topic_bytes
-from .training import FinetuneSettings, PretrainSettings, finetune_run, pretrained_state
+from .report import add_gaps, choose_lr, lr_sweep_markdown, markdown_table, summarize, write_plots, write_tables
+from .text_data import eval_windows, pydoc_topic_splits, stdlib_source_splits
+from .training import LoopSettings, PretrainSettings, pretrained_state, train_run
+
+REGIMES = ("finetune", "pretrain")
+DEFAULT_STEPS = {"finetune": 150, "pretrain": 300}
+DEFAULT_LR_GRID = {"finetune": (1e-3, 3e-3, 1e-2, 3e-2), "pretrain": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)}
+HELDOUT_BYTES = 32_000  # validation and test bytes each, pre-training regime
+
+
+def _grid_text(grid: tuple[float, ...]) -> str:
+    return " ".join(f"{lr:g}" for lr in grid)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.finetune", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model-size", choices=list(MODEL_SIZES), default="small", help="decoder size (see benchmarks/models.py)")
-    parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps per method and seed")
-    parser.add_argument("--rank", type=int, default=32, help="rank of every low-rank method (GaLore, GaLore+, LoRA, DoRA)")
-    parser.add_argument("--methods", nargs="+", default=["all"],
-                        help=f"method names or sets ({', '.join(METHOD_SETS)}); methods: {', '.join(ALL_METHODS)}")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="fine-tuning seeds (data order, adapter init, projector seed)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--out", default=os.path.join("results", "finetune"), help="output folder")
-    parser.add_argument("--cache-dir", default=os.path.join("results", "cache"), help="folder of the pre-trained model cache")
-    parser.add_argument("--resume", action="store_true", help="keep the finished (method, seed) runs found in --out")
-    parser.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size (windows)")
-    parser.add_argument("--seq-len", type=int, default=128, help="bytes per window")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every method (cosine schedule)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.finetune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--regime", choices=REGIMES, default="finetune",
+                        help="finetune: a cached pre-trained model fine-tuned on pydoc topics; pretrain: every method "
+                             "trains the model from scratch on the stdlib sources (default: %(default)s)")
+    parser.add_argument("--model-size", choices=list(MODEL_SIZES), default="small",
+                        help="decoder size, see benchmarks/models.py (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per run (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
+    parser.add_argument("--rank", type=int, default=32,
+                        help="rank of every low-rank method: GaLore-type, LoRA, DoRA (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=["default"],
+                        help=f"method names or sets ({', '.join(method_sets())}) (default: default); "
+                             f"methods: {', '.join(ALL_METHODS)}")
+    learning_rate = parser.add_mutually_exclusive_group()
+    learning_rate.add_argument("--lr-grid", nargs="+", type=float, default=None,
+                               help="peak learning rates tried for every method; each method keeps the one with the "
+                                    "lowest validation loss (default: " + "; ".join(
+                                        f"{k} {_grid_text(v)}" for k, v in DEFAULT_LR_GRID.items()) + ")")
+    learning_rate.add_argument("--lr", type=float, default=None,
+                               help="one peak learning rate for every method, no selection (instead of --lr-grid)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="seeds (data order, initialisation, projector and adapter seeds); the first one selects the "
+                             "learning rate (default: 0 1 2)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--out", default=None, help="output folder (default: results/<regime>)")
+    parser.add_argument("--cache-dir", default=os.path.join("results", "cache"),
+                        help="folder of the pre-trained model cache (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="keep the finished runs found in --out")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size in windows (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=128, help="bytes per window (default: %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: steps // 10)")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of every method")
-    parser.add_argument("--update-proj-gap", type=int, default=50, help="steps between projector refreshes (GaLore, GaLore+)")
-    parser.add_argument("--scale", type=float, default=0.25, help="GaLore/GaLore+ update scale")
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="decoupled weight decay of every method (default: %(default)s)")
+    parser.add_argument("--update-proj-gap", type=int, default=50,
+                        help="steps between projector refreshes of the GaLore-type methods (default: %(default)s)")
+    parser.add_argument("--scale", type=float, default=0.25,
+                        help="update scale of the GaLore-type methods, Fira's alpha (default: %(default)s)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA/DoRA alpha (default: rank, i.e. scaling 1)")
-    parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
-    parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows evaluated")
-    parser.add_argument("--pretrain-steps", type=int, default=600, help="pre-training steps on the stdlib sources")
-    parser.add_argument("--pretrain-batch-size", type=int, default=16)
-    parser.add_argument("--pretrain-lr", type=float, default=3e-3)
-    parser.add_argument("--pretrain-bytes", type=int, default=4_000_000, help="bytes of stdlib sources used for pre-training")
+    parser.add_argument("--eval-every", type=int, default=25,
+                        help="steps between validation evaluations, the loss curves (default: %(default)s)")
+    parser.add_argument("--eval-windows", type=int, default=64,
+                        help="validation windows, and test windows (default: %(default)s each)")
+    parser.add_argument("--pretrain-steps", type=int, default=600,
+                        help="finetune regime: steps of the cached pre-training (default: %(default)s)")
+    parser.add_argument("--pretrain-batch-size", type=int, default=16,
+                        help="finetune regime: batch of the cached pre-training (default: %(default)s)")
+    parser.add_argument("--pretrain-lr", type=float, default=3e-3,
+                        help="finetune regime: AdamW learning rate of the cached pre-training (default: %(default)s)")
+    parser.add_argument("--pretrain-bytes", type=int, default=4_000_000,
+                        help="bytes of stdlib sources to train on: the cached pre-training, or the pretrain regime "
+                             "(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (0: torch's default). On a small or shared CPU, threads beyond the "
-                             "free cores make every matmul wait on the others, so 1 gives the steadiest timings")
+                        help="torch intra-op threads, 0 for torch's default. On a small or shared CPU, threads beyond "
+                             "the free cores make every matmul wait on the others, so 1 gives the steadiest timings "
+                             "(default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on the regime or the machine."""
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS[args.regime]
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.out is None:
+        args.out = os.path.join("results", args.regime)
+
+
+def lr_grid(args: argparse.Namespace, spec: MethodSpec) -> tuple[float, ...]:
+    """The learning rates tried for ``spec``: ``--lr``, else ``--lr-grid``, else its own grid or the regime's default."""
+    if args.lr is not None:
+        return (args.lr,)
+    if args.lr_grid is not None:
+        return tuple(args.lr_grid)
+    return spec.lr_grid or DEFAULT_LR_GRID[args.regime]
 
 
 def _require_positive(args: argparse.Namespace, *names: str) -> None:
@@ -88,8 +149,12 @@ def validate(args: argparse.Namespace) -> list[MethodSpec]:
     if args.rank > max_rank(args.model_size):
         raise ValueError(f"--rank {args.rank} is larger than model size {args.model_size!r} allows: its smallest linear "
                          f"side is {max_rank(args.model_size)}; lower --rank or pick a larger --model-size")
-    if args.lr <= 0 or args.pretrain_lr <= 0:
-        raise ValueError(f"--lr and --pretrain-lr must be > 0, got {args.lr} and {args.pretrain_lr}")
+    rates = [("--lr", args.lr), ("--pretrain-lr", args.pretrain_lr)] + [("--lr-grid", lr) for lr in args.lr_grid or ()]
+    for flag, lr in rates:
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"{flag} must be > 0, got {lr}")
+    if args.lr_grid is not None and len(set(args.lr_grid)) != len(args.lr_grid):
+        raise ValueError(f"--lr-grid has repeats: {args.lr_grid}")
     if args.weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.warmup_steps is not None and not 0 <= args.warmup_steps <= args.steps:
@@ -108,13 +173,14 @@ def validate(args: argparse.Namespace) -> list[MethodSpec]:
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    """The settings a finished run depends on (compared on --resume)."""
-    skip = {"methods", "seeds", "out", "resume", "quiet", "cache_dir"}
+    """The settings a finished run depends on (compared on --resume). A run file is named by its method, lr and
+    seed, so --methods, --seeds, --lr and --lr-grid may change between resumed invocations."""
+    skip = {"methods", "seeds", "lr", "lr_grid", "out", "resume", "quiet", "cache_dir"}
     return {key: value for key, value in sorted(vars(args).items()) if key not in skip}
 
 
-def _run_path(out: str, method: str, seed: int) -> str:
-    return os.path.join(out, "runs", f"{method}__seed{seed}.json")
+def _run_path(out: str, method: str, lr: float, seed: int) -> str:
+    return os.path.join(out, "runs", f"{method}__lr{lr:g}__seed{seed}.json")
 
 
 def prepare_out(args: argparse.Namespace, settings: dict) -> None:
@@ -136,10 +202,11 @@ def prepare_out(args: argparse.Namespace, settings: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the comparison; return ``{"rows": summary rows, "runs": per-seed runs, "files": written paths}``."""
+    """Run the comparison; return ``{"rows": summary rows, "runs": every run, "files": written paths}``."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    resolve_defaults(args)
     settings = run_settings(args)
     try:
         specs = validate(args)
@@ -155,57 +222,77 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(previous_threads)
 
 
+def regime_data(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Tensor] | None, Tensor, Tensor, Tensor, dict]:
+    """(initial model state or None for from scratch, train bytes, validation windows, test windows, notes for the record)."""
+    if args.regime == "pretrain":
+        train, validation, test = stdlib_source_splits(args.pretrain_bytes, HELDOUT_BYTES)
+        initial_state, notes = None, {}
+    else:
+        pretrain = PretrainSettings(args.model_size, args.seq_len, args.pretrain_steps, args.pretrain_batch_size,
+                                    args.pretrain_lr, args.pretrain_bytes, seed=0, python=platform.python_version())
+        initial_state, cached = pretrained_state(pretrain, args.cache_dir, device, not args.quiet)
+        train, validation, test = pydoc_topic_splits()
+        notes = {"pretrain": asdict(pretrain), "pretrain_cached": cached}
+    windows = [eval_windows(part, args.seq_len, args.eval_windows) for part in (validation, test)]
+    return initial_state, train, windows[0], windows[1], notes
+
+
 def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict, command: str) -> dict:
-    """Pre-train (or load the cache), fine-tune every (method, seed), write the tables and plots."""
+    """Train every (method, lr) with the first seed, keep each method's best lr on validation, run the other seeds
+    there; write the tables and plots."""
     started = time.perf_counter()
     device = torch.device(args.device)
-    progress = not args.quiet
-    pretrain = PretrainSettings(args.model_size, args.seq_len, args.pretrain_steps, args.pretrain_batch_size,
-                                args.pretrain_lr, args.pretrain_bytes, seed=0, python=platform.python_version())
-    base_state, pretrain_cached = pretrained_state(pretrain, args.cache_dir, device, progress)
-    train_data, heldout_data = pydoc_topic_bytes()
-    windows = eval_windows(heldout_data, args.seq_len, args.eval_windows)
-    optim_settings = OptimSettings(args.lr, args.weight_decay, args.rank, args.update_proj_gap, args.scale, args.lora_alpha)
-    loop = FinetuneSettings(args.steps, args.batch_size, args.seq_len,
-                            args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
-                            args.eval_every, eval_batch_size=32)
+    initial_state, train_data, validation_windows, test_windows, notes = regime_data(args, device)
+    loop = LoopSettings(args.steps, args.batch_size, args.seq_len,
+                        args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
+                        args.eval_every, eval_batch_size=32)
 
-    runs = []
-    for spec in tqdm(specs, desc="methods", disable=not progress):
+    def one_run(spec: MethodSpec, lr: float, seed: int) -> dict:
+        path = _run_path(args.out, spec.name, lr, seed)
+        if args.resume and os.path.exists(path):
+            with open(path) as handle:
+                return json.load(handle)
+        optim_settings = OptimSettings(lr, args.weight_decay, args.rank, args.update_proj_gap, args.scale, args.lora_alpha)
+        try:
+            record = train_run(spec, seed, initial_state, args.model_size, optim_settings, loop, train_data,
+                               validation_windows, test_windows, device, not args.quiet)
+        except Exception as error:  # a broken method is reported in the table (and retried on --resume)
+            record = {"method": spec.name, "seed": seed, "lr": lr, "status": "failed",
+                      "reason": f"{type(error).__name__}: {error}"}
+            tqdm.write(f"{spec.name} lr {lr:g} seed {seed}: failed: {record['reason']}")
+            return record
+        tqdm.write(f"{spec.name} lr {lr:g} seed {seed}: validation {record['validation_loss']:.4f}, "
+                   f"test {record['test_loss']:.4f}, {record['train_seconds']:.1f} s")
+        with open(path, "w") as handle:
+            json.dump(record, handle)
+        return record
+
+    runs, chosen = [], {}
+    selection_seed, other_seeds = args.seeds[0], args.seeds[1:]
+    for spec in tqdm(specs, desc="methods", disable=args.quiet):
         reason = unavailable_reason(spec)
-        for seed in args.seeds:
-            if reason is not None:
-                runs.append({"method": spec.name, "seed": seed, "status": "unavailable", "reason": reason})
-                continue
-            path = _run_path(args.out, spec.name, seed)
-            if args.resume and os.path.exists(path):
-                with open(path) as handle:
-                    runs.append(json.load(handle))
-                continue
-            try:
-                record = finetune_run(spec, seed, base_state, args.model_size, optim_settings, loop, train_data, windows,
-                                      device, progress)
-            except Exception as error:  # a broken method is reported in the table (and retried on --resume)
-                record = {"method": spec.name, "seed": seed, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
-                tqdm.write(f"{spec.name} seed {seed}: failed: {record['reason']}")
-            else:
-                tqdm.write(f"{spec.name} seed {seed}: held-out loss {record['heldout_loss']:.4f}, "
-                           f"{record['train_seconds']:.1f} s")
-                with open(path, "w") as handle:
-                    json.dump(record, handle)
-            runs.append(record)
+        if reason is not None:
+            runs.append({"method": spec.name, "seed": selection_seed, "lr": None, "status": "unavailable", "reason": reason})
+            continue
+        grid = lr_grid(args, spec)
+        runs.extend(one_run(spec, lr, selection_seed) for lr in grid)
+        chosen[spec.name] = choose_lr([run for run in runs if run["method"] == spec.name])
+        if chosen[spec.name] is not None:
+            runs.extend(one_run(spec, chosen[spec.name], seed) for seed in other_seeds)
 
-    rows = [summarize(spec.name, [run for run in runs if run["method"] == spec.name]) for spec in specs]
-    meta = dict(settings, methods=[spec.name for spec in specs], seeds=args.seeds, pretrain=asdict(pretrain),
-                pretrain_cached=pretrain_cached, torch=torch.__version__, machine=platform.machine(),
-                cpus=os.cpu_count(), command=command, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                seconds=time.perf_counter() - started)
+    rows = [summarize(spec.name, [run for run in runs if run["method"] == spec.name], chosen.get(spec.name),
+                      lr_grid(args, spec), spec.description) for spec in specs]
+    add_gaps(rows, runs)
+    meta = dict(settings, **notes, methods=[spec.name for spec in specs], seeds=args.seeds, torch=torch.__version__,
+                machine=platform.machine(), cpus=os.cpu_count(), command=command,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seconds=time.perf_counter() - started)
     files = write_tables(rows, runs, meta, args.out)
-    files.update({os.path.basename(path): path for path in write_plots(rows, runs, args.out)})
+    files.update({os.path.basename(path): path for path in write_plots(rows, runs, selection_seed, args.out)})
     print(markdown_table(rows))
-    print(ablation_markdown(rows))
-    print(f"{meta['seconds']:.0f} s in all (pre-training {'loaded from cache' if pretrain_cached else 'included'}); "
-          "wrote " + ", ".join(sorted(files.values())))
+    print(lr_sweep_markdown(rows, runs, selection_seed))
+    cached = notes.get("pretrain_cached")
+    print(f"{meta['seconds']:.0f} s in all" + ("" if cached is None else
+          f" (pre-training {'loaded from cache' if cached else 'included'})") + "; wrote " + ", ".join(sorted(files.values())))
     return {"rows": rows, "runs": runs, "files": files}
 
 

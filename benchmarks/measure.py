@@ -54,7 +54,8 @@ class RefreshTimer:
     """Accumulated seconds spent in projector refreshes while :meth:`patched` is active.
 
     Wraps, for the duration of the context, ``galore_plus``'s ``compute_basis`` wherever a
-    ``galore_plus`` module imported it, and ``galore_torch``'s ``GaLoreProjector.get_orthogonal_matrix``.
+    ``galore_plus`` module imported it, ``galore_torch``'s ``GaLoreProjector.get_orthogonal_matrix`` and
+    ``fira``'s ``GradientProjector.get_orthogonal_matrix``.
     The optimizer code itself is not changed.
     """
 
@@ -82,9 +83,11 @@ class RefreshTimer:
             for name, module in list(sys.modules.items()):
                 if name.startswith("galore_plus") and getattr(module, "compute_basis", None) is original:
                     targets.append((module, "compute_basis"))
-        galore_torch_projector = sys.modules.get("galore_torch.galore_projector")
-        if galore_torch_projector is not None:
-            targets.append((galore_torch_projector.GaLoreProjector, "get_orthogonal_matrix"))
+        for module_name, class_name in (("galore_torch.galore_projector", "GaLoreProjector"),
+                                        ("fira.gradient_projection", "GradientProjector")):
+            module = sys.modules.get(module_name)
+            if module is not None:
+                targets.append((getattr(module, class_name), "get_orthogonal_matrix"))
         return targets
 
     @contextmanager

@@ -1,41 +1,44 @@
-"""The fine-tuning methods the benchmark compares, and how each one's optimizer is built.
+"""The methods the main job compares: one :class:`MethodSpec` per method in :data:`METHODS`.
 
-A method is a :class:`MethodSpec`; :func:`unavailable_reason` says why one cannot run here (a
-missing package, or a feature of ``galore_plus`` that does not exist yet), and
-:func:`build_optimizer` makes its optimizer for a fresh model (adding adapters for LoRA/DoRA).
+A method is a name, a one-line description, a builder that makes its optimizer for a fresh model
+(adding adapters first where the method trains adapters), the packages it needs, and the method
+sets it belongs to. Nothing else in the benchmark knows about individual methods.
+
+How to add a method (one entry in :data:`METHODS`, nothing else):
+
+* a GaLorePlusAdamW variant: ``galore_plus_method("name", "what it is", sets=("levers",), my_key=True)``
+  (extra keyword arguments become keys of every projected group; ``placement=`` overrides
+  ``make_param_groups`` arguments; ``optim_bits=8`` goes to the constructor);
+* an adapter method: ``adapter_method("name", "what it is", "kind")`` (``add_adapters(model, kind, ...)``);
+* anything else: ``MethodSpec("name", "what it is", build=my_builder, requires=("package",))`` with
+  ``my_builder(model, settings, seed) -> torch.optim.Optimizer``.
+
+A method whose package is missing, or whose GaLorePlusAdamW group keys do not exist (yet), is
+listed as unavailable with the reason (:func:`unavailable_reason`), never replaced. ``sets``:
+``default`` methods run without ``--methods`` (the default command is kept at about 15 minutes on an
+idle 2-core CPU, so new variants go to their own set, e.g. ``levers``, ``peers``, ``adapters``);
+every method is in ``all``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import inspect
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from galore_plus import GaLorePlusAdamW, make_param_groups
+from galore_plus.group_options import PROJECTED_GROUP_DEFAULTS
 
-ABLATION_RATIOS = (0.0, 0.006, 0.012, 0.018)
-RESIDUAL_MODES = ("exact", "paper")
-HEADLINE_RATIO = 0.012
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One method: ``family`` picks the optimizer, the other fields its variant."""
-
-    name: str
-    family: str
-    description: str
-    optim_bits: int = 32
-    residual_ratio: float = 0.0
-    residual_mode: str | None = None
+HEADLINE_RESIDUAL = 0.012
 
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """The optimizer settings shared by every method (one learning rate for all, no tuning per method)."""
+    """The optimizer settings of one run: the learning rate is chosen per method, the rest is shared."""
 
     lr: float
     weight_decay: float
@@ -45,128 +48,177 @@ class OptimSettings:
     lora_alpha: float | None
 
 
-def _ablation_specs() -> list[MethodSpec]:
-    specs = [MethodSpec("galore_plus_res0", "galore_plus", "GaLore+ without residual", residual_ratio=0.0)]
-    for mode in RESIDUAL_MODES:
-        for ratio in ABLATION_RATIOS[1:]:
-            if (ratio, mode) == (HEADLINE_RATIO, "exact"):
-                continue  # the headline galore_plus run is this point of the ablation
-            specs.append(MethodSpec(f"galore_plus_res{ratio}_{mode}", "galore_plus",
-                                    f"GaLore+ with residual {ratio:.1%}, {mode} mode", residual_ratio=ratio, residual_mode=mode))
+Builder = Callable[[nn.Module, OptimSettings, int], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method: ``build(model, settings, seed)`` returns its optimizer (and may add adapters to ``model``).
+
+    ``requires``: importable modules it needs. ``group_keys``: GaLorePlusAdamW group keys it sets
+    (checked to exist). ``lr_grid``: its own learning-rate grid, used instead of the shared default
+    grid (never instead of an explicit ``--lr``/``--lr-grid``) when the shared grid does not bracket
+    its best.
+    """
+
+    name: str
+    description: str
+    build: Builder
+    requires: tuple[str, ...] = ()
+    sets: tuple[str, ...] = ("default",)
+    group_keys: dict[str, Any] = field(default_factory=dict)
+    lr_grid: tuple[float, ...] | None = None
+
+
+def galore_plus_method(name: str, description: str, *, sets: tuple[str, ...] = ("default",),
+                       placement: dict[str, Any] | None = None, optim_bits: int = 32, **group_keys: Any) -> MethodSpec:
+    """A GaLorePlusAdamW method: ``make_param_groups(model, **placement)`` plus ``group_keys`` in every projected group."""
+    placement = dict(placement or {})
+
+    def build(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
+        groups = make_param_groups(model, rank=settings.rank, update_proj_gap=settings.update_proj_gap,
+                                   scale=settings.scale, **placement)
+        for group in groups:
+            if "rank" in group:
+                group.update(group_keys)
+        return GaLorePlusAdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay, seed=seed,
+                               optim_bits=optim_bits)
+
+    requires = ("bitsandbytes",) if optim_bits == 8 else ()
+    return MethodSpec(name, description, build, requires=requires, sets=sets, group_keys=dict(group_keys))
+
+
+def adapter_method(name: str, description: str, kind: str, *, sets: tuple[str, ...] = ("default",),
+                   **adapter_kwargs: Any) -> MethodSpec:
+    """An adapter method: ``add_adapters(model, kind, rank, alpha, target_modules="all-linear")``, AdamW on the adapters."""
+
+    def build(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
+        from galore_plus.adapters import adapter_parameters, add_adapters
+
+        add_adapters(model, kind, settings.rank, alpha=settings.lora_alpha, target_modules="all-linear", seed=seed,
+                     **adapter_kwargs)
+        return torch.optim.AdamW(adapter_parameters(model), lr=settings.lr, weight_decay=settings.weight_decay)
+
+    return MethodSpec(name, description, build, sets=sets)
+
+
+def _adamw(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _adamw8bit(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _svd_groups(model: nn.Module, settings: OptimSettings) -> list[dict]:
+    """GaLore's placement: every linear weight but ``lm_head`` projected with SVD, the rest plain AdamW."""
+    return make_param_groups(model, rank=settings.rank, update_proj_gap=settings.update_proj_gap, scale=settings.scale,
+                             projector="svd", cross_head=False)
+
+
+def _galore_torch(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
+    from galore_torch import GaLoreAdamW
+
+    groups = [{"params": group["params"], "rank": group["rank"], "update_proj_gap": group["update_proj_gap"],
+               "scale": group["scale"], "proj_type": "std"} if "rank" in group else {"params": group["params"]}
+              for group in _svd_groups(model, settings)]
+    return GaLoreAdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _fira(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
+    """Fira's own FiraAdamW on GaLore's placement, with its recommended settings: ``alpha`` = our ``scale`` (0.25 by
+    default, as in Fira's pre-training scripts), ``proj_type="std"``, its own eps (1e-6)."""
+    from fira import FiraAdamW
+
+    groups = [{"params": group["params"], "rank": group["rank"], "update_proj_gap": group["update_proj_gap"],
+               "alpha": group["scale"], "proj_type": "std"} if "rank" in group else {"params": group["params"]}
+              for group in _svd_groups(model, settings)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers-style AdamW deprecation notice
+        return FiraAdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay, no_deprecation_warning=True)
+
+
+GALORE_PLUS_PLACEMENT = {"projector": "randomized", "cross_head": True, "residual_ratio": HEADLINE_RESIDUAL}
+
+
+def _residual_ablation() -> list[MethodSpec]:
+    """The residual ablation of the paper's Table 8 (``galore_plus`` is its 1.2 % exact point)."""
+    specs = [galore_plus_method("galore_plus_res0", "GaLore+ without residual", sets=("ablation",),
+                                placement=dict(GALORE_PLUS_PLACEMENT, residual_ratio=0.0))]
+    for mode in ("exact", "paper"):
+        for ratio in (0.006, 0.012, 0.018):
+            if (ratio, mode) == (HEADLINE_RESIDUAL, "exact"):
+                continue
+            specs.append(galore_plus_method(f"galore_plus_res{ratio}_{mode}", f"GaLore+ with residual {ratio:.1%}, {mode} mode",
+                                            sets=("ablation",), placement=dict(GALORE_PLUS_PLACEMENT, residual_ratio=ratio),
+                                            residual_mode=mode))
     return specs
 
 
-MAIN_METHODS: list[MethodSpec] = [
-    MethodSpec("adamw", "adamw", "torch.optim.AdamW, all parameters"),
-    MethodSpec("adamw8bit", "adamw8bit", "bitsandbytes.optim.AdamW8bit, all parameters"),
-    MethodSpec("galore", "galore", "GaLorePlusAdamW, projector='svd' on all linear weights (GaLore)"),
-    MethodSpec("galore_torch", "galore_torch", "galore_torch.GaLoreAdamW on all linear weights"),
-    MethodSpec("galore_plus", "galore_plus", "GaLore+: cross_head q/k with residual, randomized elsewhere",
-               residual_ratio=HEADLINE_RATIO, residual_mode="exact"),
-    MethodSpec("galore_plus_8bit", "galore_plus", "GaLore+ with 8-bit moments",
-               optim_bits=8, residual_ratio=HEADLINE_RATIO, residual_mode="exact"),
-    MethodSpec("lora", "lora", "LoRA adapters (galore_plus.adapters) on all linear layers, AdamW"),
-    MethodSpec("dora", "dora", "DoRA adapters (galore_plus.adapters) on all linear layers, AdamW"),
+METHODS: list[MethodSpec] = [
+    MethodSpec("adamw", "torch.optim.AdamW, all parameters", _adamw),
+    MethodSpec("adamw8bit", "bitsandbytes.optim.AdamW8bit, all parameters", _adamw8bit, requires=("bitsandbytes",),
+               sets=("8bit",)),
+    galore_plus_method("galore", "GaLorePlusAdamW, projector='svd' on all linear weights (GaLore)",
+                       placement={"projector": "svd", "cross_head": False}),
+    MethodSpec("galore_torch", "galore_torch.GaLoreAdamW on all linear weights", _galore_torch, requires=("galore_torch",)),
+    MethodSpec("fira", "fira.FiraAdamW on all linear weights (alpha = scale, proj_type std)", _fira,
+               requires=("fira", "transformers")),
+    galore_plus_method("galore_plus", "GaLore+: cross_head q/k with residual, randomized elsewhere",
+                       placement=GALORE_PLUS_PLACEMENT, residual_mode="exact"),
+    galore_plus_method("galore_plus_8bit", "GaLore+ with 8-bit moments", placement=GALORE_PLUS_PLACEMENT,
+                       optim_bits=8, residual_mode="exact", sets=("8bit",)),
+    adapter_method("lora", "LoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "lora"),
+    adapter_method("dora", "DoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "dora"),
+    *_residual_ablation(),
 ]
-ABLATION_METHODS: list[MethodSpec] = _ablation_specs()
-ALL_METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in MAIN_METHODS + ABLATION_METHODS}
-METHOD_SETS: dict[str, list[str]] = {
-    "all": list(ALL_METHODS),
-    "main": [spec.name for spec in MAIN_METHODS],
-    "ablation": ["galore_plus"] + [spec.name for spec in ABLATION_METHODS],
-}
+
+ALL_METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in METHODS}
+if len(ALL_METHODS) != len(METHODS):
+    raise RuntimeError("two entries of METHODS share a name")
+
+
+def method_sets() -> dict[str, list[str]]:
+    """Set name -> method names: ``all`` and every set a spec names (``default``, ``ablation``, ...)."""
+    sets: dict[str, list[str]] = {"all": list(ALL_METHODS)}
+    for spec in METHODS:
+        for name in spec.sets:
+            sets.setdefault(name, []).append(spec.name)
+    return sets
 
 
 def resolve_methods(names: list[str]) -> list[MethodSpec]:
-    """Method specs for names and set names (``all``, ``main``, ``ablation``), in order, without repeats."""
+    """Method specs for names and set names, in order, without repeats."""
+    sets = method_sets()
     resolved: list[str] = []
     for name in names:
-        expanded = METHOD_SETS.get(name, [name])
-        for item in expanded:
+        for item in sets.get(name, [name]):
             if item not in ALL_METHODS:
                 raise ValueError(f"unknown method {item!r}; known methods: {', '.join(ALL_METHODS)}; "
-                                 f"sets: {', '.join(METHOD_SETS)}")
+                                 f"sets: {', '.join(sets)}")
             if item not in resolved:
                 resolved.append(item)
     return [ALL_METHODS[name] for name in resolved]
 
 
-def _group_rejects(extra: dict) -> bool:
-    """Whether GaLorePlusAdamW rejects a group with ``extra`` keys: how an invalid value of a key it knows is told
-    apart from a key it silently ignores."""
+def _group_keys_reason(group_keys: dict[str, Any]) -> str | None:
+    """Why GaLorePlusAdamW cannot take ``group_keys`` (a key it does not know, or a value it rejects), or None."""
+    unknown = [key for key in group_keys if key not in PROJECTED_GROUP_DEFAULTS]
+    if unknown:
+        return f"GaLorePlusAdamW has no group key {', '.join(map(repr, unknown))} yet"
     weight = nn.Parameter(torch.zeros(8, 8))
     try:
-        GaLorePlusAdamW([{"params": [weight], "rank": 2, "projector": "cross_head", "num_heads": 2, **extra}])
-    except (ValueError, TypeError):
-        return True
-    return False
-
-
-def residual_supported() -> bool:
-    """Whether the optimizer implements ``residual_ratio`` and ``residual_mode`` (it then rejects bad values)."""
-    return _group_rejects({"residual_ratio": 2.0}) and _group_rejects({"residual_ratio": 0.01, "residual_mode": "?"})
-
-
-def eight_bit_supported() -> bool:
-    return "optim_bits" in inspect.signature(GaLorePlusAdamW).parameters
+        GaLorePlusAdamW([{"params": [weight], "rank": 2, **group_keys}])
+    except (ValueError, TypeError) as error:
+        return f"GaLorePlusAdamW rejects the group keys {group_keys}: {error}"
+    return None
 
 
 def unavailable_reason(spec: MethodSpec) -> str | None:
     """Why ``spec`` cannot run in this environment, or None when it can."""
-    if spec.family == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed (pip install bitsandbytes)"
-    if spec.family == "galore_torch" and importlib.util.find_spec("galore_torch") is None:
-        return "galore_torch is not installed (pip install galore-torch)"
-    if spec.family in ("lora", "dora"):
-        try:
-            from galore_plus.adapters import adapter_parameters, add_adapters  # noqa: F401
-        except ImportError as error:
-            return f"galore_plus.adapters (add_adapters, adapter_parameters) is not available yet: {error}"
-    if spec.family == "galore_plus":
-        if spec.residual_ratio > 0 and not residual_supported():
-            return "GaLorePlusAdamW has no sparse residual yet (group keys residual_ratio / residual_mode)"
-        if spec.optim_bits == 8 and not eight_bit_supported():
-            return "GaLorePlusAdamW has no optim_bits=8 yet"
-    return None
-
-
-def _galore_torch_groups(groups: list[dict]) -> list[dict]:
-    """make_param_groups' placement translated to galore_torch's group keys."""
-    translated = []
-    for group in groups:
-        if "rank" in group:
-            translated.append({"params": group["params"], "rank": group["rank"], "update_proj_gap": group["update_proj_gap"],
-                               "scale": group["scale"], "proj_type": "std"})
-        else:
-            translated.append({"params": group["params"]})
-    return translated
-
-
-def build_optimizer(spec: MethodSpec, model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
-    """The optimizer of ``spec`` for ``model``; LoRA/DoRA first add adapters to ``model`` in place."""
-    lr, weight_decay = settings.lr, settings.weight_decay
-    if spec.family == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if spec.family == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if spec.family in ("lora", "dora"):
-        from galore_plus.adapters import adapter_parameters, add_adapters
-
-        add_adapters(model, spec.family, settings.rank, alpha=settings.lora_alpha, target_modules="all-linear", seed=seed)
-        return torch.optim.AdamW(adapter_parameters(model), lr=lr, weight_decay=weight_decay)
-    projector = "svd" if spec.family in ("galore", "galore_torch") else "randomized"
-    groups = make_param_groups(model, rank=settings.rank, update_proj_gap=settings.update_proj_gap, scale=settings.scale,
-                               projector=projector, cross_head=spec.family == "galore_plus",
-                               residual_ratio=spec.residual_ratio)
-    if spec.family == "galore_torch":
-        from galore_torch import GaLoreAdamW
-
-        return GaLoreAdamW(_galore_torch_groups(groups), lr=lr, weight_decay=weight_decay)
-    if spec.residual_mode is not None:
-        for group in groups:
-            if group.get("residual_ratio", 0) > 0:
-                group["residual_mode"] = spec.residual_mode
-    extra = {"optim_bits": 8} if spec.optim_bits == 8 else {}
-    return GaLorePlusAdamW(groups, lr=lr, weight_decay=weight_decay, seed=seed, **extra)
+    missing = [module for module in spec.requires if importlib.util.find_spec(module) is None]
+    if missing:
+        return f"{', '.join(missing)} is not installed (pip install {' '.join(m.replace('_', '-') for m in missing)})"
+    return _group_keys_reason(spec.group_keys) if spec.group_keys else None

@@ -1,4 +1,4 @@
-"""Summaries of the fine-tuning runs: the results table (Markdown, CSV, JSON) and the PNG plots."""
+"""Summaries of the runs: learning-rate choice, the results table (Markdown, CSV, JSON) and the PNG plots."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import math
 import os
 import statistics
 
-from .methods import ALL_METHODS
-
 MIB = 2**20
-COLUMNS = ["method", "status", "seeds", "heldout_loss", "heldout_loss_std", "perplexity", "train_seconds", "step_ms",
-           "refresh_share", "peak_mib", "params_mib", "grads_mib", "state_mib", "trainable_mib", "note"]
+REFERENCE = "adamw"
+COLUMNS = ["method", "status", "lr", "lr_at_grid_edge", "seeds", "test_loss", "test_loss_std", "gap_to_adamw",
+           "gap_to_adamw_std", "validation_loss", "perplexity", "train_seconds", "step_ms", "refresh_share",
+           "refreshes", "peak_mib", "params_mib", "grads_mib", "state_mib", "trainable_mib", "note"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -21,73 +21,105 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(method: str, runs: list[dict]) -> dict:
-    """One table row: means over the seeds of ``method`` (and the standard deviation of the held-out loss)."""
-    ok = [run for run in runs if run["status"] == "ok"]
+def _finite_validation(run: dict) -> float:
+    """A run's validation loss for the lr choice: diverged or failed runs count as +inf."""
+    loss = run.get("validation_loss", math.inf) if run["status"] == "ok" else math.inf
+    return loss if math.isfinite(loss) else math.inf
+
+
+def choose_lr(selection_runs: list[dict]) -> float | None:
+    """The learning rate of the run with the lowest final validation loss (None when every run failed or diverged)."""
+    best = min(selection_runs, key=_finite_validation, default=None)
+    return None if best is None or not math.isfinite(_finite_validation(best)) else best["lr"]
+
+
+def summarize(method: str, runs: list[dict], lr: float | None, grid: tuple[float, ...], note: str) -> dict:
+    """One table row: the runs of ``method`` at its chosen ``lr``, means over seeds (test loss also its std)."""
+    ok = [run for run in runs if run["status"] == "ok" and run["lr"] == lr]
     if not ok:
-        reasons = sorted({run.get("reason", "") for run in runs})
-        return {"method": method, "status": runs[0]["status"] if runs else "not run", "seeds": 0, "note": "; ".join(reasons)}
-    loss, loss_std = _mean_std([run["heldout_loss"] for run in ok])
+        reasons = sorted({run.get("reason", "diverged") for run in runs})
+        status = runs[0]["status"] if runs and runs[0]["status"] == "unavailable" else "failed"
+        return {"method": method, "status": status, "seeds": 0, "note": "; ".join(reasons)}
+    loss, loss_std = _mean_std([run["test_loss"] for run in ok])
     peak = {key: statistics.fmean(run["peak_bytes"][key] for run in ok) / MIB for key in ("params", "grads", "state")}
     return {
-        "method": method, "status": "ok", "seeds": len(ok),
-        "heldout_loss": loss, "heldout_loss_std": loss_std,
+        "method": method, "status": "ok", "lr": lr, "lr_at_grid_edge": len(grid) > 1 and lr in (min(grid), max(grid)),
+        "seeds": len(ok), "seed_list": [run["seed"] for run in ok],
+        "test_loss": loss, "test_loss_std": loss_std,
+        "validation_loss": statistics.fmean(run["validation_loss"] for run in ok),
         "perplexity": math.exp(loss) if math.isfinite(loss) else float("nan"),
         "train_seconds": statistics.fmean(run["train_seconds"] for run in ok),
         "step_ms": statistics.fmean(run["step_ms"] for run in ok),
         "refresh_share": statistics.fmean(run["refresh_share"] for run in ok),
+        "refreshes": statistics.fmean(run["refresh_calls"] for run in ok),
         "peak_mib": sum(peak.values()), "params_mib": peak["params"], "grads_mib": peak["grads"], "state_mib": peak["state"],
         "trainable_mib": statistics.fmean(run["trainable_bytes"] for run in ok) / MIB,
-        "note": ALL_METHODS[method].description if method in ALL_METHODS else "",
+        "note": note,
     }
 
 
-def _loss_cell(row: dict) -> str:
-    """Mean held-out loss, with ± the standard deviation over seeds when there are several."""
-    if row["seeds"] > 1:
-        return f"{row['heldout_loss']:.4f} ± {row['heldout_loss_std']:.4f}"
-    return f"{row['heldout_loss']:.4f}"
+def add_gaps(rows: list[dict], runs: list[dict], reference: str = REFERENCE) -> None:
+    """Set each row's test-loss gap to ``reference``: mean and std over seeds of the paired per-seed differences
+    (both methods at their own chosen lr, same seed, i.e. same data order)."""
+    base = next((row for row in rows if row["method"] == reference and row["status"] == "ok"), None)
+    if base is None:
+        return
+    base_loss = {run["seed"]: run["test_loss"] for run in runs
+                 if run["method"] == reference and run["status"] == "ok" and run["lr"] == base["lr"]}
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        losses = {run["seed"]: run["test_loss"] for run in runs
+                  if run["method"] == row["method"] and run["status"] == "ok" and run["lr"] == row["lr"]}
+        row["gap_to_adamw"], row["gap_to_adamw_std"] = _mean_std(
+            [losses[seed] - base_loss[seed] for seed in sorted(losses) if seed in base_loss])
+
+
+def _pm(mean: float, std: float, seeds: int, signed: bool = False) -> str:
+    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    return text + (f" ± {std:.4f}" if seeds > 1 else "")
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The results table in Markdown: loss as mean ± std over seeds, memory in MiB, refresh share in %."""
-    header = ["method", "held-out loss (nats/byte, mean ± std over seeds)", "perplexity", "train time (s)", "optimizer step (ms)",
-              "refresh share", "peak params+grads+state (MiB)", "state (MiB)", "trainable (MiB)", "seeds", "notes"]
+    """The results table: chosen lr, test loss mean ± std over seeds, paired gap to AdamW, time and memory."""
+    header = ["method", "lr (chosen on validation)", "test loss (nats/byte, mean ± std)", "gap to adamw (paired)",
+              "perplexity", "train time (s)", "optimizer step (ms)", "refresh share", "refreshes",
+              "peak params+grads+state (MiB)", "state (MiB)", "trainable (MiB)", "seeds", "notes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if row["status"] != "ok":
-            cells = [row["method"], f"**{row['status']}**"] + [""] * 7 + ["0", row["note"]]
+            cells = [row["method"], f"**{row['status']}**"] + [""] * 11 + [row["note"]]
         else:
-            cells = [row["method"], _loss_cell(row), f"{row['perplexity']:.3f}",
+            gap = ("reference" if row["method"] == REFERENCE else
+                   _pm(row["gap_to_adamw"], row["gap_to_adamw_std"], row["seeds"], signed=True) if "gap_to_adamw" in row else "")
+            cells = [row["method"], f"{row['lr']:g}" + (" (grid edge)" if row["lr_at_grid_edge"] else ""),
+                     _pm(row["test_loss"], row["test_loss_std"], row["seeds"]), gap, f"{row['perplexity']:.3f}",
                      f"{row['train_seconds']:.1f}", f"{row['step_ms']:.2f}", f"{100 * row['refresh_share']:.1f}%",
-                     f"{row['peak_mib']:.3f}", f"{row['state_mib']:.3f}", f"{row['trainable_mib']:.3f}",
-                     str(row["seeds"]), row["note"]]
+                     f"{row['refreshes']:.0f}", f"{row['peak_mib']:.3f}", f"{row['state_mib']:.3f}",
+                     f"{row['trainable_mib']:.3f}", str(row["seeds"]), row["note"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def ablation_rows(rows: list[dict]) -> list[dict]:
-    """The GaLore+ 32-bit rows, with their residual ratio and mode, ordered like the paper's Table 8."""
-    picked = []
+def lr_sweep_markdown(rows: list[dict], runs: list[dict], selection_seed: int) -> str:
+    """Final validation loss of every method at every learning rate tried (the selection seed); the chosen one in bold."""
+    rates = sorted({run["lr"] for run in runs if run.get("lr") is not None})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]
+    chosen = {row["method"]: row.get("lr") for row in rows}
     for row in rows:
-        spec = ALL_METHODS.get(row["method"])
-        if spec is None or spec.family != "galore_plus" or spec.optim_bits != 32:
-            continue
-        mode = spec.residual_mode if spec.residual_ratio > 0 else "-"
-        picked.append(dict(row, residual_ratio=spec.residual_ratio, residual_mode=mode))
-    return sorted(picked, key=lambda row: (row["residual_mode"] != "-", row["residual_mode"], row["residual_ratio"]))
-
-
-def ablation_markdown(rows: list[dict]) -> str:
-    lines = ["| residual ratio | mode | held-out loss (nats/byte) | perplexity | optimizer step (ms) | state (MiB) | seeds |",
-             "|---|---|---|---|---|---|---|"]
-    for row in ablation_rows(rows):
-        if row["status"] != "ok":
-            lines.append(f"| {row['residual_ratio']:.1%} | {row['residual_mode']} | **{row['status']}**: {row['note']} | | | | 0 |")
-            continue
-        lines.append(f"| {row['residual_ratio']:.1%} | {row['residual_mode']} | {_loss_cell(row)} | "
-                     f"{row['perplexity']:.3f} | {row['step_ms']:.2f} | "
-                     f"{row['state_mib']:.3f} | {row['seeds']} |")
+        selection = {run["lr"]: run for run in runs if run["method"] == row["method"] and run.get("lr") is not None
+                     and run["seed"] == selection_seed}
+        cells = []
+        for lr in rates:
+            run = selection.get(lr)
+            if run is None:
+                cells.append("")
+            elif run["status"] != "ok":
+                cells.append(run["status"])
+            else:
+                text = f"{run['validation_loss']:.4f}"
+                cells.append(f"**{text}**" if lr == chosen[row["method"]] else text)
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -95,8 +127,10 @@ def write_tables(rows: list[dict], runs: list[dict], settings: dict, out: str) -
     """Write results.md, results.csv and results.json to ``out``; return their paths."""
     paths = {kind: os.path.join(out, f"results.{kind}") for kind in ("md", "csv", "json")}
     with open(paths["md"], "w") as handle:
-        handle.write("## Fine-tuning comparison\n\n" + markdown_table(rows))
-        handle.write("\n## Residual ablation (GaLore+, paper Table 8)\n\n" + ablation_markdown(rows))
+        handle.write(f"## Main job, {settings.get('regime', '')} regime: test loss at each method's validated lr\n\n")
+        handle.write(markdown_table(rows))
+        handle.write("\n## Learning-rate selection: final validation loss per lr (selection seed)\n\n")
+        handle.write(lr_sweep_markdown(rows, runs, settings["seeds"][0]))
     with open(paths["csv"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -106,8 +140,8 @@ def write_tables(rows: list[dict], runs: list[dict], settings: dict, out: str) -
     return paths
 
 
-def write_plots(rows: list[dict], runs: list[dict], out: str) -> list[str]:
-    """Loss curves, time bars, memory bars and the ablation plot as PNG files in ``out``."""
+def write_plots(rows: list[dict], runs: list[dict], selection_seed: int, out: str) -> list[str]:
+    """Validation curves at the chosen lr, the lr sweep, time bars and memory bars as PNG files in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,37 +149,40 @@ def write_plots(rows: list[dict], runs: list[dict], out: str) -> list[str]:
 
     ok = [row for row in rows if row["status"] == "ok"]
     names = [row["method"] for row in ok]
+    colors = plt.get_cmap("tab20").colors
     paths = []
 
-    ablation_names = {row["method"] for row in ablation_rows(ok)} - {"galore_plus"}
-    panels = [("methods", [n for n in names if n not in ablation_names]),
-              ("GaLore+ residual ablation", [n for n in names if n in ablation_names or n == "galore_plus"])]
-    panels = [(title, members) for title, members in panels if members]
-    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
-    colors = plt.get_cmap("tab20").colors
-    for axis, (title, members) in zip(axes[0], panels):
-        means = {name: _mean_curve(runs, name) for name in members}
-        for index, (name, (steps, mean)) in enumerate(means.items()):
-            axis.plot(steps, mean, label=name, color=colors[index % len(colors)])
-        top = 1.02 * max(mean[0] for _, mean in means.values())
-        clipped = [name for name, (_, mean) in means.items() if max(mean) > top]
-        if clipped and math.isfinite(top):
-            axis.set_ylim(top=top)
-            title += f"\n(clipped above the starting loss: {', '.join(clipped)})"
-        axis.set_title(title, fontsize=10)
-        axis.set_xlabel("fine-tuning step")
-        axis.set_ylabel("held-out loss (nats/byte, mean over seeds)")
+    figure, (curves, sweep) = plt.subplots(1, 2, figsize=(14, 5.5))
+    starts = []
+    for index, row in enumerate(ok):
+        steps, mean = _mean_curve([run for run in runs if run["method"] == row["method"] and run.get("lr") == row["lr"]])
+        curves.plot(steps, mean, label=f"{row['method']} (lr {row['lr']:g})", color=colors[index % len(colors)])
+        starts.append(mean[0])
+        selection = sorted((run["lr"], run["validation_loss"]) for run in runs if run["method"] == row["method"]
+                           and run["status"] == "ok" and run["seed"] == selection_seed
+                           and math.isfinite(run["validation_loss"]))
+        sweep.plot([lr for lr, _ in selection], [loss for _, loss in selection], marker="o", label=row["method"],
+                   color=colors[index % len(colors)])
+    if starts:
+        curves.set_ylim(top=1.02 * max(starts))
+        sweep.set_ylim(top=1.02 * max(starts))
+    curves.set_title("validation loss at the chosen lr (mean over seeds; clipped above the start)", fontsize=10)
+    curves.set_xlabel("step")
+    curves.set_ylabel("validation loss (nats/byte)")
+    sweep.set_xscale("log")
+    sweep.set_title("final validation loss per learning rate (selection seed)", fontsize=10)
+    sweep.set_xlabel("peak learning rate")
+    for axis in (curves, sweep):
         axis.legend(fontsize=7)
     paths.append(_save(figure, out, "loss_curves.png"))
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    refresh = [row["step_ms"] * row["refresh_share"] for row in ok]
     left.barh(names, [row["step_ms"] for row in ok], label="optimizer step")
-    left.barh(names, refresh, label="of which projector refresh")
+    left.barh(names, [row["step_ms"] * row["refresh_share"] for row in ok], label="of which projector refresh")
     left.set_xlabel("ms per step (mean)")
     left.legend(fontsize=8)
     right.barh(names, [row["train_seconds"] for row in ok])
-    right.set_xlabel("fine-tuning wall time (s, forward + backward + step)")
+    right.set_xlabel("training wall time (s, forward + backward + step)")
     for axis in (left, right):
         axis.invert_yaxis()
     figure.suptitle("Time")
@@ -162,27 +199,12 @@ def write_plots(rows: list[dict], runs: list[dict], out: str) -> list[str]:
     axis.set_title("Memory: parameters + gradients + optimizer state")
     axis.legend()
     paths.append(_save(figure, out, "memory.png"))
-
-    ablation = [row for row in ablation_rows(rows) if row["status"] == "ok"]
-    if ablation:
-        figure, axis = plt.subplots(figsize=(7, 4.5))
-        base = [row for row in ablation if row["residual_ratio"] == 0]
-        for mode in ("exact", "paper"):
-            points = sorted(base + [row for row in ablation if row["residual_mode"] == mode], key=lambda r: r["residual_ratio"])
-            if len(points) > len(base):
-                axis.errorbar([100 * r["residual_ratio"] for r in points], [r["heldout_loss"] for r in points],
-                              yerr=[r["heldout_loss_std"] for r in points], marker="o", capsize=3, label=f"{mode} mode")
-        axis.set_xlabel("residual ratio (% of q/k entries)")
-        axis.set_ylabel("held-out loss (nats/byte)")
-        axis.set_title("GaLore+ residual ablation")
-        axis.legend()
-        paths.append(_save(figure, out, "ablation.png"))
     return paths
 
 
-def _mean_curve(runs: list[dict], method: str) -> tuple[list[int], list[float]]:
-    """(evaluation steps, held-out loss at each, averaged over the method's seeds)."""
-    curves = [run["curve"] for run in runs if run["method"] == method and run["status"] == "ok"]
+def _mean_curve(runs: list[dict]) -> tuple[list[int], list[float]]:
+    """(evaluation steps, validation loss at each, averaged over the runs that finished)."""
+    curves = [run["curve"] for run in runs if run["status"] == "ok"]
     steps = [step for step, _ in curves[0]]
     return steps, [statistics.fmean(curve[i][1] for curve in curves) for i in range(len(steps))]
 

@@ -1,8 +1,9 @@
 """Byte-level text corpora that ship with every Python install, and batches drawn from them.
 
 * pre-training corpus: the standard library's ``.py`` sources (``sysconfig.get_paths()["stdlib"]``);
-* fine-tuning corpus: the English help topics of ``pydoc_data.topics``, split by topic into a
-  training part and a held-out part.
+* fine-tuning corpus: the English help topics of ``pydoc_data.topics``, split by topic into
+  training, validation and test parts (the stdlib sources are split by file the same way for the
+  pre-training regime).
 
 Tokens are bytes (0..255); no tokenizer and no download is needed.
 """
@@ -20,40 +21,68 @@ VOCAB_SIZE = 257
 PAD_TOKEN = 256
 
 
-def stdlib_source_bytes(max_bytes: int, seed: int = 0) -> Tensor:
-    """Up to ``max_bytes`` of standard-library Python sources as a uint8 tensor.
-
-    Files (``site-packages`` excluded) are listed in sorted order, shuffled with ``seed`` and
-    concatenated until the budget is reached, so the same settings give the same bytes.
-    """
+def _stdlib_source_paths(seed: int) -> list[str]:
+    """The standard library's ``.py`` files (``site-packages`` excluded), sorted, then shuffled with ``seed``."""
     root = sysconfig.get_paths()["stdlib"]
     paths = []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if d not in ("site-packages", "__pycache__"))
         paths.extend(os.path.join(folder, name) for name in sorted(files) if name.endswith(".py"))
+    if not paths:
+        raise RuntimeError(f"no .py sources found under the standard library folder {root}")
     random.Random(seed).shuffle(paths)
-    chunks, total = [], 0
-    for path in paths:
-        with open(path, "rb") as handle:
+    return paths
+
+
+def _read_until(paths: list[str], start: int, max_bytes: int) -> tuple[Tensor, int]:
+    """(bytes of ``paths[start:]`` concatenated up to ``max_bytes``, index of the first file not read)."""
+    chunks, total, index = [], 0, start
+    while index < len(paths) and total < max_bytes:
+        with open(paths[index], "rb") as handle:
             data = handle.read(max_bytes - total)
         chunks.append(data)
         total += len(data)
-        if total >= max_bytes:
-            break
+        index += 1
     if total == 0:
-        raise RuntimeError(f"no .py sources found under the standard library folder {root}")
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+        raise RuntimeError("the standard library has too few .py sources for the requested corpus")
+    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8), index
 
 
-def pydoc_topic_bytes(heldout_every: int = 10) -> tuple[Tensor, Tensor]:
-    """(train, held-out) uint8 tensors of ``pydoc_data.topics``; every ``heldout_every``-th topic is held out."""
+def stdlib_source_bytes(max_bytes: int, seed: int = 0) -> Tensor:
+    """Up to ``max_bytes`` of standard-library Python sources as a uint8 tensor.
+
+    Files are shuffled with ``seed`` and concatenated until the budget is reached, so the same
+    settings give the same bytes.
+    """
+    return _read_until(_stdlib_source_paths(seed), 0, max_bytes)[0]
+
+
+def stdlib_source_splits(train_bytes: int, heldout_bytes: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """(train, validation, test) stdlib sources from disjoint files.
+
+    train is :func:`stdlib_source_bytes` ``(train_bytes, seed)``; validation and test are the next
+    files of the same shuffled list, up to ``heldout_bytes`` each.
+    """
+    paths = _stdlib_source_paths(seed)
+    train, after_train = _read_until(paths, 0, train_bytes)
+    validation, after_validation = _read_until(paths, after_train, heldout_bytes)
+    test, _ = _read_until(paths, after_validation, heldout_bytes)
+    return train, validation, test
+
+
+def pydoc_topic_splits(heldout_every: int = 10) -> tuple[Tensor, Tensor, Tensor]:
+    """(train, validation, test) uint8 tensors of ``pydoc_data.topics``, split by topic.
+
+    Topics are sorted by name; every ``heldout_every``-th one is held out, and the held-out topics
+    alternate between validation and test.
+    """
     from pydoc_data.topics import topics
 
-    train, heldout = [], []
+    parts: tuple[list[bytes], list[bytes], list[bytes]] = ([], [], [])
     for index, key in enumerate(sorted(topics)):
-        (heldout if index % heldout_every == 0 else train).append(topics[key].encode("utf-8"))
-    return (torch.frombuffer(bytearray(b"\n".join(train)), dtype=torch.uint8),
-            torch.frombuffer(bytearray(b"\n".join(heldout)), dtype=torch.uint8))
+        part = 0 if index % heldout_every else 1 + (index // heldout_every) % 2
+        parts[part].append(topics[key].encode("utf-8"))
+    return tuple(torch.frombuffer(bytearray(b"\n".join(part)), dtype=torch.uint8) for part in parts)
 
 
 def sample_batch(data: Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> Tensor:

@@ -1,4 +1,4 @@
-"""The two training phases: a cached pre-training run, and one fine-tuning run per (method, seed)."""
+"""The training phases: the fine-tuning regime's cached pre-trained model, and one run per (method, lr, seed)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .measure import RefreshTimer, synchronize, training_bytes
-from .methods import MethodSpec, OptimSettings, build_optimizer
+from .methods import MethodSpec, OptimSettings
 from .models import build_model, heldout_loss, next_byte_loss
 from .text_data import sample_batch, stdlib_source_bytes
 
@@ -37,8 +37,8 @@ class PretrainSettings:
 
 
 @dataclass(frozen=True)
-class FinetuneSettings:
-    """The fine-tuning loop's settings, shared by every method."""
+class LoopSettings:
+    """The training loop's settings, shared by every method and learning rate."""
 
     steps: int
     batch_size: int
@@ -87,35 +87,43 @@ def pretrained_state(
     return state, False
 
 
-def finetune_run(
+def train_run(
     spec: MethodSpec,
     seed: int,
-    base_state: dict[str, Tensor],
+    initial_state: dict[str, Tensor] | None,
     model_size: str,
     optim_settings: OptimSettings,
-    settings: FinetuneSettings,
+    settings: LoopSettings,
     train_data: Tensor,
-    eval_data: Tensor,
+    validation_windows: Tensor,
+    test_windows: Tensor,
     device: torch.device,
     progress: bool,
 ) -> dict:
-    """Fine-tune the pre-trained model with one method and seed; return its measurements (see the docs)."""
-    model = build_model(model_size, settings.seq_len, seed=0)
-    model.load_state_dict(base_state)
+    """Train one (method, learning rate, seed); return its measurements (see docs/benchmarks.md).
+
+    Starts from ``initial_state`` (the fine-tuning regime's pre-trained model), or from a random
+    initialisation seeded with ``seed`` when it is None (the pre-training regime). The curve is the
+    validation loss; the test loss is evaluated once, at the end.
+    """
+    model = build_model(model_size, settings.seq_len, seed=seed)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
     model.to(device)
-    eval_data = eval_data.to(device)
-    next_byte_loss(model, eval_data[: settings.batch_size]).backward()  # untimed warm-up of the kernels
+    validation_windows, test_windows = validation_windows.to(device), test_windows.to(device)
+    next_byte_loss(model, validation_windows[: settings.batch_size]).backward()  # untimed warm-up of the kernels
     model.zero_grad(set_to_none=True)
-    optimizer = build_optimizer(spec, model, optim_settings, seed)
+    optimizer = spec.build(model, optim_settings, seed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_schedule(s, settings.warmup_steps, settings.steps))
     generator = torch.Generator().manual_seed(seed)
     timer = RefreshTimer(device)
-    curve = [(0, heldout_loss(model, eval_data, settings.eval_batch_size))]
+    curve = [(0, heldout_loss(model, validation_windows, settings.eval_batch_size))]
     train_losses: list[float] = []
     peak = {"params": 0, "grads": 0, "state": 0}
     train_seconds = step_seconds = 0.0
-    bar = tqdm(range(1, settings.steps + 1), desc=f"{spec.name} seed {seed}", disable=not progress, leave=False)
+    bar = tqdm(range(1, settings.steps + 1), desc=f"{spec.name} lr {optim_settings.lr:g} seed {seed}",
+               disable=not progress, leave=False)
     with timer.patched():
         for step in bar:
             batch = sample_batch(train_data, settings.batch_size, settings.seq_len, generator).to(device)
@@ -137,16 +145,17 @@ def finetune_run(
             scheduler.step()
             train_losses.append(loss.item())
             if step % settings.eval_every == 0 or step == settings.steps:
-                curve.append((step, heldout_loss(model, eval_data, settings.eval_batch_size)))
-                bar.set_postfix(heldout=f"{curve[-1][1]:.3f}", refresh=False)
-    final_loss = curve[-1][1]
+                curve.append((step, heldout_loss(model, validation_windows, settings.eval_batch_size)))
+                bar.set_postfix(validation=f"{curve[-1][1]:.3f}", refresh=False)
+    test_loss = heldout_loss(model, test_windows, settings.eval_batch_size)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     return {
         "method": spec.name,
         "seed": seed,
+        "lr": optim_settings.lr,
         "status": "ok",
-        "heldout_loss": final_loss,
-        "perplexity": math.exp(final_loss) if math.isfinite(final_loss) else float("nan"),
+        "validation_loss": curve[-1][1],
+        "test_loss": test_loss,
         "train_seconds": train_seconds,
         "step_ms": 1000 * step_seconds / settings.steps,
         "refresh_seconds": timer.seconds,

@@ -13,6 +13,7 @@ import torch
 
 from .projectors import HEAD_PROJECTORS, PROJ_TYPES, PROJECTORS
 from .residual import RESIDUAL_MODES
+from .update_rules import UPDATE_RULES
 
 PROJECTED_GROUP_DEFAULTS: dict = {
     "update_proj_gap": 200,
@@ -29,6 +30,7 @@ PROJECTED_GROUP_DEFAULTS: dict = {
     "residual_ratio": 0.0,
     "residual_warmup": 10,
     "residual_mode": "exact",
+    "update_rule": "galore",
 }
 
 PROJECTOR_ONLY_KEYS = tuple(PROJECTED_GROUP_DEFAULTS) + ("rank",)
@@ -82,7 +84,8 @@ def validate_projected_group(group: dict, index: int) -> None:
     for key in ("warm_start", "transposed"):
         if not isinstance(group[key], bool):
             _fail(group, index, key, f"must be a bool, got {group[key]!r}", TypeError)
-    _require_choice(group, index, "projector", PROJECTORS)
+    _require_choice(group, index, "projector", tuple(PROJECTORS))
+    _require_choice(group, index, "update_rule", tuple(UPDATE_RULES))
     _require_choice(group, index, "proj_type", PROJ_TYPES)
     _require_choice(group, index, "head_projector", HEAD_PROJECTORS)
     _validate_residual(group, index)

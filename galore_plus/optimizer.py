@@ -9,16 +9,10 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-from .finite import all_finite
+from .distributed import LocalLayout, is_sharded, row_shard_layout
 from .group_options import fill_projected_defaults, group_label, validate_plain_group, validate_projected_group
-from .dispatch import lowrank_adam_direction
-from .distributed import is_sharded, step_sharded_weight
 from . import quant
-from .projectors import (
-    Side, basis_generator, compute_basis, project, projection_side, random_orthonormal_basis, due_refresh_index,
-)
-from .residual_state import residual_update, write_residual
-from .update import apply_lowrank_update
+from .weight_step import StepContext, step_projected_weight
 
 
 class GaLorePlusAdamW(torch.optim.Optimizer):
@@ -99,21 +93,30 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             if "rank" not in group:
                 self._step_plain(group)
-        for group_index, group, position, param in self._indexed_params():
+        for group_index, group, position, param in self.indexed_params():
             if "rank" in group and param.grad is not None:
-                if is_sharded(param):
-                    step_sharded_weight(self, param, group, group_index, position)
-                else:
-                    self._step_projected(param, group, group_index, position)
+                self._step_projected(param, group, group_index, position)
         return loss
 
-    def _indexed_params(self) -> Iterator[tuple[int, dict[str, Any], int, Tensor]]:
+    def indexed_params(self) -> Iterator[tuple[int, dict[str, Any], int, Tensor]]:
         """(group index, group, position in the state dict, parameter) for every parameter."""
         position = 0
         for group_index, group in enumerate(self.param_groups):
             for param in group["params"]:
                 yield group_index, group, position, param
                 position += 1
+
+    @torch.no_grad()
+    def step_parameter(self, param: Tensor, group_index: int, position: int) -> None:
+        """The step of one parameter with its current ``.grad``: what ``step()`` does for it.
+
+        ``group_index`` and ``position`` are as given by :meth:`indexed_params`. Used by per-layer mode.
+        """
+        group = self.param_groups[group_index]
+        if "rank" in group:
+            self._step_projected(param, group, group_index, position)
+        else:
+            self._step_plain({**group, "params": [param]})
 
     def _step_plain(self, group: dict[str, Any]) -> None:
         """Torch's AdamW update for the parameters of a group without ``rank``."""
@@ -153,71 +156,23 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         )
 
     def _step_projected(self, param: Tensor, group: dict[str, Any], group_index: int, position: int) -> None:
-        """One GaLore+ step of a 2-D weight; skipped (with a warning) when its low-rank gradient is not finite."""
+        """One GaLore+ step of a 2-D weight (see :mod:`galore_plus.weight_step`), in its layout."""
         grad = param.grad
+        label = group_label(group, group_index)
         if grad.is_sparse or grad.is_complex():
-            raise TypeError(f"{group_label(group, group_index)}, key 'rank': projected weights need dense real gradients, "
+            raise TypeError(f"{label}, key 'rank': projected weights need dense real gradients, "
                             f"got a {'sparse' if grad.is_sparse else 'complex'} gradient")
-        grad = grad.float()
-        state = self.state[param]
-        if group["transposed"]:
-            param, grad = param.t(), grad.t()
-        step = state.get("step", 0) + 1
-        side = projection_side(tuple(grad.shape), group["proj_type"], group["projector"])
-        refresh = due_refresh_index(step, group["update_proj_gap"])
-        if refresh is not None:
-            state["projector"] = self._refreshed_basis(grad, group, side, position, refresh, state.get("projector"))
-        basis = state["projector"]
-        low_rank = project(grad, basis, side)
-        if not bool(all_finite(low_rank)):
-            self._warn_once("grad", f"non-finite gradient in {group_label(group, group_index)}: that weight's step was "
-                                    "skipped (moments, weight and step count unchanged)")
-            return
-        if self.optim_bits == 8:
-            quant.load_moments(state)
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(low_rank)
-            state["exp_avg_sq"] = torch.zeros_like(low_rank)
-        state["step"] = step
-        beta1, beta2 = group["betas"]
-        direction = lowrank_adam_direction(low_rank, state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, group["eps"])
-        residual = residual_update(param, grad, low_rank, direction, side, state, group, step)
-        apply_lowrank_update(param, direction, basis, side, group["lr"], group["weight_decay"], group["scale"])
-        if residual is not None:
-            write_residual(param, residual)
-        if self.optim_bits == 8:
-            quant.store_moments(state)
-
-    def _refreshed_basis(
-        self, grad: Tensor, group: dict[str, Any], side: Side, position: int, refresh_index: int, previous: Tensor | None
-    ) -> Tensor:
-        """A new basis, or a fallback when the gradient or its decomposition is unusable.
-
-        Fallback: the previous basis when there is one, otherwise a random orthonormal basis from
-        the same seeded generator. A warning is given once per optimizer.
-        """
-        rows = group["rank"]
-        expected = (grad.shape[0], rows) if side == "left" else (rows, grad.shape[1])
-        if previous is not None and tuple(previous.shape) != expected:
-            previous = None
-        generator = basis_generator(self.seed, position, refresh_index, grad.device)
-        if bool(all_finite(grad)):
-            try:
-                basis = compute_basis(grad, group, side, generator, previous)
-                if bool(all_finite(basis)):
-                    return basis
-            except torch.linalg.LinAlgError:
-                pass
-        self._warn_once("basis", "a projector refresh failed (non-finite gradient or decomposition did not converge); "
-                                 "kept the previous basis (a random orthonormal one on the first step)")
-        if previous is not None:
-            return previous
-        return random_orthonormal_basis(tuple(grad.shape), rows, side, generator, grad.device)
+        if is_sharded(param):
+            layout = row_shard_layout(param, group, label, self.optim_bits)
+        else:
+            layout = LocalLayout(param, group["transposed"])
+        context = StepContext(self.seed, position, self.optim_bits, label, self._warn_once)
+        step_projected_weight(layout, self.state[param], group, context)
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like torch, but keep projected weights' state in its saved dtype (float32).
@@ -227,7 +182,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         ``optim_bits=8``, the float32 absmax of every 8-bit moment).
         """
         super().load_state_dict(state_dict)
-        for group_index, group, position, param in self._indexed_params():
+        for group_index, group, position, param in self.indexed_params():
             saved = state_dict["state"].get(position)
             if saved is not None and ("rank" in group or self.optim_bits == 8):
                 for key, value in saved.items():

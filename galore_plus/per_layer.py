@@ -73,7 +73,7 @@ class PerLayerSteps:
         self.optimizer = optimizer
         self.places: dict[Tensor, tuple[int, int]] = {
             param: (group_index, position)
-            for group_index, _, position, param in optimizer._indexed_params() if param.requires_grad
+            for group_index, _, position, param in optimizer.indexed_params() if param.requires_grad
         }
         self.params: list[Tensor] = list(self.places)
         self.active = True
@@ -103,11 +103,7 @@ class PerLayerSteps:
         group dicts and LR schedulers change their ``lr``.
         """
         param.grad = grad
-        group = self.optimizer.param_groups[group_index]
-        if "rank" in group:
-            self.optimizer._step_projected(param, group, group_index, position)
-        else:
-            self.optimizer._step_plain({**group, "params": [param]})
+        self.optimizer.step_parameter(param, group_index, position)
 
     def _reduce_then_step(
         self, process_group: torch.distributed.ProcessGroup, bucket: torch.distributed.GradBucket
@@ -186,7 +182,7 @@ def enable_per_layer_steps(
         raise TypeError(f"per-layer steps need a GaLorePlusAdamW, got {type(optimizer).__name__}")
     if optimizer in _ENABLED:
         raise RuntimeError("per-layer steps are already enabled on this optimizer (each parameter would step twice)")
-    if any(is_sharded(param) for _, _, _, param in optimizer._indexed_params()):
+    if any(is_sharded(param) for _, _, _, param in optimizer.indexed_params()):
         raise RuntimeError("per-layer steps do not support FSDP-sharded (DTensor) parameters; use optimizer.step()")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if ddp_model is None:
@@ -211,7 +207,7 @@ def _check_ddp_model(optimizer: GaLorePlusAdamW, ddp_model: DistributedDataParal
                          "find_unused_parameters=True); DDP would hand the hook zeros for unused parameters "
                          "and they would be stepped")
     wrapped = {id(param) for param in ddp_model.parameters()}
-    for group_index, group, _, param in optimizer._indexed_params():
+    for group_index, group, _, param in optimizer.indexed_params():
         if param.requires_grad and id(param) not in wrapped:
             raise ValueError(f"{group_label(group, group_index)}, key 'params': a parameter of the optimizer is not a "
                              "parameter of ddp_model, so no DDP bucket would step it")

@@ -5,7 +5,8 @@ A basis is a plain float32 tensor. Its shape tells the side it projects:
 * ``"left"``  (output side, rows):     P of shape (m, r), low-rank gradient R = P^T G (r, n)
 * ``"right"`` (input side, columns):   Q of shape (r, n), low-rank gradient R = G Q^T (m, r)
 
-Three strategies compute it from a float32 gradient G (m, n):
+Three strategies compute it from a float32 gradient G (m, n), registered by name in
+:data:`PROJECTORS` (a group's ``projector`` key):
 
 * ``svd``         top-r singular vectors by ``torch.linalg.svd`` (GaLore).
 * ``randomized``  Halko-Martinsson-Tropp randomized subspace iteration, optionally warm-started
@@ -15,19 +16,23 @@ Three strategies compute it from a float32 gradient G (m, n):
 
 Every random choice draws from a ``torch.Generator`` made by :func:`basis_generator`, never from
 torch's global RNG.
+
+A registry entry is a :class:`Projector`: a basis function of one signature, the gradient rows it
+reads (so a row-sharded weight gathers only those), its fixed side if it has one, and whether the
+basis is stored in the state or regenerated every step from the seeded generator.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
 Side = Literal["left", "right"]
 
-PROJECTORS = ("svd", "randomized", "cross_head")
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 HEAD_PROJECTORS = ("svd", "randomized")
 
@@ -36,10 +41,12 @@ def projection_side(shape: tuple[int, int], proj_type: str, projector: str) -> S
     """Which side of an (m, n) weight is projected, following GaLore's ``proj_type``.
 
     ``std`` projects the smaller dimension (right when m >= n), ``reverse_std`` the larger one.
-    ``cross_head`` always projects the input side so that one basis serves every head.
+    A projector with a fixed side overrides it (``cross_head`` always projects the input side so
+    that one basis serves every head).
     """
-    if projector == "cross_head":
-        return "right"
+    fixed = PROJECTORS[projector].side
+    if fixed is not None:
+        return fixed
     m, n = shape
     if proj_type == "std":
         return "right" if m >= n else "left"
@@ -138,7 +145,10 @@ def chosen_heads(num_heads: int, count: int, generator: torch.Generator) -> Tens
 
 
 def cross_head_choice(num_heads: int, head_dim: int, rank: int, generator: torch.Generator) -> Tensor:
-    """The heads whose rows a cross-head basis of ``rank`` directions is computed from (ceil(rank / head_dim) of them)."""
+    """The heads whose rows a cross-head basis of ``rank`` directions is computed from (ceil(rank / head_dim) of them).
+
+    Drawn from a fresh generator with ``generator``'s seed, so ``generator`` itself is not advanced.
+    """
     return chosen_heads(num_heads, math.ceil(rank / head_dim), torch.Generator().manual_seed(generator.initial_seed()))
 
 
@@ -146,6 +156,26 @@ def head_rows(grad: Tensor, num_heads: int, heads: Tensor) -> Tensor:
     """The gradient rows of the given heads of a (num_heads * head_dim, n) weight, stacked."""
     head_dim = grad.shape[0] // num_heads
     return grad.view(num_heads, head_dim, grad.shape[1])[heads.to(grad.device)].reshape(-1, grad.shape[1])
+
+
+def head_row_indices(heads: Tensor, head_dim: int) -> Tensor:
+    """Row indices (CPU int64) of the given heads, in head order: the rows :func:`head_rows` stacks."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def shared_head_basis(
+    rows: Tensor,
+    rank: int,
+    generator: torch.Generator,
+    head_projector: str = "svd",
+    oversample: int = 8,
+    power_iters: int = 2,
+    previous: Tensor | None = None,
+) -> Tensor:
+    """Input-side basis (rank, n) from the stacked rows of the chosen heads."""
+    if head_projector == "svd":
+        return svd_basis(rows, rank, "right")
+    return randomized_basis(rows, rank, "right", generator, oversample, power_iters, previous)
 
 
 def cross_head_basis(
@@ -162,9 +192,7 @@ def cross_head_basis(
     head_dim = grad.shape[0] // num_heads
     heads = cross_head_choice(num_heads, head_dim, rank, generator)
     rows = head_rows(grad, num_heads, heads)
-    if head_projector == "svd":
-        return svd_basis(rows, rank, "right")
-    return randomized_basis(rows, rank, "right", generator, oversample, power_iters, previous)
+    return shared_head_basis(rows, rank, generator, head_projector, oversample, power_iters, previous)
 
 
 def random_orthonormal_basis(shape: tuple[int, int], rank: int, side: Side, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -185,18 +213,74 @@ def group_num_heads(group: dict, rows: int) -> int:
     return rows // group["head_dim"] if group.get("head_dim") else group["num_heads"]
 
 
-def compute_basis(
-    grad: Tensor, group: dict, side: Side, generator: torch.Generator, previous: Tensor | None
+Shape = tuple[int, int]
+BasisFunction = Callable[[Tensor, Shape, dict, Side, torch.Generator, "Tensor | None"], Tensor]
+RowsFunction = Callable[[dict, Shape, torch.Generator], "Tensor | None"]
+
+
+def every_row(group: dict, shape: Shape, generator: torch.Generator) -> None:
+    """The rows read by a projector that needs the whole gradient: all of them (None)."""
+    return None
+
+
+@dataclass(frozen=True)
+class Projector:
+    """One entry of :data:`PROJECTORS`.
+
+    * ``basis(read, shape, group, side, generator, previous)``: the float32 basis of a weight of
+      global ``shape`` (m, n), from ``read``, the float32 gradient rows given by ``rows``
+      (the whole gradient when ``rows`` gives None); ``previous`` is the last basis when the
+      group's ``warm_start`` is on, else None.
+    * ``rows(group, shape, generator)``: the gradient rows the basis reads, as CPU int64 indices
+      in the order ``read`` stacks them, or None for every row. It must not advance ``generator``.
+    * ``side``: the side it always projects, or None to follow the group's ``proj_type``.
+    * ``stores_basis``: False for a projector whose basis is regenerated every step from the
+      seeded generator (``read`` is then None and nothing is stored in the state).
+    """
+
+    basis: BasisFunction
+    rows: RowsFunction = every_row
+    side: Side | None = None
+    stores_basis: bool = True
+
+
+def _warm(group: dict, previous: Tensor | None) -> Tensor | None:
+    return previous if group["warm_start"] else None
+
+
+def _svd(read: Tensor, shape: Shape, group: dict, side: Side, generator: torch.Generator, previous: Tensor | None) -> Tensor:
+    return svd_basis(read, group["rank"], side)
+
+
+def _randomized(
+    read: Tensor, shape: Shape, group: dict, side: Side, generator: torch.Generator, previous: Tensor | None
 ) -> Tensor:
-    """The basis of ``grad`` chosen by the group's ``projector`` key and its knobs."""
-    projector = group["projector"]
-    rank = group["rank"]
-    warm = previous if group["warm_start"] else None
-    if projector == "svd":
-        return svd_basis(grad, rank, side)
-    if projector == "randomized":
-        return randomized_basis(grad, rank, side, generator, group["oversample"], group["power_iters"], warm)
-    num_heads = group_num_heads(group, grad.shape[0])
-    return cross_head_basis(
-        grad, rank, num_heads, generator, group["head_projector"], group["oversample"], group["power_iters"], warm
-    )
+    return randomized_basis(read, group["rank"], side, generator, group["oversample"], group["power_iters"],
+                            _warm(group, previous))
+
+
+def _cross_head_rows(group: dict, shape: Shape, generator: torch.Generator) -> Tensor:
+    num_heads = group_num_heads(group, shape[0])
+    head_dim = shape[0] // num_heads
+    return head_row_indices(cross_head_choice(num_heads, head_dim, group["rank"], generator), head_dim)
+
+
+def _cross_head(
+    read: Tensor, shape: Shape, group: dict, side: Side, generator: torch.Generator, previous: Tensor | None
+) -> Tensor:
+    return shared_head_basis(read, group["rank"], generator, group["head_projector"], group["oversample"],
+                             group["power_iters"], _warm(group, previous))
+
+
+PROJECTORS: dict[str, Projector] = {
+    "svd": Projector(_svd),
+    "randomized": Projector(_randomized),
+    "cross_head": Projector(_cross_head, rows=_cross_head_rows, side="right"),
+}
+
+
+def compute_basis(
+    read: Tensor | None, shape: Shape, group: dict, side: Side, generator: torch.Generator, previous: Tensor | None
+) -> Tensor:
+    """The basis chosen by the group's ``projector`` key (see :class:`Projector` for the arguments)."""
+    return PROJECTORS[group["projector"]].basis(read, shape, group, side, generator, previous)

@@ -22,7 +22,7 @@ ResidualWrite = tuple[Tensor, Tensor]
 
 
 def residual_update(
-    param: Tensor, grad: Tensor, low_rank: Tensor, direction: Tensor, side: Side,
+    param: Tensor, grad: Tensor, low_rank: Tensor, direction: Tensor, basis: Tensor, side: Side,
     state: dict[str, Any], group: dict[str, Any], step: int,
 ) -> ResidualWrite | None:
     """Run the residual part of step ``step`` (call after the low-rank moments are updated).
@@ -36,7 +36,7 @@ def residual_update(
     if "residual_col" not in state:
         if step < group["residual_warmup"]:
             return None
-        row_ptr, col = select_residual_index(state["projector"], state["exp_avg"], side, tuple(grad.shape), count)
+        row_ptr, col = select_residual_index(basis, state["exp_avg"], side, tuple(grad.shape), count)
         state["residual_row_ptr"], state["residual_col"] = row_ptr, col
         state["residual_exp_avg"] = torch.zeros(col.numel(), device=grad.device)
         state["residual_exp_avg_sq"] = torch.zeros(col.numel(), device=grad.device)
@@ -48,7 +48,7 @@ def residual_update(
     beta1, beta2 = group["betas"]
     values = residual_values(
         param, grad, index, state["residual_exp_avg"], state["residual_exp_avg_sq"],
-        state["projector"], side, low_rank, state["exp_avg_sq"], direction,
+        basis, side, low_rank, state["exp_avg_sq"], direction,
         group["residual_mode"], step, state["residual_step"], beta1, beta2, group["eps"],
         group["lr"], group["weight_decay"], group["scale"],
     )

@@ -1,4 +1,5 @@
-"""Smoke test of the main job (benchmarks/finetune.py) at a tiny size, plus its bad-input and resume paths."""
+"""Smoke test of the main job (benchmarks/finetune.py) at a tiny size: lr selection on validation, both regimes,
+bad input, resume, and the method registry."""
 
 import json
 import math
@@ -11,13 +12,14 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from benchmarks.finetune import main  # noqa: E402
+from benchmarks.finetune import build_parser, main  # noqa: E402
 from benchmarks.measure import RefreshTimer, tensor_bytes  # noqa: E402
-from benchmarks.methods import ALL_METHODS  # noqa: E402
+from benchmarks.methods import ALL_METHODS, MethodSpec, galore_plus_method, unavailable_reason  # noqa: E402
+from benchmarks.report import add_gaps, choose_lr  # noqa: E402
 
 TINY = ["--model-size", "tiny", "--steps", "4", "--pretrain-steps", "4", "--rank", "4", "--seq-len", "16",
         "--batch-size", "2", "--pretrain-batch-size", "2", "--pretrain-bytes", "20000", "--eval-every", "2",
-        "--eval-windows", "4", "--update-proj-gap", "2", "--quiet"]
+        "--eval-windows", "4", "--update-proj-gap", "2", "--seeds", "0", "--lr-grid", "1e-3", "1e-2", "--quiet"]
 ALWAYS_AVAILABLE = ("adamw", "galore", "galore_plus", "galore_plus_res0")
 
 
@@ -28,7 +30,7 @@ def tiny_args(tmp_path, *extra):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("finetune")
-    return folder, main(tiny_args(folder))
+    return folder, main(tiny_args(folder, "--methods", "all", "--seeds", "0", "1"))
 
 
 def test_every_available_method_gives_finite_losses(tiny_run):
@@ -42,7 +44,7 @@ def test_every_available_method_gives_finite_losses(tiny_run):
         if row["status"] == "unavailable":
             assert row["note"], "an unavailable method must say why"
             continue
-        assert math.isfinite(row["heldout_loss"]) and row["heldout_loss"] > 0
+        assert math.isfinite(row["test_loss"]) and row["test_loss"] > 0
         assert row["peak_mib"] > 0 and row["trainable_mib"] > 0
     for run in result["runs"]:
         if run["status"] == "ok":
@@ -53,7 +55,7 @@ def test_every_available_method_gives_finite_losses(tiny_run):
 def test_result_files_exist_and_agree(tiny_run):
     folder, result = tiny_run
     out = folder / "out"
-    for name in ("results.md", "results.csv", "results.json", "loss_curves.png", "time.png", "memory.png", "ablation.png"):
+    for name in ("results.md", "results.csv", "results.json", "loss_curves.png", "time.png", "memory.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     assert [row["method"] for row in saved["summary"]] == [row["method"] for row in result["rows"]]
@@ -72,20 +74,21 @@ def test_memory_accounting_orders_methods(tiny_run):
 
 def test_resume_keeps_finished_runs(tmp_path):
     first = main(tiny_args(tmp_path, "--methods", "adamw", "galore"))
-    path = tmp_path / "out" / "runs" / "adamw__seed0.json"
+    chosen = {row["method"]: row for row in first["rows"]}["adamw"]["lr"]
+    path = tmp_path / "out" / "runs" / f"adamw__lr{chosen:g}__seed0.json"
     run = json.loads(path.read_text())
-    run["heldout_loss"] = 1.25  # a marker: a resumed run must report the saved value, not retrain
+    run["test_loss"] = 1.25  # a marker: a resumed run must report the saved value, not retrain
     path.write_text(json.dumps(run))
     resumed = main(tiny_args(tmp_path, "--methods", "adamw", "galore", "--resume"))
     rows = {row["method"]: row for row in resumed["rows"]}
-    assert rows["adamw"]["heldout_loss"] == 1.25
-    assert rows["galore"]["heldout_loss"] == {r["method"]: r for r in first["rows"]}["galore"]["heldout_loss"]
+    assert rows["adamw"]["test_loss"] == 1.25
+    assert rows["galore"]["test_loss"] == {r["method"]: r for r in first["rows"]}["galore"]["test_loss"]
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     main(tiny_args(tmp_path, "--methods", "adamw"))
     with pytest.raises(SystemExit):
-        main(tiny_args(tmp_path, "--methods", "adamw", "--resume", "--lr", "0.5"))
+        main(tiny_args(tmp_path, "--methods", "adamw", "--resume", "--weight-decay", "0.5"))
     assert "other settings" in capsys.readouterr().err
 
 
@@ -121,10 +124,10 @@ def test_tensor_bytes_counts_shared_storage_once_and_follows_objects():
 
 
 def test_refresh_timer_counts_refreshes_and_restores_the_projector():
-    import galore_plus.optimizer as optimizer_module
+    import galore_plus.refresh as refresh_module
     from galore_plus import GaLorePlusAdamW
 
-    original = optimizer_module.compute_basis
+    original = refresh_module.compute_basis
     weight = torch.nn.Parameter(torch.randn(6, 5))
     optimizer = GaLorePlusAdamW([{"params": [weight], "rank": 2, "update_proj_gap": 2}])
     timer = RefreshTimer(torch.device("cpu"))
@@ -133,14 +136,96 @@ def test_refresh_timer_counts_refreshes_and_restores_the_projector():
             weight.grad = torch.randn(6, 5)
             optimizer.step()
     assert timer.calls == 3 and timer.seconds > 0
-    assert optimizer_module.compute_basis is original
+    assert refresh_module.compute_basis is original
 
 
 def test_several_seeds_give_mean_and_spread(tmp_path):
     result = main(tiny_args(tmp_path, "--methods", "adamw", "--seeds", "0", "1"))
-    losses = [run["heldout_loss"] for run in result["runs"]]
     (row,) = result["rows"]
+    losses = [run["test_loss"] for run in result["runs"] if run["lr"] == row["lr"]]
     assert row["seeds"] == 2 and len(losses) == 2
-    assert row["heldout_loss"] == pytest.approx(sum(losses) / 2)
-    assert row["heldout_loss_std"] == pytest.approx(abs(losses[0] - losses[1]) / 2**0.5)
+    assert row["test_loss"] == pytest.approx(sum(losses) / 2)
+    assert row["test_loss_std"] == pytest.approx(abs(losses[0] - losses[1]) / 2**0.5)
     assert " ± " in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_lr_is_chosen_on_validation_and_the_other_seeds_run_there(tiny_run):
+    _, result = tiny_run
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            continue
+        runs = [run for run in result["runs"] if run["method"] == row["method"]]
+        selection = [run for run in runs if run["seed"] == 0]
+        assert sorted(run["lr"] for run in selection) == [1e-3, 1e-2]
+        assert row["lr"] == min(selection, key=lambda run: run["validation_loss"])["lr"]
+        (other,) = [run for run in runs if run["seed"] == 1]
+        assert other["lr"] == row["lr"]
+        at_chosen = [run["test_loss"] for run in runs if run["lr"] == row["lr"]]
+        assert row["test_loss"] == pytest.approx(sum(at_chosen) / 2)
+
+
+def test_choose_lr_uses_validation_never_test_and_skips_diverged_runs():
+    runs = [
+        {"lr": 1e-3, "status": "ok", "validation_loss": 2.0, "test_loss": 1.0},
+        {"lr": 1e-2, "status": "ok", "validation_loss": 1.5, "test_loss": 3.0},
+        {"lr": 3e-2, "status": "ok", "validation_loss": float("nan"), "test_loss": 0.1},
+        {"lr": 1e-1, "status": "failed", "reason": "boom"},
+    ]
+    assert choose_lr(runs) == 1e-2
+    assert choose_lr(runs[2:]) is None
+
+
+def test_gap_to_adamw_pairs_seeds():
+    runs = [{"method": m, "seed": seed, "lr": 1.0, "status": "ok", "test_loss": loss}
+            for m, seed, loss in [("adamw", 0, 2.0), ("adamw", 1, 3.0), ("other", 0, 2.5), ("other", 1, 3.5)]]
+    rows = [{"method": "adamw", "status": "ok", "lr": 1.0}, {"method": "other", "status": "ok", "lr": 1.0}]
+    add_gaps(rows, runs)
+    assert rows[1]["gap_to_adamw"] == pytest.approx(0.5)
+    assert rows[1]["gap_to_adamw_std"] == pytest.approx(0.0)  # paired: the seed-to-seed spread cancels
+
+
+def test_single_lr_keeps_the_one_lr_behaviour(tmp_path):
+    argv = [a for a in tiny_args(tmp_path, "--methods", "adamw", "galore") if a not in ("--lr-grid", "1e-3", "1e-2")]
+    result = main(argv + ["--lr", "0.003"])
+    assert {run["lr"] for run in result["runs"]} == {0.003}
+    assert all(row["lr"] == 0.003 for row in result["rows"])
+
+
+def test_pretrain_regime_trains_from_scratch_without_the_cache(tmp_path):
+    result = main(tiny_args(tmp_path, "--methods", "adamw", "galore", "--regime", "pretrain"))
+    for run in result["runs"]:
+        start = run["curve"][0][1]
+        assert abs(start - math.log(257)) < 0.3, start  # a random byte model starts near uniform
+        assert run["validation_loss"] < start
+    assert not os.listdir(tmp_path / "cache")
+
+
+def test_help_states_each_default_once():
+    text = build_parser().format_help()
+    entries = text.split("\n  -")[1:]
+    assert len(entries) > 20
+    for entry in entries:
+        assert entry.count("(default") <= 1, entry
+        assert "None" not in entry and "[" not in entry.split("(default")[-1], entry
+
+
+def test_missing_package_or_group_key_makes_a_method_unavailable():
+    missing = MethodSpec("x", "needs a package", build=None, requires=("no_such_package_abc",))
+    assert "no_such_package_abc is not installed" in unavailable_reason(missing)
+    unknown_key = galore_plus_method("y", "needs a key", no_such_group_key=True)
+    assert "no_such_group_key" in unavailable_reason(unknown_key)
+    bad_value = galore_plus_method("z", "bad value", residual_mode="nonsense")
+    assert "residual_mode" in unavailable_reason(bad_value)
+    assert unavailable_reason(ALL_METHODS["galore_plus"]) is None
+
+
+def test_resume_extends_the_lr_grid_keeping_finished_runs(tmp_path):
+    argv = [a for a in tiny_args(tmp_path, "--methods", "adamw") if a not in ("--lr-grid", "1e-3", "1e-2")]
+    main(argv + ["--lr-grid", "1e-3"])
+    path = tmp_path / "out" / "runs" / "adamw__lr0.001__seed0.json"
+    run = json.loads(path.read_text())
+    run["validation_loss"] = 0.5  # a marker that also wins the selection
+    path.write_text(json.dumps(run))
+    result = main(argv + ["--lr-grid", "1e-3", "1e-2", "--resume"])
+    assert sorted(run["lr"] for run in result["runs"]) == [1e-3, 1e-2]
+    assert result["rows"][0]["lr"] == 1e-3

@@ -315,7 +315,7 @@ def test_failed_decomposition_keeps_the_previous_basis(monkeypatch):
     def failing(*args, **kwargs):
         raise torch.linalg.LinAlgError("did not converge")
 
-    monkeypatch.setattr("galore_plus.optimizer.compute_basis", failing)
+    monkeypatch.setattr("galore_plus.refresh.compute_basis", failing)
     weight.grad = torch.randn(10, 8)
     with pytest.warns(RuntimeWarning, match="refresh failed"):
         opt.step()

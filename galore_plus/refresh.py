@@ -1,0 +1,42 @@
+"""A projector refresh that never fails: a new basis, or a fallback when the gradient or decomposition is unusable."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .finite import all_finite
+from .projectors import Shape, Side, compute_basis, random_orthonormal_basis
+
+Warn = Callable[[str, str], None]
+
+FALLBACK_WARNING = ("a projector refresh failed (non-finite gradient or decomposition did not converge); "
+                    "kept the previous basis (a random orthonormal one on the first step)")
+
+
+def refreshed_basis(
+    read: Tensor, shape: Shape, group: dict, side: Side, generator: torch.Generator, previous: Tensor | None,
+    warn: Warn,
+) -> Tensor:
+    """The group's projector's basis of ``read`` (the gradient rows it reads), or a fallback.
+
+    Fallback, with ``warn("basis", ...)``: the previous basis when there is one of the right shape,
+    otherwise a random orthonormal basis from the same seeded generator.
+    """
+    rank = group["rank"]
+    expected = (shape[0], rank) if side == "left" else (rank, shape[1])
+    if previous is not None and tuple(previous.shape) != expected:
+        previous = None
+    if bool(all_finite(read)):
+        try:
+            basis = compute_basis(read, shape, group, side, generator, previous)
+            if bool(all_finite(basis)):
+                return basis
+        except torch.linalg.LinAlgError:
+            pass
+    warn("basis", FALLBACK_WARNING)
+    if previous is not None:
+        return previous
+    return random_orthonormal_basis(shape, rank, side, generator, read.device)

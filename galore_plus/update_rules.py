@@ -1,0 +1,54 @@
+"""Update rules: how a weight is changed from its low-rank Adam direction (a group's ``update_rule`` key).
+
+A rule is a function ``rule(inputs, state, group) -> None`` that writes ``inputs.weight`` in place.
+It sees everything one weight's step has computed (:class:`UpdateInputs`, all local to this
+process's rows of a sharded weight), the weight's optimizer state (a rule may keep tensors or
+plain values of its own there; they are checkpointed with the rest) and the parameter group.
+A rule must leave the weight unchanged when ``inputs.finite`` is False and must never write a
+non-finite value.
+
+* ``"galore"``: p <- p (1 - lr wd) - lr scale (P N | N Q), one fused ``addmm_`` (see :mod:`galore_plus.update`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import Tensor
+
+from .projectors import Side
+from .update import apply_lowrank_update
+
+
+@dataclass(frozen=True)
+class UpdateInputs:
+    """One weight's step, as an update rule sees it (every tensor is this process's rows).
+
+    ``weight``: the parameter (transposed to (m, n) for ``transposed`` groups), any float dtype;
+    ``grad``: its float32 gradient; ``low_rank``: R = P^T G | G Q^T (summed over ranks on the
+    left side); ``direction``: N, the Adam direction of R; ``basis``: P (these rows) | Q;
+    ``step``: t >= 1; ``finite``: a 0-d bool tensor on the weight's device, False when this step
+    must leave the weight unchanged.
+    """
+
+    weight: Tensor
+    grad: Tensor
+    low_rank: Tensor
+    direction: Tensor
+    basis: Tensor
+    side: Side
+    step: int
+    finite: Tensor
+
+
+UpdateRule = Callable[[UpdateInputs, dict[str, Any], dict[str, Any]], None]
+
+
+def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """GaLore's rule: decoupled weight decay, then the back-projected direction times lr * scale."""
+    apply_lowrank_update(inputs.weight, inputs.direction, inputs.basis, inputs.side, group["lr"],
+                         group["weight_decay"], group["scale"])
+
+
+UPDATE_RULES: dict[str, UpdateRule] = {"galore": galore_update}
