@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,3 +62,36 @@ def dequantize_basis(codes: Tensor, absmax: Tensor, shape: tuple[int, int]) -> T
 def quantized_basis_nbytes(numel: int) -> int:
     """Bytes of a 4-bit basis of ``numel`` values: half a byte per value (rounded up) plus a float32 per block."""
     return (numel + 1) // 2 + 4 * math.ceil(numel / BLOCKSIZE)
+
+
+def basis_shape(shape: tuple[int, int], rank: int, side: str) -> tuple[int, int]:
+    """Shape of the basis of an (m, n) weight: (m, rank) on the left side, (rank, n) on the right."""
+    return (shape[0], rank) if side == "left" else (rank, shape[1])
+
+
+def store_basis(state: dict[str, Any], basis: Tensor, bits: int) -> Tensor:
+    """Keep a new basis in ``state`` and return the basis every step until the next refresh uses.
+
+    32 bits: ``state["projector"]`` is the basis itself. 4 bits: ``state["projector_codes"]`` and
+    ``state["projector_absmax"]``, and the dequantised basis is returned, so the refresh step and
+    the steps after it (also after a resume) use the same numbers. A basis of the other width left
+    in the state (from a checkpoint written with another ``basis_bits``) is dropped.
+    """
+    if bits == 32:
+        state.pop("projector_codes", None)
+        state.pop("projector_absmax", None)
+        state["projector"] = basis
+        return basis
+    state.pop("projector", None)
+    state["projector_codes"], state["projector_absmax"] = quantize_basis(basis)
+    return dequantize_basis(state["projector_codes"], state["projector_absmax"], tuple(basis.shape))
+
+
+def stored_basis(state: dict[str, Any], shape: tuple[int, int]) -> Tensor | None:
+    """The basis in ``state`` as float32 (dequantised when stored in 4 bits), or None before the first refresh.
+
+    ``shape`` is the basis shape (:func:`basis_shape`).
+    """
+    if "projector_codes" in state:
+        return dequantize_basis(state["projector_codes"], state["projector_absmax"], shape)
+    return state.get("projector")

@@ -177,11 +177,17 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like torch, but keep projected weights' state in its saved dtype (float32).
 
+        Group options come from the checkpoint, as in torch; a projected group saved before one of
+        today's group keys existed gets that key's default.
+
         ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype,
         which would round the float32 basis and moments of a bfloat16 weight (and, with
         ``optim_bits=8``, the float32 absmax of every 8-bit moment).
         """
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            if "rank" in group:
+                fill_projected_defaults(group)  # a checkpoint older than a group key gets its default
         for group_index, group, position, param in self.indexed_params():
             saved = state_dict["state"].get(position)
             if saved is not None and ("rank" in group or self.optim_bits == 8):

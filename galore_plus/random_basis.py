@@ -9,7 +9,7 @@ only reads norms of R and of its Adam direction, which this scaling keeps compar
 ranks; that is why APOLLO's recommended ``scale`` values (1 at rank n/4, 128 at rank 1) hold for
 this basis and would not for an orthonormal one.
 
-Only the generator decides the numbers: drawn from :func:`galore_plus.projectors.basis_generator`
+Registered as ``PROJECTORS["random"]`` with ``stores_basis=False``. Only the generator decides the numbers: drawn from :func:`galore_plus.projectors.basis_generator`
 ``(seed, weight position, refresh count)``, the same basis comes back after a resume and on every
 data-parallel rank, so the optimizer state needs no basis at all.
 """
@@ -17,11 +17,13 @@ data-parallel rank, so the optimizer state needs no basis at all.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .projectors import Side
+if TYPE_CHECKING:
+    from .projectors import Side
 
 
 def gaussian_basis(shape: tuple[int, int], rank: int, side: Side, generator: torch.Generator) -> Tensor:

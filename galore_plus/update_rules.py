@@ -8,6 +8,8 @@ A rule must leave the weight unchanged when ``inputs.finite`` is False and must 
 non-finite value.
 
 * ``"galore"``: p <- p (1 - lr wd) - lr scale (P N | N Q), one fused ``addmm_`` (see :mod:`galore_plus.update`).
+* ``"apollo"``: the gradient scaled per channel or per tensor by ||N|| / ||R||, norm-growth limited
+  (APOLLO; :mod:`galore_plus.apollo_update`, group key ``scale_type``; ``scale`` enters as its square root).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Callable
 
 from torch import Tensor
 
+from .apollo_update import apollo_rule
 from .projectors import Side
 from .update import apply_lowrank_update
 
@@ -51,4 +54,4 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
                          group["weight_decay"], group["scale"])
 
 
-UPDATE_RULES: dict[str, UpdateRule] = {"galore": galore_update}
+UPDATE_RULES: dict[str, UpdateRule] = {"galore": galore_update, "apollo": apollo_rule}

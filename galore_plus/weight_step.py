@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import quant
+from .basis_quant import basis_shape, store_basis, stored_basis
 from .dispatch import lowrank_adam_direction
 from .finite import all_finite
 from .projectors import PROJECTORS, Shape, Side, basis_generator, project, projection_side
@@ -97,19 +98,22 @@ def step_basis(
     """(basis of this step, the basis it replaced at a refresh, else None).
 
     A stored basis is recomputed when the schedule says so, from the gradient rows its projector
-    reads; a projector that stores none regenerates it every step from the seeded generator.
+    reads, and kept in float32 or, with ``basis_bits=4``, in 4 bits (:mod:`galore_plus.basis_quant`;
+    every step then uses the dequantised basis); a projector that stores none regenerates it every
+    step from the seeded generator.
     """
     projector = PROJECTORS[group["projector"]]
     count, refresh = basis_schedule(state, group, step)
     generator = basis_generator(context.seed, context.position, count, layout.device)
     if not projector.stores_basis:
         return projector.basis(None, layout.shape, group, side, generator, None), None
+    shape = basis_shape(layout.shape, group["rank"], side)
     if not refresh:
-        return state["projector"], None
-    previous = state.get("projector")
+        return stored_basis(state, shape), None
+    previous = stored_basis(state, shape)
     read = layout.read_rows(projector.rows(group, layout.shape, generator))
-    state["projector"] = refreshed_basis(read, layout.shape, group, side, generator, previous, context.warn)
-    return state["projector"], previous
+    basis = refreshed_basis(read, layout.shape, group, side, generator, previous, context.warn)
+    return store_basis(state, basis, group["basis_bits"]), previous
 
 
 def step_projected_weight(

@@ -1,5 +1,6 @@
 """APOLLO's update rule against apollo_torch.APOLLOAdamW on the same gradients and the same basis."""
 
+import io
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from galore_plus import APOLLO, APOLLO_MINI, GaLorePlusAdamW
 from galore_plus.apollo_update import (
     apollo_direction, apollo_step_size, apollo_update, apply_dense_update, gradient_scaling, limit_norm_growth,
 )
@@ -121,3 +123,141 @@ def test_limiter_caps_growth_at_1_01_and_leaves_shrinking_updates_alone():
     assert math.isclose(float(limited.norm()), 1.01, rel_tol=1e-6)
     kept, kept_norm = limit_norm_growth(update.clone(), torch.tensor(100.0))
     assert torch.equal(kept, update) and math.isclose(float(kept_norm), 6.0, rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------- the rule inside GaLorePlusAdamW
+
+
+def injected_projector(monkeypatch, bases):
+    """Register a projector that returns apollo_torch's basis of each step, in order."""
+    from galore_plus.projectors import PROJECTORS, Projector
+
+    remaining = list(bases)
+    monkeypatch.setitem(PROJECTORS, "injected", Projector(lambda *args: remaining.pop(0), stores_basis=False))
+
+
+@pytest.mark.parametrize("shape, scale_type, rank, scale", [((24, 16), "channel", 4, 1.0), ((12, 30), "tensor", 1, 128.0)])
+def test_optimizer_equals_apollo_torch_given_its_basis(monkeypatch, shape, scale_type, rank, scale):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    grads = growing_gradients(shape, 8, 3)
+    theirs, bases = run_apollo_torch(weight, grads, rank, scale_type, scale, gap=3, lr=1e-2)
+    injected_projector(monkeypatch, bases)
+    param = torch.nn.Parameter(weight.clone())
+    group = {"params": [param], "rank": rank, "projector": "injected", "update_rule": "apollo",
+             "scale_type": scale_type, "scale": scale}
+    opt = GaLorePlusAdamW([group], lr=1e-2, betas=BETAS, eps=EPS, weight_decay=0.0)
+    for step, (grad, reference) in enumerate(zip(grads, theirs), start=1):
+        param.grad = grad.clone()
+        opt.step()
+        moved = float((reference - weight).abs().max())
+        assert moved > 1e-3
+        assert torch.allclose(param.detach(), reference, rtol=0, atol=2e-5 * moved), f"step {step}"
+    assert set(opt.state[param]) == {"step", "exp_avg", "exp_avg_sq", "apollo_norm"}
+
+
+def apollo_model(dtype=torch.float32, optim_bits=32, preset=APOLLO, seed=0):
+    torch.manual_seed(seed)
+    weights = [torch.nn.Parameter(torch.randn(24, 16, dtype=dtype)), torch.nn.Parameter(torch.randn(12, 20, dtype=dtype))]
+    bias = torch.nn.Parameter(torch.randn(24, dtype=dtype))
+    groups = [{"params": weights, "rank": 4, **preset, "update_proj_gap": 3}, {"params": [bias]}]
+    return [*weights, bias], GaLorePlusAdamW(groups, lr=1e-2, seed=11, optim_bits=optim_bits)
+
+
+def gradient_stream(params, steps):
+    generator = torch.Generator().manual_seed(4)
+    return [[torch.randn(p.shape, generator=generator).to(p.dtype) for p in params] for _ in range(steps)]
+
+
+def run(opt, params, stream):
+    for grads in stream:
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        opt.step()
+
+
+@pytest.mark.parametrize("preset", ["APOLLO", "APOLLO_MINI"])
+@pytest.mark.parametrize("optim_bits", [32, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_weights_only_and_continue_equals_never_stopping(dtype, optim_bits, preset):
+    if optim_bits == 8:
+        pytest.importorskip("bitsandbytes")
+    preset = {"APOLLO": APOLLO, "APOLLO_MINI": APOLLO_MINI}[preset]
+    params, opt = apollo_model(dtype, optim_bits, preset)
+    start = [p.detach().clone() for p in params]
+    stream = gradient_stream(params, 8)
+    run(opt, params, stream)
+    resumed_params, resumed_opt = apollo_model(dtype, optim_bits, preset)
+    run(resumed_opt, resumed_params, stream[:4])
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in resumed_params], "optimizer": resumed_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    params_b, opt_b = apollo_model(dtype, optim_bits, preset, seed=99)
+    with torch.no_grad():
+        for param, saved in zip(params_b, checkpoint["params"]):
+            param.copy_(saved)
+    opt_b.load_state_dict(checkpoint["optimizer"])
+    run(opt_b, params_b, stream[4:])
+    for before, never_stopped, resumed in zip(start, params, params_b):
+        assert float((never_stopped.detach().float() - before.float()).abs().max()) > 1e-2  # every weight moved
+        assert torch.equal(never_stopped, resumed)
+
+
+def test_per_layer_steps_equal_normal_steps():
+    from galore_plus.per_layer import enable_per_layer_steps
+
+    params, opt = apollo_model()
+    layered_params, layered_opt = apollo_model()
+    enable_per_layer_steps(layered_opt)
+    inputs = torch.randn(5, 24, generator=torch.Generator().manual_seed(0))
+    for model_params, optimizer in ((params, opt), (layered_params, layered_opt)):
+        for _ in range(4):
+            optimizer.zero_grad()
+            first, second, bias = model_params
+            hidden = inputs @ first
+            (hidden.square().sum() + (hidden[:, :12] @ second).square().sum() + bias.sum()).backward()
+            optimizer.step()
+    assert not torch.equal(params[0], apollo_model()[0][0])
+    for normal, layered in zip(params, layered_params):
+        assert torch.equal(normal, layered)
+
+
+def test_a_step_marked_not_finite_leaves_the_weight_and_the_limiter_norm_unchanged():
+    from galore_plus.apollo_update import apollo_rule
+    from galore_plus.update_rules import UpdateInputs
+
+    weight = torch.randn(10, 6)
+    grad, low_rank = torch.randn(10, 6), torch.randn(10, 2)
+    group = {"betas": BETAS, "eps": EPS, "scale_type": "channel", "scale": 1.0, "lr": 0.1, "weight_decay": 0.1}
+    for previous in (None, torch.tensor(0.5)):
+        state = {"exp_avg": 0.1 * low_rank, "exp_avg_sq": 0.001 * low_rank.square()}
+        if previous is not None:
+            state["apollo_norm"] = previous
+        before = weight.clone()
+        for finite in (False, True):
+            apollo_rule(UpdateInputs(weight, grad, low_rank, torch.zeros_like(low_rank), torch.zeros(2, 6), "right", 1,
+                                     torch.tensor(finite)), state, group)
+            if not finite:
+                assert torch.equal(weight, before)
+                assert float(state["apollo_norm"]) == (math.inf if previous is None else 0.5)
+        assert not torch.equal(weight, before) and math.isfinite(float(state["apollo_norm"]))
+
+
+@pytest.mark.parametrize("keys, key, message", [
+    ({"scale_type": "row"}, "scale_type", "must be one of"),
+    ({"residual_ratio": 0.01}, "residual_ratio", "update_rule 'galore' only"),
+    ({"scale": -1.0}, "scale", "sqrt"),
+    ({"update_rule": "apolo"}, "update_rule", "must be one of"),
+])
+def test_bad_apollo_keys_name_the_group_and_key(keys, key, message):
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=rf"param group 0 \('attn'\), key '{key}': .*{message}"):
+        GaLorePlusAdamW([{"params": [weight], "name": "attn", "rank": 2, **APOLLO, **keys}])
+
+
+def test_fsdp2_row_shards_refuse_the_apollo_rule_naming_the_key():
+    from galore_plus.distributed import row_shard_layout
+
+    group = {"residual_ratio": 0.0, "transposed": False, "update_rule": "apollo"}
+    with pytest.raises(NotImplementedError, match="param group 1, key 'update_rule': APOLLO's rule on sharded"):
+        row_shard_layout(None, group, "param group 1", 32)

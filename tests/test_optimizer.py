@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from galore_plus import GaLorePlusAdamW
 from galore_plus import projectors as projectors_module
 
-PROJECTORS = ["svd", "randomized", "cross_head"]
+PROJECTORS = ["svd", "randomized", "cross_head", "random"]
 
 
 def gradient_stream(shapes, steps, seed=0):
@@ -401,3 +401,21 @@ def test_galore_torch_style_groups_work_unchanged():
     assert opt.param_groups[0]["projector"] == "randomized"
     assert math.isfinite(float(weight.detach().sum()))
     assert projectors_module.projection_side((12, 8), "std", "randomized") == "right"
+
+
+def test_a_checkpoint_older_than_a_group_key_loads_with_the_default():
+    params, opt = make_model_and_optimizer("randomized")
+    stream = gradient_stream([(16,), (16, 12)], 4, seed=3)
+    run(opt, params, stream[:2])
+    saved = opt.state_dict()
+    for key in ("basis_bits", "scale_type", "update_rule"):
+        del saved["param_groups"][1][key]
+    params_b, opt_b = make_model_and_optimizer("randomized")
+    with torch.no_grad():
+        for p, q in zip(params_b, params):
+            p.copy_(q)
+    opt_b.load_state_dict(saved)
+    run(opt, params, stream[2:])
+    run(opt_b, params_b, stream[2:])
+    assert opt_b.param_groups[1]["basis_bits"] == 32
+    assert torch.equal(params[1], params_b[1])

@@ -172,4 +172,4 @@ def test_compute_basis_dispatches_through_the_registry():
     generator = basis_generator(0, 0, 0, grad.device)
     assert torch.equal(projectors.compute_basis(grad, (16, 12), group, "right", generator, None),
                        projectors.svd_basis(grad, 4, "right"))
-    assert set(PROJECTORS) == {"svd", "randomized", "cross_head"}
+    assert set(PROJECTORS) == {"svd", "randomized", "cross_head", "random"}
