@@ -2,11 +2,17 @@
 
     python -m benchmarks.bench_step                           # TinyLlama-1.1B layer, rank 128, gap 50
     python -m benchmarks.bench_step --layer llama-7b --gaps 50 200 500
+    python -m benchmarks.bench_step --refresh-cost            # refresh cost per projector, 4096 x 4096, 32 heads
 
 Each optimizer steps the seven weights of one layer (q, k, v, o, gate, up, down) for ``gap``
 steps with fixed gradients, so every projected weight refreshes its basis exactly once; the
 printed time is the mean over those steps. The floor is the time of the two rank-r matrix
 products every projection method needs (R = G Q^T and U = N Q). All rows come from one run.
+
+``--refresh-cost`` measures instead, for each projector on one (size x size) weight with ``heads``
+heads (default: the LLaMA-2-7B q_proj, 4096 x 4096, 32 heads, rank 128), what a refresh adds to a
+step: (time of a step that refreshes) - (mean time of the steps that do not), all in one run,
+and prints svd's cost divided by each projector's.
 """
 
 from __future__ import annotations
@@ -95,12 +101,57 @@ def optimizers(weights, rank, gap, heads, kv_heads):
             galore_plus_groups(weights, rank, gap, heads, kv_heads, projector), lr=1e-5)
 
 
+def refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refreshes: int) -> dict[str, tuple[float, float]]:
+    """Projector -> (fastest step with a refresh, fastest step without one), in seconds.
+
+    Each optimizer steps one weight with gap ``plain_steps + 1``; the first (cold) refresh is not
+    timed, the next ``refreshes`` (warm, as in training; svd: one, it takes seconds) are. The
+    fastest of each kind is the one least disturbed by other load on the machine.
+    """
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(size, size, generator=generator) * 0.02)
+    weight.grad = torch.randn(size, size, generator=generator) * 1e-3
+    gap = plain_steps + 1
+    results = {}
+    for projector in ("svd", "randomized", "cross_head"):
+        optimizer = GaLorePlusAdamW([{"params": [weight], "rank": rank, "update_proj_gap": gap, "projector": projector,
+                                      "num_heads": heads if projector == "cross_head" else None}], lr=1e-5)
+        timed = []
+        for _ in range((1 + (1 if projector == "svd" else refreshes)) * gap):
+            start = time.perf_counter()
+            optimizer.step()
+            timed.append(time.perf_counter() - start)
+        with_refresh = min(timed[gap::gap])
+        without = min(seconds for index, seconds in enumerate(timed) if index % gap)
+        results[projector] = (with_refresh, without)
+    return results
+
+
+def print_refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refreshes: int) -> None:
+    print(f"refresh cost, {size}x{size} weight, {heads} heads, rank {rank}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"{'projector':>12} {'step+refresh ms':>16} {'step ms':>9} {'refresh ms':>11} {'svd refresh / this':>19}")
+    results = refresh_cost(size, heads, rank, plain_steps, refreshes)
+    costs = {projector: with_refresh - without for projector, (with_refresh, without) in results.items()}
+    for projector, (with_refresh, without) in results.items():
+        print(f"{projector:>12} {with_refresh * 1e3:>16.1f} {without * 1e3:>9.1f} {costs[projector] * 1e3:>11.1f} "
+              f"{costs['svd'] / costs[projector]:>19.1f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layer", default="tinyllama-1.1b", choices=sorted(LAYERS))
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--gaps", nargs="+", type=int, default=[50])
+    parser.add_argument("--refresh-cost", action="store_true", help="measure what a refresh adds to a step instead")
+    parser.add_argument("--size", type=int, default=4096, help="--refresh-cost: the weight is size x size")
+    parser.add_argument("--heads", type=int, default=32, help="--refresh-cost: heads of the cross_head weight")
+    parser.add_argument("--plain-steps", type=int, default=3, help="--refresh-cost: steps between refreshes")
+    parser.add_argument("--refreshes", type=int, default=5, help="--refresh-cost: warm refreshes timed (svd: 1)")
     args = parser.parse_args(argv)
+    if args.refresh_cost:
+        print_refresh_cost(args.size, args.heads, args.rank, args.plain_steps, args.refreshes)
+        return
     hidden, intermediate, heads, kv_heads = LAYERS[args.layer]
     weights = layer_weights(hidden, intermediate, heads, kv_heads)
     print(f"{args.layer} layer, rank {args.rank}, torch {torch.__version__}, threads {torch.get_num_threads()}")

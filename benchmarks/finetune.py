@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .methods import ALL_METHODS, MethodSpec, OptimSettings, method_sets, resolve_methods, unavailable_reason
+from .methods import ALL_METHODS, PROJECTED_LR_GRIDS, MethodSpec, OptimSettings, method_sets, resolve_methods, unavailable_reason
 from .models import MODEL_SIZES, max_rank
 from .report import add_gaps, choose_lr, lr_sweep_markdown, markdown_table, summarize, write_plots, write_tables
 from .text_data import eval_windows, pydoc_topic_splits, stdlib_source_splits
@@ -33,7 +33,7 @@ from .training import LoopSettings, PretrainSettings, pretrained_state, train_ru
 
 REGIMES = ("finetune", "pretrain")
 DEFAULT_STEPS = {"finetune": 150, "pretrain": 300}
-DEFAULT_LR_GRID = {"finetune": (1e-3, 3e-3, 1e-2, 3e-2), "pretrain": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)}
+DEFAULT_LR_GRID = {"finetune": (1e-3, 3e-3, 1e-2, 3e-2), "pretrain": (1e-3, 3e-3, 1e-2, 3e-2)}
 HELDOUT_BYTES = 32_000  # validation and test bytes each, pre-training regime
 
 
@@ -42,7 +42,7 @@ def _grid_text(grid: tuple[float, ...]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.finetune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__package__}.finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--regime", choices=REGIMES, default="finetune",
                         help="finetune: a cached pre-trained model fine-tuned on pydoc topics; pretrain: every method "
                              "trains the model from scratch on the stdlib sources (default: %(default)s)")
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     learning_rate.add_argument("--lr-grid", nargs="+", type=float, default=None,
                                help="peak learning rates tried for every method; each method keeps the one with the "
                                     "lowest validation loss (default: " + "; ".join(
-                                        f"{k} {_grid_text(v)}" for k, v in DEFAULT_LR_GRID.items()) + ")")
+                                        f"{k} {_grid_text(v)}" for k, v in DEFAULT_LR_GRID.items()) +
+                                    f"; GaLore-type methods pretrain {_grid_text(PROJECTED_LR_GRIDS['pretrain'])})")
     learning_rate.add_argument("--lr", type=float, default=None,
                                help="one peak learning rate for every method, no selection (instead of --lr-grid)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=os.path.join("results", "cache"),
                         help="folder of the pre-trained model cache (default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="keep the finished runs found in --out")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the tables from the finished runs in --out (implies --resume); "
+                             "a method with a missing run of its lr grid is listed as not run")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size in windows (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=128, help="bytes per window (default: %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: steps // 10)")
@@ -109,15 +113,18 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.out is None:
         args.out = os.path.join("results", args.regime)
+    if args.report_only:
+        args.resume = True
 
 
 def lr_grid(args: argparse.Namespace, spec: MethodSpec) -> tuple[float, ...]:
-    """The learning rates tried for ``spec``: ``--lr``, else ``--lr-grid``, else its own grid or the regime's default."""
+    """The learning rates tried for ``spec``: ``--lr``, else ``--lr-grid``, else its own grid for the regime, else the
+    regime's default."""
     if args.lr is not None:
         return (args.lr,)
     if args.lr_grid is not None:
         return tuple(args.lr_grid)
-    return spec.lr_grid or DEFAULT_LR_GRID[args.regime]
+    return spec.lr_grids.get(args.regime, DEFAULT_LR_GRID[args.regime])
 
 
 def _require_positive(args: argparse.Namespace, *names: str) -> None:
@@ -175,7 +182,7 @@ def validate(args: argparse.Namespace) -> list[MethodSpec]:
 def run_settings(args: argparse.Namespace) -> dict:
     """The settings a finished run depends on (compared on --resume). A run file is named by its method, lr and
     seed, so --methods, --seeds, --lr and --lr-grid may change between resumed invocations."""
-    skip = {"methods", "seeds", "lr", "lr_grid", "out", "resume", "quiet", "cache_dir"}
+    skip = {"methods", "seeds", "lr", "lr_grid", "out", "resume", "report_only", "quiet", "cache_dir"}
     return {key: value for key, value in sorted(vars(args).items()) if key not in skip}
 
 
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        return run(args, specs, settings, command=" ".join(["python -m benchmarks.finetune", *argv]))
+        return run(args, specs, settings, command=" ".join([f"python -m {__package__}.finetune", *argv]))
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -242,7 +249,8 @@ def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict, comma
     there; write the tables and plots."""
     started = time.perf_counter()
     device = torch.device(args.device)
-    initial_state, train_data, validation_windows, test_windows, notes = regime_data(args, device)
+    initial_state, train_data, validation_windows, test_windows, notes = (
+        (None, None, None, None, {}) if args.report_only else regime_data(args, device))
     loop = LoopSettings(args.steps, args.batch_size, args.seq_len,
                         args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
                         args.eval_every, eval_batch_size=32)
@@ -252,7 +260,10 @@ def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict, comma
         if args.resume and os.path.exists(path):
             with open(path) as handle:
                 return json.load(handle)
-        optim_settings = OptimSettings(lr, args.weight_decay, args.rank, args.update_proj_gap, args.scale, args.lora_alpha)
+        if args.report_only:
+            return {"method": spec.name, "seed": seed, "lr": lr, "status": "not run", "reason": f"lr {lr:g} seed {seed}"}
+        optim_settings = OptimSettings(lr, args.weight_decay, args.rank, args.update_proj_gap, args.scale, args.lora_alpha,
+                                       args.steps)
         try:
             record = train_run(spec, seed, initial_state, args.model_size, optim_settings, loop, train_data,
                                validation_windows, test_windows, device, not args.quiet)
@@ -274,9 +285,11 @@ def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict, comma
         if reason is not None:
             runs.append({"method": spec.name, "seed": selection_seed, "lr": None, "status": "unavailable", "reason": reason})
             continue
-        grid = lr_grid(args, spec)
-        runs.extend(one_run(spec, lr, selection_seed) for lr in grid)
-        chosen[spec.name] = choose_lr([run for run in runs if run["method"] == spec.name])
+        selection = [one_run(spec, lr, selection_seed) for lr in lr_grid(args, spec)]
+        runs.extend(selection)
+        if any(run["status"] == "not run" for run in selection):
+            continue
+        chosen[spec.name] = choose_lr(selection)
         if chosen[spec.name] is not None:
             runs.extend(one_run(spec, chosen[spec.name], seed) for seed in other_seeds)
 

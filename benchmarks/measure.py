@@ -10,6 +10,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from galore_plus.adapters import adapter_training_state
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so that wall-clock timings are honest (no-op on the CPU)."""
@@ -41,12 +43,13 @@ def tensor_bytes(value: Any, seen: set[int] | None = None) -> int:
 
 
 def training_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of parameters, of existing gradients and of the optimizer state, right now."""
+    """Bytes of parameters, of existing gradients and of the training state, right now: the optimizer's, plus what
+    adapters keep for training (AdaLoRA's importance averages)."""
     params = list(model.parameters())
     return {
         "params": sum(p.nbytes for p in params),
         "grads": sum(p.grad.nbytes for p in params if p.grad is not None),
-        "state": tensor_bytes(list(optimizer.state.values())),
+        "state": tensor_bytes([list(optimizer.state.values()), adapter_training_state(model)]),
     }
 
 

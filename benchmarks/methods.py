@@ -46,28 +46,40 @@ class OptimSettings:
     update_proj_gap: int
     scale: float
     lora_alpha: float | None
+    steps: int  # the run's length in optimizer steps (AdaLoRA's budget schedule needs it)
 
 
 Builder = Callable[[nn.Module, OptimSettings, int], torch.optim.Optimizer]
+# (trained model, test-loss function) -> test loss of named variants of the trained model (DyLoRA: each rank)
+Variants = Callable[[nn.Module, Callable[[nn.Module], float]], dict[str, float]]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method: ``build(model, settings, seed)`` returns its optimizer (and may add adapters to ``model``).
+    """One method: ``build(model, settings, seed)`` returns its optimizer (and may add adapters to ``model``);
+    ``variants``, if given, measures after training the test loss of named variants of the trained model
+    (DyLoRA at several ranks), written to results.md beside the table.
 
     ``requires``: importable modules it needs. ``group_keys``: GaLorePlusAdamW group keys it sets
-    (checked to exist). ``lr_grid``: its own learning-rate grid, used instead of the shared default
-    grid (never instead of an explicit ``--lr``/``--lr-grid``) when the shared grid does not bracket
-    its best.
+    (checked to exist). ``lr_grids``: regime -> its own learning-rate grid, used instead of the
+    regime's shared default grid (never instead of an explicit ``--lr``/``--lr-grid``) where the
+    shared grid does not bracket its best.
     """
 
     name: str
     description: str
     build: Builder
+    variants: Variants | None = None
     requires: tuple[str, ...] = ()
     sets: tuple[str, ...] = ("default",)
     group_keys: dict[str, Any] = field(default_factory=dict)
-    lr_grid: tuple[float, ...] | None = None
+    lr_grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+
+# From scratch, the GaLore-type methods (update scale 0.25) need larger learning rates than AdamW: the
+# pre-training regime's shared grid (1e-3 .. 3e-2) is shifted up one step for them (docs/benchmarks.md shows
+# the validation loss at every lr tried).
+PROJECTED_LR_GRIDS: dict[str, tuple[float, ...]] = {"pretrain": (3e-3, 1e-2, 3e-2, 1e-1)}
 
 
 def galore_plus_method(name: str, description: str, *, sets: tuple[str, ...] = ("default",),
@@ -85,21 +97,48 @@ def galore_plus_method(name: str, description: str, *, sets: tuple[str, ...] = (
                                optim_bits=optim_bits)
 
     requires = ("bitsandbytes",) if optim_bits == 8 else ()
-    return MethodSpec(name, description, build, requires=requires, sets=sets, group_keys=dict(group_keys))
+    return MethodSpec(name, description, build, requires=requires, sets=sets, group_keys=dict(group_keys),
+                      lr_grids=PROJECTED_LR_GRIDS)
 
 
 def adapter_method(name: str, description: str, kind: str, *, sets: tuple[str, ...] = ("default",),
+                   options: Callable[[OptimSettings], dict[str, Any]] | None = None, variants: Variants | None = None,
                    **adapter_kwargs: Any) -> MethodSpec:
-    """An adapter method: ``add_adapters(model, kind, rank, alpha, target_modules="all-linear")``, AdamW on the adapters."""
+    """An adapter method: ``add_adapters(model, kind, rank, alpha, target_modules="all-linear")``, AdamW on the adapters.
+
+    ``options(settings)`` gives ``add_adapters`` options that depend on the run (AdaLoRA's schedule). The training
+    loop adds ``adapter_loss(model)`` to the loss and calls ``adapter_step(model, step)`` after each optimizer step.
+    """
 
     def build(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
         from galore_plus.adapters import adapter_parameters, add_adapters
 
+        run_options = options(settings) if options is not None else {}
         add_adapters(model, kind, settings.rank, alpha=settings.lora_alpha, target_modules="all-linear", seed=seed,
-                     **adapter_kwargs)
+                     **adapter_kwargs, **run_options)
         return torch.optim.AdamW(adapter_parameters(model), lr=settings.lr, weight_decay=settings.weight_decay)
 
-    return MethodSpec(name, description, build, sets=sets)
+    return MethodSpec(name, description, build, sets=sets, variants=variants)
+
+
+def adalora_schedule(settings: OptimSettings) -> dict[str, Any]:
+    """AdaLoRA's schedule in the main job: initial rank ``--rank``, target ``2/3`` of it (the paper's initial budget
+    of 1.5x the target), budget fixed for the first 10 % of steps, pruned until 80 %, then fixed; peft's other defaults."""
+    return {"target_rank": max(1, 2 * settings.rank // 3), "total_steps": settings.steps,
+            "warmup_steps": settings.steps // 10, "final_steps": settings.steps // 5}
+
+
+def dylora_ranks(model: nn.Module, test_loss: Callable[[nn.Module], float]) -> dict[str, float]:
+    """Test loss of one trained DyLoRA model at ranks r/8, r/4, r/2 and r (those >= 1, without repeats)."""
+    from galore_plus.adapters import DyLoRALinear, set_adapter_rank
+
+    rank = max(layer.rank for layer in model.modules() if isinstance(layer, DyLoRALinear))
+    losses = {}
+    for b in sorted({max(1, rank // 8), max(1, rank // 4), max(1, rank // 2), rank}):
+        set_adapter_rank(model, b)
+        losses[f"rank {b}"] = test_loss(model)
+    set_adapter_rank(model, rank)
+    return losses
 
 
 def _adamw(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
@@ -163,15 +202,26 @@ METHODS: list[MethodSpec] = [
                sets=("8bit",)),
     galore_plus_method("galore", "GaLorePlusAdamW, projector='svd' on all linear weights (GaLore)",
                        placement={"projector": "svd", "cross_head": False}),
-    MethodSpec("galore_torch", "galore_torch.GaLoreAdamW on all linear weights", _galore_torch, requires=("galore_torch",)),
+    MethodSpec("galore_torch", "galore_torch.GaLoreAdamW on all linear weights", _galore_torch, requires=("galore_torch",),
+               lr_grids=PROJECTED_LR_GRIDS),
     MethodSpec("fira", "fira.FiraAdamW on all linear weights (alpha = scale, proj_type std)", _fira,
-               requires=("fira", "transformers")),
+               requires=("fira", "transformers"), lr_grids=PROJECTED_LR_GRIDS),
     galore_plus_method("galore_plus", "GaLore+: cross_head q/k with residual, randomized elsewhere",
                        placement=GALORE_PLUS_PLACEMENT, residual_mode="exact"),
     galore_plus_method("galore_plus_8bit", "GaLore+ with 8-bit moments", placement=GALORE_PLUS_PLACEMENT,
                        optim_bits=8, residual_mode="exact", sets=("8bit",)),
     adapter_method("lora", "LoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "lora"),
     adapter_method("dora", "DoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "dora"),
+    adapter_method("vera", "VeRA adapters (galore_plus.adapters) on all linear layers, AdamW", "vera", sets=("adapters",)),
+    adapter_method("dvora", "DVoRA adapters (DoRA magnitude + VeRA direction) on all linear layers, AdamW", "dvora",
+                   sets=("adapters",)),
+    adapter_method("hydra", "Hydra adapters (parallel + sequential low-rank branches) on all linear layers, AdamW",
+                   "hydra", sets=("adapters",)),
+    adapter_method("dylora", "DyLoRA adapters (rank sampled per step in [1, r]; test loss at several ranks below), "
+                   "AdamW", "dylora", sets=("adapters",), variants=dylora_ranks),
+    adapter_method("adalora", "AdaLoRA adapters (initial rank r pruned to 2r/3 by importance, orthogonality "
+                   "regulariser; state includes its importance averages), AdamW", "adalora",
+                   sets=("adapters",), options=adalora_schedule),
     *_residual_ablation(),
 ]
 

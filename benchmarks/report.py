@@ -37,9 +37,10 @@ def summarize(method: str, runs: list[dict], lr: float | None, grid: tuple[float
     """One table row: the runs of ``method`` at its chosen ``lr``, means over seeds (test loss also its std)."""
     ok = [run for run in runs if run["status"] == "ok" and run["lr"] == lr]
     if not ok:
-        reasons = sorted({run.get("reason", "diverged") for run in runs})
-        status = runs[0]["status"] if runs and runs[0]["status"] == "unavailable" else "failed"
-        return {"method": method, "status": status, "seeds": 0, "note": "; ".join(reasons)}
+        statuses = {run["status"] for run in runs}
+        status = next((s for s in ("unavailable", "not run") if s in statuses), "failed")
+        reasons = [run.get("reason", "diverged") for run in runs if run["status"] == status or status == "failed"]
+        return {"method": method, "status": status, "seeds": 0, "note": "; ".join(dict.fromkeys(reasons))}
     loss, loss_std = _mean_std([run["test_loss"] for run in ok])
     peak = {key: statistics.fmean(run["peak_bytes"][key] for run in ok) / MIB for key in ("params", "grads", "state")}
     return {
@@ -123,6 +124,23 @@ def lr_sweep_markdown(rows: list[dict], runs: list[dict], selection_seed: int) -
     return "\n".join(lines) + "\n"
 
 
+def variants_markdown(rows: list[dict], runs: list[dict]) -> str:
+    """Test loss of the variants of each trained model (DyLoRA at several ranks), mean ± std over the seeds of its
+    chosen lr; empty when no method has variants."""
+    lines = []
+    for row in rows:
+        ok = [run for run in runs if run["method"] == row["method"] and run["status"] == "ok"
+              and run["lr"] == row.get("lr") and run.get("variant_test_losses")]
+        if not ok:
+            continue
+        if not lines:
+            lines = ["| method | variant | test loss (nats/byte, mean ± std) | seeds |", "|---|---|---|---|"]
+        for variant in ok[0]["variant_test_losses"]:
+            mean, std = _mean_std([run["variant_test_losses"][variant] for run in ok])
+            lines.append(f"| {row['method']} | {variant} | {_pm(mean, std, len(ok))} | {len(ok)} |")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def write_tables(rows: list[dict], runs: list[dict], settings: dict, out: str) -> dict[str, str]:
     """Write results.md, results.csv and results.json to ``out``; return their paths."""
     paths = {kind: os.path.join(out, f"results.{kind}") for kind in ("md", "csv", "json")}
@@ -131,6 +149,10 @@ def write_tables(rows: list[dict], runs: list[dict], settings: dict, out: str) -
         handle.write(markdown_table(rows))
         handle.write("\n## Learning-rate selection: final validation loss per lr (selection seed)\n\n")
         handle.write(lr_sweep_markdown(rows, runs, settings["seeds"][0]))
+        variants = variants_markdown(rows, runs)
+        if variants:
+            handle.write("\n## One trained model evaluated as several variants (DyLoRA: each rank), test loss\n\n")
+            handle.write(variants)
     with open(paths["csv"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()

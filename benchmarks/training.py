@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from galore_plus.adapters import adapter_loss, adapter_step
+
 from .measure import RefreshTimer, synchronize, training_bytes
 from .methods import MethodSpec, OptimSettings
 from .models import build_model, heldout_loss, next_byte_loss
@@ -130,10 +132,14 @@ def train_run(
             synchronize(device)
             start = time.perf_counter()
             loss = next_byte_loss(model, batch)
-            loss.backward()
+            # Adapter hooks (docs/adapters.md): a method's own loss term (AdaLoRA's orthogonality regulariser) is
+            # added to the loss, and its work after the optimizer step (AdaLoRA's budget allocation) runs before
+            # zero_grad, timed as part of the step. Both do nothing for other methods.
+            (loss + adapter_loss(model)).backward()
             synchronize(device)
             step_start = time.perf_counter()
             optimizer.step()
+            adapter_step(model, step)
             synchronize(device)
             end = time.perf_counter()
             train_seconds += end - start
@@ -148,6 +154,8 @@ def train_run(
                 curve.append((step, heldout_loss(model, validation_windows, settings.eval_batch_size)))
                 bar.set_postfix(validation=f"{curve[-1][1]:.3f}", refresh=False)
     test_loss = heldout_loss(model, test_windows, settings.eval_batch_size)
+    variants = {} if spec.variants is None else spec.variants(
+        model, lambda variant: heldout_loss(variant, test_windows, settings.eval_batch_size))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     return {
         "method": spec.name,
@@ -156,6 +164,7 @@ def train_run(
         "status": "ok",
         "validation_loss": curve[-1][1],
         "test_loss": test_loss,
+        "variant_test_losses": variants,
         "train_seconds": train_seconds,
         "step_ms": 1000 * step_seconds / settings.steps,
         "refresh_seconds": timer.seconds,

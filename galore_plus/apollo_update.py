@@ -21,7 +21,7 @@ deliberate: weight decay is applied in ``torch.optim.AdamW``'s order (the old we
 so ``proj_type="reverse_std"`` works (``apollo_torch`` picks the axis from the shape alone and then
 fails to broadcast).
 
-Registered as ``UPDATE_RULES["apollo"]`` (:func:`apollo_rule`; group keys ``update_rule="apollo"``,
+Registered as ``UPDATE_RULES["apollo"]`` (``update_rules.apollo_rule``; group keys ``update_rule="apollo"``,
 ``scale_type``, ``scale``). Presets: :data:`galore_plus.presets.APOLLO` and ``APOLLO_MINI``.
 Everything here stays on the device: no value is read back to the host.
 """
@@ -29,14 +29,11 @@ Everything here stays on the device: no value is read back to the host.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .projectors import Side
-    from .update_rules import UpdateInputs
+from .projectors import Side
 
 SCALE_TYPES = ("channel", "tensor")
 NORM_GROWTH_LIMIT = 1.01
@@ -98,22 +95,3 @@ def apply_dense_update(param: Tensor, update: Tensor, step_size: float, weight_d
         param.mul_(weight_decay_factor).add_(update, alpha=-step_size)
         return
     param.copy_(param.float().mul_(weight_decay_factor).add_(update, alpha=-step_size))
-
-
-def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """The ``"apollo"`` update rule: steps 2-5 of the module docstring on one weight.
-
-    Reads the moments this step has already updated (``state["exp_avg"]``, ``state["exp_avg_sq"]``)
-    and keeps the limiter's norm as ``state["apollo_norm"]``. When ``inputs.finite`` is False the
-    weight and the stored norm are left as they were (``inf`` stands for "no norm yet": it limits nothing).
-    """
-    beta1, beta2 = group["betas"]
-    direction = apollo_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
-    previous = state.get("apollo_norm")
-    update, norm = apollo_update(inputs.grad, inputs.low_rank, direction, inputs.side, group["scale_type"],
-                                 group["scale"], previous)
-    kept = previous if previous is not None else torch.full_like(norm, math.inf)
-    state["apollo_norm"] = torch.where(inputs.finite, norm, kept)
-    decay = torch.where(inputs.finite, 1.0 - group["lr"] * group["weight_decay"], 1.0)
-    apply_dense_update(inputs.weight, torch.where(inputs.finite, update, 0.0),
-                       apollo_step_size(group["lr"], inputs.step, beta1, beta2), decay)

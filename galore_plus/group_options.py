@@ -1,4 +1,10 @@
-"""Defaults and validation of the keys of a projected parameter group (one that has ``rank``).
+"""Defaults and validation of parameter-group keys, done when a group is added to the optimizer.
+
+* every key must be one the optimizer reads (a misspelling gets the closest valid key, by difflib);
+  the valid keys derive from :data:`PROJECTED_GROUP_DEFAULTS`, so a key added there is valid at once;
+* ``lr``, ``betas``, ``eps``, ``weight_decay`` must be valid numbers, in every group;
+* a projected group (one that has ``rank``) gets its defaults and every projector key checked; a
+  ``rank`` not below the side a weight projects is warned about (it saves no memory).
 
 Every error names the parameter group (its index, and its ``name`` key if it has one) and the key
 at fault, so a mistake in a 200-group configuration is found at once.
@@ -6,14 +12,16 @@ at fault, so a mistake in a 200-group configuration is found at once.
 
 from __future__ import annotations
 
+import difflib
 import math
 from numbers import Real
+from typing import Any
 
 import torch
 
 from .apollo_update import SCALE_TYPES
 from .basis_quant import BASIS_BITS
-from .projectors import HEAD_PROJECTORS, PROJ_TYPES, PROJECTORS
+from .projectors import HEAD_PROJECTORS, PROJ_TYPES, PROJECTORS, projection_side
 from .residual import RESIDUAL_MODES
 from .update_rules import UPDATE_RULES
 
@@ -37,7 +45,29 @@ PROJECTED_GROUP_DEFAULTS: dict = {
     "basis_bits": 32,
 }
 
-PROJECTOR_ONLY_KEYS = tuple(PROJECTED_GROUP_DEFAULTS) + ("rank",)
+# Keys every group may carry besides the optimizer's defaults (lr, betas, eps, weight_decay, foreach) and the
+# projector keys: torch's own (``param_names`` of named parameters, ``initial_lr`` set by LR schedulers) and ``name``.
+GENERAL_GROUP_KEYS = ("params", "name", "param_names", "initial_lr")
+# Keys torch's LR schedulers write into existing groups (OneCycleLR, CyclicLR, SWALR); a checkpoint's
+# groups may hold them even when the optimizer it is loaded into has no scheduler yet.
+SCHEDULER_GROUP_KEYS = ("max_lr", "min_lr", "base_momentum", "max_momentum", "momentum", "swa_lr")
+CONSTRUCTOR_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
+
+
+def projector_only_keys() -> tuple[str, ...]:
+    """Keys that only a projected group may carry: ``rank`` and every key of :data:`PROJECTED_GROUP_DEFAULTS`."""
+    return ("rank",) + tuple(PROJECTED_GROUP_DEFAULTS)
+
+
+def valid_group_keys(defaults: dict) -> tuple[str, ...]:
+    """Every key a parameter group may have, given the optimizer's ``defaults``."""
+    return GENERAL_GROUP_KEYS + tuple(defaults) + projector_only_keys()
+
+
+def closest_key_hint(key: str, valid: tuple[str, ...]) -> str:
+    """`` (did you mean 'x'?)`` for the closest valid key (difflib), or an empty string."""
+    matches = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
 
 
 def group_label(group: dict, index: int) -> str:
@@ -48,6 +78,71 @@ def group_label(group: dict, index: int) -> str:
 
 def _fail(group: dict, index: int, key: str, message: str, error: type[Exception] = ValueError) -> None:
     raise error(f"{group_label(group, index)}, key '{key}': {message}")
+
+
+def _number_problem(key: str, value: Any) -> tuple[type[Exception], str] | None:
+    """Why ``value`` is not a valid ``lr``, ``eps`` or ``weight_decay`` (a finite number >= 0), or None."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and key == "lr":
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        hint = ""
+        if isinstance(value, str):
+            hint = " (a string: YAML reads 1e-3 as text; write 1.0e-3 or convert with float())"
+        return TypeError, f"must be a number, got {value!r}{hint}"
+    if not math.isfinite(value) or value < 0:
+        return ValueError, f"must be a finite number >= 0, got {value!r}"
+    return None
+
+
+def _betas_problem(value: Any) -> tuple[type[Exception], str] | None:
+    """Why ``value`` is not a valid ``betas`` (two numbers in [0, 1)), or None."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        return TypeError, f"must be a pair (beta1, beta2), got {value!r}"
+    for position, beta in enumerate(value):
+        if isinstance(beta, bool) or not isinstance(beta, Real):
+            return TypeError, f"beta{position + 1} must be a number, got {beta!r}"
+        if not 0.0 <= beta < 1.0:
+            return ValueError, f"beta{position + 1} must be in [0, 1), got {beta!r}"
+    return None
+
+
+def check_hyperparameters(values: dict, where: str) -> None:
+    """Raise naming ``where`` and the key when ``lr``, ``betas``, ``eps`` or ``weight_decay`` in ``values`` is invalid.
+
+    ``where`` is a group label (``param group 2 ('attn')``) or ``GaLorePlusAdamW argument``.
+    """
+    for key in CONSTRUCTOR_HYPERPARAMETERS:
+        if key not in values:
+            continue
+        problem = _betas_problem(values[key]) if key == "betas" else _number_problem(key, values[key])
+        if problem is not None:
+            error, message = problem
+            raise error(f"{where}, key '{key}': {message}")
+    foreach = values.get("foreach")
+    if foreach is not None and not isinstance(foreach, bool):
+        raise TypeError(f"{where}, key 'foreach': must be None, True or False, got {foreach!r}")
+
+
+def check_known_keys(group: dict, index: int, defaults: dict) -> None:
+    """Refuse a key no part of the optimizer reads (a misspelling would otherwise be ignored silently)."""
+    valid = valid_group_keys(defaults)
+    for key in group:
+        if key not in valid:
+            _fail(group, index, key, f"is not a parameter-group key of GaLorePlusAdamW{closest_key_hint(key, valid)}; "
+                                     f"valid keys: {', '.join(valid[1:])}")
+
+
+def keyword_argument_error(keywords: dict, constructor_args: tuple[str, ...]) -> TypeError:
+    """The error for keywords GaLorePlusAdamW's constructor does not take (``rank=16`` belongs in a group)."""
+    key = next(iter(keywords))
+    if key in projector_only_keys():
+        return TypeError(
+            f"GaLorePlusAdamW got {key}={keywords[key]!r} as a constructor argument, but {key!r} is a parameter-group "
+            "key: projection is chosen per group. Build the groups with galore_plus.make_param_groups(model, "
+            f"{key}=...) or pass them yourself, e.g. [{{'params': weights_2d, 'rank': 16}}, {{'params': others}}]"
+        )
+    return TypeError(f"GaLorePlusAdamW got an unexpected keyword argument {key!r}"
+                     f"{closest_key_hint(key, constructor_args)}; it takes {', '.join(constructor_args)}")
 
 
 def _require_int(group: dict, index: int, key: str, minimum: int) -> None:
@@ -69,9 +164,72 @@ def fill_projected_defaults(group: dict) -> None:
         group.setdefault(key, value)
 
 
+def prepare_group(group: dict, index: int, defaults: dict) -> list[str]:
+    """Fill a new group's defaults and validate it; return the warnings to give (a full-rank projection).
+
+    Raises on an unknown key, an invalid hyperparameter or projector key, naming the group and key.
+    """
+    check_known_keys(group, index, defaults)
+    for key, value in defaults.items():
+        group.setdefault(key, value)
+    check_hyperparameters(group, group_label(group, index))
+    if "rank" not in group:
+        validate_plain_group(group, index)
+        return []
+    fill_projected_defaults(group)
+    validate_projected_group(group, index)
+    return full_rank_warnings(group, index)
+
+
+def stepped_shape(param: torch.Tensor, group: dict) -> tuple[int, int]:
+    """The (m, n) shape the optimizer steps: the weight's transpose for a ``transposed`` group (GPT-2 Conv1D)."""
+    rows, columns = param.shape
+    return (columns, rows) if group.get("transposed") else (rows, columns)
+
+
+def full_rank_warnings(group: dict, index: int) -> list[str]:
+    """A warning when ``rank`` is not below the projected side of some weights: their projection saves nothing."""
+    names = group.get("param_names")
+    full = []
+    for position, param in enumerate(group["params"]):
+        m, n = stepped_shape(param, group)
+        side = projection_side((m, n), group["proj_type"], group["projector"])
+        if group["rank"] >= (m if side == "left" else n):
+            full.append(f"{names[position] if names else f'parameter {position}'} {tuple(param.shape)}")
+    if not full:
+        return []
+    listed = ", ".join(full[:5]) + (f" and {len(full) - 5} more" if len(full) > 5 else "")
+    return [f"{group_label(group, index)}, key 'rank': rank {group['rank']} is not below the projected side of "
+            f"{len(full)} weight(s) ({listed}): their low-rank moments are as large as AdamW's and the basis comes "
+            "on top, so projecting them saves no memory. Use a smaller rank or put them in a group without 'rank'"]
+
+
+def format_bytes(count: int) -> str:
+    """``12.3 MiB``-style text of a byte count."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def plain_adamw_warning(param_groups: list[dict]) -> str | None:
+    """The warning for an optimizer none of whose groups has ``rank`` (it is then plain AdamW), or None."""
+    if any("rank" in group for group in param_groups):
+        return None
+    matrices = [p for group in param_groups for p in group["params"] if p.dim() == 2 and p.requires_grad]
+    if not matrices:
+        return None
+    moment_bytes = sum(2 * p.numel() * p.element_size() for p in matrices)
+    return (f"GaLorePlusAdamW has no parameter group with 'rank', so it is plain AdamW: the moments of its "
+            f"{len(matrices)} 2-D weights ({format_bytes(moment_bytes)}) stay full size. Build the groups with "
+            "galore_plus.make_param_groups(model, rank=...) or add 'rank' to a group. (transformers.Trainer pops "
+            "'params' from an optimizer_cls_and_kwargs dict, so a dict reused for a second Trainer has lost its "
+            "groups: build a fresh one per Trainer, or use galore_plus.hf.GaLorePlusTrainer.)")
+
+
 def validate_plain_group(group: dict, index: int) -> None:
     """A group without ``rank`` must not carry projector keys that would be silently ignored."""
-    stray = [key for key in PROJECTOR_ONLY_KEYS if key in group]
+    stray = [key for key in projector_only_keys() if key in group]
     if stray:
         _fail(group, index, stray[0], "is only meaningful in a projected group; add 'rank' to the group or remove the key")
 

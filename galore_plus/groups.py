@@ -22,20 +22,26 @@ projectors do not care about the layout (``proj_type="std"`` projects the smalle
 way), so other Conv1D weights need no flag.
 
 A targeted weight that cannot be projected stays in AdamW and is listed, with the reason, in
-``ParamGroupPlan.unplaced`` (and in a warning from ``make_param_groups``): a side smaller than
-``rank``, a tensor tied to another parameter (GPT-2's ``lm_head`` and BERT's MLM ``decoder`` share
-the word embeddings; they are output heads, targeted only with ``include_lm_head``), or a head
-count that does not divide its outputs.
+``ParamGroupPlan.unplaced`` (and in a warning from ``make_param_groups`` that says how much memory
+its full-size moments take): a ``rank`` not below the side it would project (which would save
+nothing), or a tensor tied to another parameter (GPT-2's ``lm_head`` and BERT's MLM ``decoder``
+share the word embeddings; they are output heads, targeted only with ``include_lm_head``). A head
+count that does not divide a query/key projection's outputs, and a ``target_modules`` entry that
+matches no linear layer, raise instead.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import warnings
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any, Iterable
 
 from torch import nn
+
+from .group_options import check_hyperparameters, closest_key_hint, format_bytes, projector_only_keys
 
 QUERY_NAMES = ("q_proj", "query", "wq", "q_lin", "q_attn")
 KEY_NAMES = ("k_proj", "key", "wk", "k_lin")
@@ -107,6 +113,59 @@ def _projectable_weight(module: nn.Module) -> nn.Parameter | None:
     return None
 
 
+def _check_arguments(arguments: dict[str, Any], group_options: dict[str, Any]) -> None:
+    """Raise a TypeError/ValueError naming the argument of ``make_param_groups`` at fault."""
+    for key in ("rank", "update_proj_gap"):
+        value = arguments[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"make_param_groups: {key} must be an int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"make_param_groups: {key} must be >= 1, got {value}")
+    for key in ("num_heads", "num_kv_heads"):
+        value = arguments[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"make_param_groups: {key} must be None or an int >= 1, got {value!r}")
+    for key in ("scale", "residual_ratio"):
+        value = arguments[key]
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"make_param_groups: {key} must be a number, got {value!r}")
+    if not 0.0 <= arguments["residual_ratio"] < 1.0:
+        raise ValueError(f"make_param_groups: residual_ratio must be in [0, 1), got {arguments['residual_ratio']!r}")
+    if arguments["projector"] == "cross_head":
+        raise ValueError("make_param_groups: projector is the projector of the non-attention weights ('randomized' or "
+                         "'svd'); query/key projections get 'cross_head' through cross_head=True")
+    check_hyperparameters({k: v for k, v in arguments.items() if v is not None}, "make_param_groups(...)")
+    valid = projector_only_keys()
+    for key in group_options:
+        if key not in valid:
+            raise TypeError(f"make_param_groups got an unexpected keyword argument {key!r}"
+                            f"{closest_key_hint(key, valid + tuple(arguments))}")
+
+
+def _unmatched_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Entries of ``target_modules`` that select no ``nn.Linear``/``Conv1D`` module of ``model``."""
+    names = [name for name, module in model.named_modules() if _projectable_weight(module) is not None]
+    if isinstance(target_modules, str):
+        return [] if any(module_matches(name, target_modules) for name in names) else [target_modules]
+    return [entry for entry in target_modules if not any(module_matches(name, [entry]) for name in names)]
+
+
+def _target_error(model: nn.Module, unmatched: list[str]) -> ValueError:
+    leaves = sorted({_leaf(name) for name, module in model.named_modules() if _projectable_weight(module) is not None})
+    hints = []
+    for entry in unmatched:
+        close = difflib.get_close_matches(entry, leaves, n=1)
+        hints.append(f"{entry!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ValueError(f"make_param_groups: target_modules entry {', '.join(hints)} matches no nn.Linear or Conv1D "
+                      f"module, so those weights would silently stay in AdamW; the model's linear layers are named "
+                      f"{', '.join(leaves[:12])}{', ...' if len(leaves) > 12 else ''}")
+
+
+def _projected_side_size(shape: tuple[int, int], cross_head: bool) -> int:
+    """The side a weight's basis spans: the input side for ``cross_head``, else (``std``) the smaller side."""
+    return shape[1] if cross_head else min(shape)
+
+
 def plan_param_groups(
     model: nn.Module,
     rank: int = 128,
@@ -119,15 +178,38 @@ def plan_param_groups(
     num_heads: int | None = None,
     num_kv_heads: int | None = None,
     include_lm_head: bool = False,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
+    no_decay: Iterable[str] = (),
     **group_options: Any,
 ) -> ParamGroupPlan:
     """The plan behind :func:`make_param_groups` (same arguments), with where each parameter went."""
-    projected_options = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, **group_options)
+    arguments = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, residual_ratio=residual_ratio,
+                     projector=projector, num_heads=num_heads, num_kv_heads=num_kv_heads, lr=lr,
+                     weight_decay=weight_decay, betas=betas, eps=eps)
+    _check_arguments(arguments, group_options)
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    unmatched = _unmatched_targets(model, target_modules)
+    if unmatched:
+        raise _target_error(model, unmatched)
+    hyperparameters = {key: value for key, value in dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps).items()
+                       if value is not None}
     canonical_names = {id(param): name for name, param in model.named_parameters()}
+    no_decay = set(no_decay)
+    unknown = sorted(no_decay - set(canonical_names.values()))
+    if unknown:
+        raise ValueError(f"make_param_groups: no_decay names parameters the model does not have: {unknown[:5]}")
+    projected_options = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, **group_options)
     plan = ParamGroupPlan(groups=[])
     groups: dict[str, dict[str, Any]] = {}
 
     def place(group_name: str, param: nn.Parameter, param_name: str, options: dict[str, Any]) -> None:
+        options = dict(options, **hyperparameters)
+        if param_name in no_decay:
+            group_name, options["weight_decay"] = f"{group_name}_no_decay", 0.0
         groups.setdefault(group_name, {"params": [], "name": group_name, **options})["params"].append(param)
         plan.placement[param_name] = group_name
 
@@ -144,24 +226,31 @@ def plan_param_groups(
             if canonical not in plan.placement:
                 plan.unplaced[weight_name] = f"tied to {canonical} (the same tensor); tied weights stay in AdamW"
             continue
-        if rank > min(weight.shape):
-            plan.unplaced[weight_name] = f"shape {tuple(weight.shape)} has a side smaller than rank={rank}"
+        attention = _leaf(module_name) in QUERY_NAMES + KEY_NAMES + FUSED_QKV_NAMES
+        transposed = is_conv1d(module)
+        shape = tuple(reversed(weight.shape)) if transposed else tuple(weight.shape)
+        side = _projected_side_size(shape, cross_head and attention)
+        if rank >= side or rank > min(shape):
+            plan.unplaced[weight_name] = (f"rank={rank} is not below the side of shape {tuple(weight.shape)} it would "
+                                          f"project ({side}), so projecting it saves nothing")
             continue
-        if cross_head and _leaf(module_name) in QUERY_NAMES + KEY_NAMES + FUSED_QKV_NAMES:
+        residual = {"residual_ratio": residual_ratio} if attention and residual_ratio > 0 else {}
+        if cross_head and attention:
             heads = _head_count(model, module_name, num_heads, num_kv_heads)
-            transposed = is_conv1d(module)
-            outputs = weight.shape[1] if transposed else weight.shape[0]
-            if outputs % heads:
-                plan.unplaced[weight_name] = f"{heads} heads do not divide its {outputs} outputs; pass num_heads"
-                continue
-            options = dict(projected_options, projector="cross_head", num_heads=heads)
+            if shape[0] % heads:
+                source = "from num_heads/num_kv_heads you passed" if num_heads or num_kv_heads else "from model.config"
+                raise ValueError(
+                    f"make_param_groups: {heads} heads ({source}) do not divide the {shape[0]} outputs of "
+                    f"{weight_name}; pass the model's head counts as num_heads= (and num_kv_heads= for grouped-query "
+                    "attention), or cross_head=False to project q/k without heads"
+                )
+            options = dict(projected_options, projector="cross_head", num_heads=heads, **residual)
             if transposed:
                 options["transposed"] = True
-            if residual_ratio > 0:
-                options["residual_ratio"] = residual_ratio
             place(f"cross_head_{heads}_heads" + ("_transposed" if transposed else ""), weight, weight_name, options)
         else:
-            place(projector, weight, weight_name, dict(projected_options, projector=projector))
+            name = f"{projector}_residual" if residual else projector
+            place(name, weight, weight_name, dict(projected_options, projector=projector, **residual))
 
     for param_name, param in model.named_parameters():
         if param.requires_grad and param_name not in plan.placement:
@@ -182,31 +271,47 @@ def make_param_groups(
     num_heads: int | None = None,
     num_kv_heads: int | None = None,
     include_lm_head: bool = False,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
+    no_decay: Iterable[str] = (),
     verbose: bool = False,
     **group_options: Any,
 ) -> list[dict[str, Any]]:
     """Split a model's trainable parameters into GaLorePlusAdamW groups (see the module docstring).
 
-    * query/key projections -> ``cross_head`` groups with ``residual_ratio``, one per head count;
+    * query/key projections -> ``cross_head`` groups with ``residual_ratio``, one per head count
+      (with ``cross_head=False``: a ``projector`` group with ``residual_ratio``);
     * fused q/k/v projections -> ``cross_head`` with H + 2 K heads (``transposed=True`` for Conv1D);
     * other matched 2-D ``nn.Linear`` and transformers ``Conv1D`` weights -> one ``projector`` group;
     * everything else (embeddings, norms, biases, the output head unless ``include_lm_head``, tied
-      weights and matched weights smaller than ``rank``) -> a plain AdamW group.
+      weights and matched weights with no side larger than ``rank``) -> a plain AdamW group.
 
-    ``group_options`` (e.g. ``oversample=16``) are added to every projected group. Targeted weights
-    that could not be projected are named in a warning; with ``verbose`` a summary of what went
-    where is printed.
+    ``lr``, ``weight_decay``, ``betas`` and ``eps``, when given, are set in every group; the
+    parameters named in ``no_decay`` (e.g. norms and biases) go to ``*_no_decay`` groups with
+    ``weight_decay=0``. ``group_options`` (projector keys, e.g. ``oversample=16``) are added to
+    every projected group. An entry of ``target_modules`` that matches no linear layer, or a head
+    count that does not divide a query/key projection, raises; targeted weights that cannot be
+    projected are named in a warning; with ``verbose`` a summary of what went where is printed.
     """
     plan = plan_param_groups(
         model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, target_modules=target_modules,
         residual_ratio=residual_ratio, projector=projector, cross_head=cross_head, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, include_lm_head=include_lm_head, **group_options,
+        num_kv_heads=num_kv_heads, include_lm_head=include_lm_head, lr=lr, weight_decay=weight_decay, betas=betas,
+        eps=eps, no_decay=no_decay, **group_options,
     )
     if plan.unplaced:
         listed = "; ".join(f"{name}: {reason}" for name, reason in list(plan.unplaced.items())[:5])
         more = f" (and {len(plan.unplaced) - 5} more)" if len(plan.unplaced) > 5 else ""
+        params = dict(model.named_parameters())
+        kept = sum(2 * params[name].numel() * params[name].element_size() for name in plan.unplaced if name in params)
         warnings.warn(f"{len(plan.unplaced)} targeted weight(s) could not be projected and stay in the plain AdamW "
-                      f"group: {listed}{more}", stacklevel=2)
+                      f"group with full-size moments ({format_bytes(kept)}): {listed}{more}", stacklevel=2)
+    if residual_ratio > 0 and not any(group.get("residual_ratio", 0) > 0 for group in plan.groups):
+        warnings.warn(f"make_param_groups: residual_ratio={residual_ratio} applies to query/key projections "
+                      f"({', '.join(QUERY_NAMES + KEY_NAMES + FUSED_QKV_NAMES)}) and no targeted, projected weight "
+                      "has such a name: no residual is used", stacklevel=2)
     if verbose:
         print(describe_placement(plan.placement))
     return plan.groups

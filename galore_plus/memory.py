@@ -19,24 +19,26 @@ Gradients are the parameters' dtype; in per-layer mode (:mod:`galore_plus.per_la
 parameter's gradient exists at a time, so the largest one is counted. Not counted: activations,
 the temporary buffers of one step, and the allocator's rounding.
 
-Command line: ``python -m galore_plus.memory --model llama2-7b`` (or ``--config file.json``)
-prints the table of AdamW, AdamW 8-bit, GaLore, GaLore+, GaLore+ with 4-bit bases, APOLLO and
-APOLLO-Mini (rank 1; the others at ranks 128, 256 and 512), 32- and 8-bit moments, with and without
-per-layer steps.
+Command line: ``python -m galore_plus.memory --model llama2-7b`` (or ``--config file.json`` or
+``--config checkpoint_folder``) prints the table of AdamW, AdamW 8-bit, GaLore, GaLore+, GaLore+ with
+4-bit bases, APOLLO and APOLLO-Mini (rank 1; the others at ranks 128, 256 and 512), 32- and 8-bit
+moments, with and without per-layer steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from .group_options import fill_projected_defaults
+from .group_options import fill_projected_defaults, stepped_shape
 from .groups import make_param_groups
 from .basis_quant import quantized_basis_nbytes
 from .presets import APOLLO, APOLLO_MINI
@@ -98,7 +100,8 @@ def basis_bytes(numel: int, group: dict[str, Any]) -> int:
 
 
 def projected_state_bytes(shape: tuple[int, int], group: dict[str, Any], optim_bits: int) -> int:
-    """Basis, low-rank moments, residual and update-rule state of one projected weight (defaults filled)."""
+    """Basis, low-rank moments, residual and update-rule state of one projected weight of stepped shape ``shape``
+    (defaults filled)."""
     m, n = shape
     rank = group["rank"]
     side = projection_side(shape, group["proj_type"], group["projector"])
@@ -123,7 +126,7 @@ def optimizer_state_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], o
         if "rank" in group:
             filled = dict(group)
             fill_projected_defaults(filled)
-            total += sum(projected_state_bytes(tuple(p.shape), filled, optim_bits) for p in filled["params"])
+            total += sum(projected_state_bytes(stepped_shape(p, filled), filled, optim_bits) for p in filled["params"])
         else:
             total += sum(plain_state_bytes(p, optim_bits) for p in group["params"])
     return total
@@ -223,7 +226,8 @@ def format_table(rows: list[dict[str, Any]], budget_gib: float) -> str:
 
 
 def load_config(model: str | None, config_path: str | None) -> Any:
-    """A transformers config from a name in :data:`NAMED_CONFIGS` or a JSON file with ``model_type``."""
+    """A transformers config from a name in :data:`NAMED_CONFIGS`, a JSON file with ``model_type``, or a
+    checkpoint folder holding ``config.json`` (how Hugging Face checkpoints are laid out)."""
     from transformers import AutoConfig
 
     if (model is None) == (config_path is None):
@@ -233,10 +237,18 @@ def load_config(model: str | None, config_path: str | None) -> Any:
             raise ValueError(f"unknown --model {model!r}; known: {sorted(NAMED_CONFIGS)} (or use --config FILE.json)")
         fields = dict(NAMED_CONFIGS[model])
     else:
-        with open(config_path) as handle:
-            fields = json.load(handle)
-        if "model_type" not in fields:
-            raise ValueError(f"{config_path}: the JSON config needs a 'model_type' key (e.g. \"llama\")")
+        path = Path(config_path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"--config {config_path}: no such file (give a config JSON file or a checkpoint folder "
+                             "with config.json)")
+        try:
+            fields = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config {path}: not valid JSON ({error})") from None
+        if not isinstance(fields, dict) or "model_type" not in fields:
+            raise ValueError(f"{path}: the JSON config needs a 'model_type' key (e.g. \"llama\")")
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
@@ -248,19 +260,41 @@ def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of ``--ranks``: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def residual_ratio_arg(text: str) -> float:
+    """argparse type of ``--residual-ratio``: a number in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The command line; a user error (bad name, missing or malformed config) exits with status 2 and one line."""
     parser = argparse.ArgumentParser(prog="python -m galore_plus.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help=f"a built-in config name: {', '.join(NAMED_CONFIGS)} (default llama2-7b)")
-    parser.add_argument("--config", help="a JSON file of transformers config fields including model_type")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[128, 256, 512], help="default 128 256 512")
-    parser.add_argument("--residual-ratio", type=float, default=0.012, help="GaLore+ residual on q/k (default 0.012)")
+    parser.add_argument("--config", help="a JSON file of transformers config fields including model_type, or a "
+                                         "checkpoint folder holding config.json")
+    parser.add_argument("--ranks", type=positive_int, nargs="+", default=[128, 256, 512], help="default 128 256 512")
+    parser.add_argument("--residual-ratio", type=residual_ratio_arg, default=0.012, help="GaLore+ residual on q/k (default 0.012)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="parameter and gradient dtype (default bfloat16)")
     parser.add_argument("--budget-gib", type=float, default=24.0, help="memory budget for the fits column (default 24)")
     args = parser.parse_args(argv)
     if args.model is None and args.config is None:
         args.model = "llama2-7b"
-    model = build_meta_model(load_config(args.model, args.config), getattr(torch, args.dtype))
+    try:
+        model = build_meta_model(load_config(args.model, args.config), getattr(torch, args.dtype))
+    except ValueError as error:
+        print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
     count = sum(p.numel() for p in model.parameters())
     print(f"{args.model or args.config}: {count / 1e9:.2f}B parameters in {args.dtype}; residual ratio "
           f"{args.residual_ratio} on q/k for GaLore+; activations and step buffers not included")

@@ -9,10 +9,16 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
+from .checkpoint import checked_state_dict
 from .distributed import LocalLayout, is_sharded, row_shard_layout
-from .group_options import fill_projected_defaults, group_label, validate_plain_group, validate_projected_group
+from .group_options import (
+    check_hyperparameters, group_label, keyword_argument_error, plain_adamw_warning, prepare_group,
+)
 from . import quant
-from .weight_step import StepContext, step_projected_weight
+from .weight_step import SkippedSteps, StepContext, step_projected_weight
+
+
+CONSTRUCTOR_ARGS = ("params", "lr", "betas", "eps", "weight_decay", "seed", "foreach", "optim_bits")
 
 
 class GaLorePlusAdamW(torch.optim.Optimizer):
@@ -25,9 +31,13 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
     2. R = P^T G or G Q^T;
     3. M, V are Adam moments of R, with bias corrections that use t (never reset at a refresh);
     4. N = (M / (1 - b1^t)) / (sqrt(V / (1 - b2^t)) + eps);
-    5. p <- p (1 - lr wd) - lr scale (P N or N Q).
+    5. p <- p (1 - lr wd) - lr scale (P N or N Q) (the update rule ``"galore"``);
     6. with ``residual_ratio`` > 0 the update at a fixed sparse index set I is replaced by an exact
        (or, with ``residual_mode="paper"``, Algorithm 2's) one; see :mod:`galore_plus.residual`.
+
+    The order is written once, in :mod:`galore_plus.weight_step`. A step whose values are not
+    finite leaves that weight and its moments unchanged, decided on the device (no host read on a
+    step without a refresh); a warning follows at the next refresh or ``state_dict()``.
 
     ``seed`` seeds every random choice of the projectors together with the parameter's position and
     the refresh count; torch's global RNG is never used.
@@ -47,17 +57,12 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         seed: int = 0,
         foreach: bool | None = None,
         optim_bits: int = 32,
+        **group_keys: Any,
     ):
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if group_keys:
+            raise keyword_argument_error(group_keys, CONSTRUCTOR_ARGS)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        check_hyperparameters(defaults, "GaLorePlusAdamW(...)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         if isinstance(optim_bits, bool) or optim_bits not in (32, 8):
@@ -67,20 +72,22 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         self.optim_bits = optim_bits
         self.seed = seed
         self._warned: set[str] = set()
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        self._skipped = SkippedSteps()
         super().__init__(params, defaults)
+        plain_warning = plain_adamw_warning(self.param_groups)
+        if plain_warning is not None:
+            warnings.warn(plain_warning, UserWarning, stacklevel=2)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Validate a group (filling projector defaults where it has ``rank``) and add it."""
+        """Validate a group (filling projector defaults where it has ``rank``) and add it.
+
+        Unknown keys and invalid values raise, naming the group and key (see :mod:`galore_plus.group_options`).
+        """
         params = param_group["params"]
         if not isinstance(params, set):
             param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        index = len(self.param_groups)
-        if "rank" in param_group:
-            fill_projected_defaults(param_group)
-            validate_projected_group(param_group, index)
-        else:
-            validate_plain_group(param_group, index)
+        for message in prepare_group(param_group, len(self.param_groups), self.defaults):
+            warnings.warn(message, UserWarning, stacklevel=2)
         super().add_param_group(param_group)
 
     @torch.no_grad()
@@ -166,7 +173,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             layout = row_shard_layout(param, group, label, self.optim_bits)
         else:
             layout = LocalLayout(param, group["transposed"])
-        context = StepContext(self.seed, position, self.optim_bits, label, self._warn_once)
+        context = StepContext(self.seed, position, self.optim_bits, label, self._warn_once, self._skipped)
         step_projected_weight(layout, self.state[param], group, context)
 
     def _warn_once(self, kind: str, message: str) -> None:
@@ -174,26 +181,25 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             self._warned.add(kind)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's state dict; first warns if projected weights' steps were skipped since the last refresh."""
+        self._skipped.report(self._warn_once)
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like torch, but keep projected weights' state in its saved dtype (float32).
+        """Load like torch after checking the checkpoint fits (:mod:`galore_plus.checkpoint`), keeping
+        projected weights' state in its saved dtype (float32).
 
-        Group options come from the checkpoint, as in torch; a projected group saved before one of
-        today's group keys existed gets that key's default.
-
-        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype,
-        which would round the float32 basis and moments of a bfloat16 weight (and, with
+        A foreign checkpoint (galore_torch), another rank or other shapes raise before anything is
+        changed. ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's
+        dtype, which would round the float32 basis and moments of a bfloat16 weight (and, with
         ``optim_bits=8``, the float32 absmax of every 8-bit moment).
         """
+        state_dict = checked_state_dict(self, state_dict)
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            if "rank" in group:
-                fill_projected_defaults(group)  # a checkpoint older than a group key gets its default
-        for group_index, group, position, param in self.indexed_params():
+        for _, group, position, param in self.indexed_params():
             saved = state_dict["state"].get(position)
             if saved is not None and ("rank" in group or self.optim_bits == 8):
                 for key, value in saved.items():
                     if isinstance(value, Tensor):
                         self.state[param][key] = value.to(device=param.device, copy=True)
-            if saved is not None:
-                quantized = self.optim_bits == 8 and ("rank" in group or quant.uses_8bit_adamw(param))
-                quant.check_loaded_moments(saved, quantized, f"{group_label(group, group_index)}, parameter {position}")

@@ -166,6 +166,11 @@ class PerLayerSteps:
         _ENABLED.discard(self.optimizer)
 
 
+def per_layer_enabled(optimizer: Any) -> bool:
+    """Whether per-layer steps are on for ``optimizer`` (its gradients are then consumed during backward)."""
+    return optimizer in _ENABLED
+
+
 def enable_per_layer_steps(
     optimizer: GaLorePlusAdamW, ddp_model: DistributedDataParallel | None = None
 ) -> PerLayerSteps:

@@ -79,21 +79,31 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     )
 
 
-def load_moments(state: dict[str, Any]) -> None:
+def load_moments(state: dict[str, Any]) -> dict[str, Tensor]:
     """Replace the stored codes of the low-rank moments by float32 ``exp_avg``/``exp_avg_sq`` tensors.
 
-    Does nothing before the first step (the optimizer then creates zero moments itself).
+    Returns the codes and absmax values taken out of the state (none before the first step, when
+    the optimizer creates zero moments itself), for :func:`store_moments` to keep on a skipped step.
     """
+    stored = {}
     for key in MOMENT_KEYS:
         if f"{key}_codes" in state:
             codes, absmax = state.pop(f"{key}_codes"), state.pop(f"{key}_absmax")
+            stored[f"{key}_codes"], stored[f"{key}_absmax"] = codes, absmax
             state[key] = dequantize(codes, absmax, moment_is_signed(key))
+    return stored
 
 
-def store_moments(state: dict[str, Any]) -> None:
-    """Replace float32 ``exp_avg``/``exp_avg_sq`` in the state by their 8-bit codes and absmax values."""
+def store_moments(state: dict[str, Any], stored: dict[str, Tensor], keep_new: Tensor) -> None:
+    """Replace float32 ``exp_avg``/``exp_avg_sq`` in the state by their 8-bit codes and absmax values.
+
+    Where the 0-d bool ``keep_new`` is False, the codes ``stored`` by :func:`load_moments` are kept
+    bit for bit instead (a skipped step), chosen on the device.
+    """
     for key in MOMENT_KEYS:
         state[f"{key}_codes"], state[f"{key}_absmax"] = quantize(state.pop(key), moment_is_signed(key))
+    for key, old in stored.items():
+        state[key] = torch.where(keep_new, state[key], old)
 
 
 def check_loaded_moments(state: dict[str, Any], quantized: bool, where: str) -> None:

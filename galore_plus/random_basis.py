@@ -17,17 +17,16 @@ data-parallel rank, so the optimizer state needs no basis at all.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .projectors import Side
 
+def gaussian_basis(shape: tuple[int, int], rank: int, side: str, generator: torch.Generator) -> Tensor:
+    """A float32 basis of an (m, n) weight with N(0, 1/rank) entries: (m, rank) for ``side="left"``, else (rank, n).
 
-def gaussian_basis(shape: tuple[int, int], rank: int, side: Side, generator: torch.Generator) -> Tensor:
-    """A float32 basis of an (m, n) weight with N(0, 1/rank) entries: (m, rank) left, (rank, n) right."""
+    (``side`` is typed ``str`` because :mod:`galore_plus.projectors`, which defines ``Side``, imports this module.)
+    """
     m, n = shape
     size = (m, rank) if side == "left" else (rank, n)
     return torch.randn(size, generator=generator, device=generator.device).div_(math.sqrt(rank))

@@ -18,9 +18,15 @@ FALLBACK_WARNING = ("a projector refresh failed (non-finite gradient or decompos
 
 def refreshed_basis(
     read: Tensor, shape: Shape, group: dict, side: Side, generator: torch.Generator, previous: Tensor | None,
-    warn: Warn,
+    warn: Warn, check_read: bool = False,
 ) -> Tensor:
     """The group's projector's basis of ``read`` (the gradient rows it reads), or a fallback.
+
+    Validation costs what the basis costs: the whole gradient is never scanned. A NaN or Inf in
+    ``read`` propagates into every product of it, so the basis (r x n or m x r) is checked, and a
+    ``LinAlgError`` is caught. ``check_read`` also checks ``read`` itself; use it when ``read`` is
+    a few rows (``cross_head``'s chosen heads), where that is cheap. These checks read one bool
+    each on the host: a refresh synchronises, a step without one does not.
 
     Fallback, with ``warn("basis", ...)``: the previous basis when there is one of the right shape,
     otherwise a random orthonormal basis from the same seeded generator.
@@ -29,7 +35,7 @@ def refreshed_basis(
     expected = (shape[0], rank) if side == "left" else (rank, shape[1])
     if previous is not None and tuple(previous.shape) != expected:
         previous = None
-    if bool(all_finite(read)):
+    if not check_read or bool(all_finite(read)):
         try:
             basis = compute_basis(read, shape, group, side, generator, previous)
             if bool(all_finite(basis)):

@@ -51,7 +51,8 @@ def select_residual_index(
     """CSR index (row_ptr, col) of the ``count`` largest |P M| or |M Q| entries, sorted by position.
 
     The reconstruction is formed a block of rows at a time and merged into a running top-``count``,
-    so the extra memory is one block of about ``chunk_elements`` values plus O(count).
+    so the extra memory is one block of about ``chunk_elements`` values plus O(count). Row offsets
+    come from ``searchsorted`` on the sorted rows (no ``bincount``, which reads a size on the host).
     """
     m, n = shape
     rows_per_chunk = max(1, chunk_elements // n)
@@ -69,8 +70,8 @@ def select_residual_index(
     rows = flat // n
     col_dtype = torch.int16 if n <= 2**15 else torch.int32
     ptr_dtype = torch.int32 if count < 2**31 else torch.int64
-    row_ptr = torch.zeros(m + 1, dtype=ptr_dtype, device=flat.device)
-    row_ptr[1:] = torch.bincount(rows, minlength=m).cumsum(0)
+    boundaries = torch.arange(m + 1, device=flat.device)
+    row_ptr = torch.searchsorted(rows, boundaries, out_int32=ptr_dtype == torch.int32)
     return row_ptr, (flat % n).to(col_dtype)
 
 

@@ -4,31 +4,47 @@ State of a weight with a residual (plain tensors and ints in ``optimizer.state[p
 
 * ``residual_row_ptr`` (m + 1,) and ``residual_col`` (|I|,): the index set I in CSR form;
 * ``residual_exp_avg``, ``residual_exp_avg_sq`` (|I|,) float32: M_I, V_I ("exact") or dM, dV ("paper");
-* ``residual_step``: c, the number of steps the residual has been applied.
+* ``residual_step``: c, the number of steps the residual has been applied (a skipped step counts,
+  as it does in t).
+
+A step whose low-rank part or residual values or moments are not finite leaves the residual moments
+and the weight at I unchanged, decided on the device (``torch.where``), without a host read.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .dispatch import residual_values
+from .finite import all_finite
 from .projectors import Side
-from .residual import flat_index, residual_count, scatter_flat, select_residual_index
+from .residual import flat_index, gather_flat, residual_count, scatter_flat, select_residual_index
 
-ResidualWrite = tuple[Tensor, Tensor]
+
+class ResidualWrite(NamedTuple):
+    """What to write after the low-rank update: p at the flat positions ``index`` <- ``values``.
+
+    ``finite`` (0-d bool) is False when the step was skipped: ``values`` are then p's own values.
+    """
+
+    index: Tensor
+    values: Tensor
+    finite: Tensor
 
 
 def residual_update(
     param: Tensor, grad: Tensor, low_rank: Tensor, direction: Tensor, basis: Tensor, side: Side,
-    state: dict[str, Any], group: dict[str, Any], step: int,
+    state: dict[str, Any], group: dict[str, Any], step: int, finite: Tensor,
 ) -> ResidualWrite | None:
     """Run the residual part of step ``step`` (call after the low-rank moments are updated).
 
-    Chooses I at the end of step max(k, 1) with k = ``residual_warmup``; for t > k returns
-    (flat positions of I, new float32 weight values at I) to write after the low-rank update, else None.
+    Chooses I at the end of step max(k, 1) with k = ``residual_warmup``; for t > k returns the
+    write to make after the low-rank update, else None. ``finite`` (0-d bool) says whether the
+    low-rank part of the step is kept; the residual is kept only if it is and its own values and
+    moments are finite.
     """
     count = residual_count(group["residual_ratio"], tuple(grad.shape))
     if count == 0:
@@ -45,17 +61,20 @@ def residual_update(
         return None
     state["residual_step"] += 1
     index = flat_index(state["residual_row_ptr"], state["residual_col"], grad.shape[1])
+    moments = state["residual_exp_avg"], state["residual_exp_avg_sq"]
+    before = [moment.clone() for moment in moments]
     beta1, beta2 = group["betas"]
     values = residual_values(
-        param, grad, index, state["residual_exp_avg"], state["residual_exp_avg_sq"],
-        basis, side, low_rank, state["exp_avg_sq"], direction,
+        param, grad, index, *moments, basis, side, low_rank, state["exp_avg_sq"], direction,
         group["residual_mode"], step, state["residual_step"], beta1, beta2, group["eps"],
         group["lr"], group["weight_decay"], group["scale"],
     )
-    return index, values
+    kept = finite & all_finite(values, *moments)
+    for moment, old in zip(moments, before):
+        moment.copy_(torch.where(kept, moment, old))
+    return ResidualWrite(index, torch.where(kept, values, gather_flat(param, index).float()), kept)
 
 
 def write_residual(param: Tensor, write: ResidualWrite) -> None:
     """Overwrite p at I with the new values (rounded once to the weight's dtype)."""
-    index, values = write
-    scatter_flat(param, index, values.to(param.dtype))
+    scatter_flat(param, write.index, write.values.to(param.dtype))

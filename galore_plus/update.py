@@ -9,17 +9,23 @@ from .projectors import Side
 
 
 def apply_lowrank_update(
-    param: Tensor, direction: Tensor, basis: Tensor, side: Side, lr: float, weight_decay: float, scale: float
+    param: Tensor, direction: Tensor, basis: Tensor, side: Side, lr: float, weight_decay: float, scale: float,
+    finite: Tensor,
 ) -> None:
-    """Decay and update ``param`` in place with one fused matrix product (torch.optim.AdamW's order).
+    """Decay and update ``param`` in place (torch.optim.AdamW's order); unchanged where ``finite`` is False.
 
     The full-size update U = scale * (P N or N Q) is never stored: ``addmm_`` computes
-    ``beta * p + alpha * (a @ b)`` in one BLAS call. Weights that are not float32 are updated in
-    a float32 copy and written back in their own dtype.
+    ``beta * p + alpha * (a @ b)`` in one BLAS call. ``finite`` is a 0-d bool tensor on the
+    weight's device and ``direction`` is zero where it is False; the weight decay factor is then
+    masked on the device (one extra elementwise pass, only when ``weight_decay`` is non-zero), so
+    nothing is read on the host. Weights that are not float32 are updated in a float32 copy and
+    written back in their own dtype.
     """
     a, b = (basis, direction) if side == "left" else (direction, basis)
-    beta, alpha = 1.0 - lr * weight_decay, -lr * scale
-    if param.dtype == torch.float32:
-        param.addmm_(a, b, beta=beta, alpha=alpha)
-        return
-    param.copy_(param.float().addmm_(a, b, beta=beta, alpha=alpha))
+    decay, alpha = 1.0 - lr * weight_decay, -lr * scale
+    target = param if param.dtype == torch.float32 else param.float()
+    if decay != 1.0:
+        target.mul_(torch.where(finite, decay, 1.0))
+    target.addmm_(a, b, alpha=alpha)
+    if target is not param:
+        param.copy_(target)

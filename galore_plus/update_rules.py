@@ -4,8 +4,9 @@ A rule is a function ``rule(inputs, state, group) -> None`` that writes ``inputs
 It sees everything one weight's step has computed (:class:`UpdateInputs`, all local to this
 process's rows of a sharded weight), the weight's optimizer state (a rule may keep tensors or
 plain values of its own there; they are checkpointed with the rest) and the parameter group.
-A rule must leave the weight unchanged when ``inputs.finite`` is False and must never write a
-non-finite value.
+A rule must leave the weight unchanged when ``inputs.finite`` (a 0-d bool tensor on the device)
+is False, without reading it on the host (``torch.where`` on the device: the step must not
+synchronise), and must never write a non-finite value.
 
 * ``"galore"``: p <- p (1 - lr wd) - lr scale (P N | N Q), one fused ``addmm_`` (see :mod:`galore_plus.update`).
 * ``"apollo"``: the gradient scaled per channel or per tensor by ||N|| / ||R||, norm-growth limited
@@ -14,12 +15,14 @@ non-finite value.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
-from .apollo_update import apollo_rule
+from .apollo_update import apollo_direction, apollo_step_size, apollo_update, apply_dense_update
 from .projectors import Side
 from .update import apply_lowrank_update
 
@@ -29,10 +32,11 @@ class UpdateInputs:
     """One weight's step, as an update rule sees it (every tensor is this process's rows).
 
     ``weight``: the parameter (transposed to (m, n) for ``transposed`` groups), any float dtype;
-    ``grad``: its float32 gradient; ``low_rank``: R = P^T G | G Q^T (summed over ranks on the
-    left side); ``direction``: N, the Adam direction of R; ``basis``: P (these rows) | Q;
-    ``step``: t >= 1; ``finite``: a 0-d bool tensor on the weight's device, False when this step
-    must leave the weight unchanged.
+    ``grad``: its float32 gradient (may hold NaN/Inf: then ``finite`` is False); ``low_rank``:
+    R = P^T G | G Q^T (summed over ranks on the left side); ``direction``: N, the Adam direction
+    of R, zero where ``finite`` is False; ``basis``: P (these rows) | Q; ``step``: t >= 1;
+    ``finite``: a 0-d bool tensor on the weight's device, False when this step must leave the
+    weight unchanged.
     """
 
     weight: Tensor
@@ -51,7 +55,26 @@ UpdateRule = Callable[[UpdateInputs, dict[str, Any], dict[str, Any]], None]
 def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
     """GaLore's rule: decoupled weight decay, then the back-projected direction times lr * scale."""
     apply_lowrank_update(inputs.weight, inputs.direction, inputs.basis, inputs.side, group["lr"],
-                         group["weight_decay"], group["scale"])
+                         group["weight_decay"], group["scale"], inputs.finite)
+
+
+def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """APOLLO's rule: steps 2-5 of :mod:`galore_plus.apollo_update`'s docstring on one weight.
+
+    Reads the moments this step has already updated (``state["exp_avg"]``, ``state["exp_avg_sq"]``)
+    and keeps the limiter's norm as ``state["apollo_norm"]``. When ``inputs.finite`` is False the
+    weight and the stored norm are left as they were (``inf`` stands for "no norm yet": it limits nothing).
+    """
+    beta1, beta2 = group["betas"]
+    direction = apollo_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
+    previous = state.get("apollo_norm")
+    update, norm = apollo_update(inputs.grad, inputs.low_rank, direction, inputs.side, group["scale_type"],
+                                 group["scale"], previous)
+    kept = previous if previous is not None else torch.full_like(norm, math.inf)
+    state["apollo_norm"] = torch.where(inputs.finite, norm, kept)
+    decay = torch.where(inputs.finite, 1.0 - group["lr"] * group["weight_decay"], 1.0)
+    apply_dense_update(inputs.weight, torch.where(inputs.finite, update, 0.0),
+                       apollo_step_size(group["lr"], inputs.step, beta1, beta2), decay)
 
 
 UPDATE_RULES: dict[str, UpdateRule] = {"galore": galore_update, "apollo": apollo_rule}

@@ -6,9 +6,16 @@ communication hook of per-layer mode and FSDP2 row shards. What differs between 
 which rows are local, how the rows a refresh reads are gathered, the sum of the left-side low-rank
 gradient over ranks, the cross-rank agreement on finiteness, and how moment zeros are made.
 
-Order of a step: schedule -> refresh (or the stored basis) -> R = P^T G | G Q^T -> finiteness ->
-moments (8-bit: dequantised) -> refresh hooks -> Adam direction N -> sparse residual at I ->
-update rule -> residual written -> moments stored (8-bit: quantised).
+Order of a step: schedule -> refresh (or the stored basis) -> R = P^T G | G Q^T -> moments (8-bit:
+dequantised) -> refresh hooks -> Adam direction N -> finiteness -> sparse residual at I -> update
+rule -> residual written -> moments stored (8-bit: quantised).
+
+A step without a refresh reads nothing on the host: finiteness is a 0-d bool tensor on the device.
+When R, N or V is not finite, ``torch.where`` keeps the old moments, N is zeroed and the update
+rule leaves the weight unchanged (the residual likewise keeps its moments and p at I). The step
+still counts in t (the schedule and bias corrections are host ints), and each skip adds one to a
+device-side counter (:class:`SkippedSteps`) that is read, with one warning per optimizer, at the
+next refresh or ``state_dict()``.
 
 Extension points (plain dicts, lists and functions):
 
@@ -75,15 +82,43 @@ class WeightLayout(Protocol):
         """This process's part of a moment, a view written in place."""
 
 
+class SkippedSteps:
+    """Device-side counts of skipped weight steps per parameter group; only :meth:`report` reads them."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, torch.device], Tensor] = {}
+
+    def add(self, label: str, kept: Tensor) -> None:
+        """Count one skipped step of a weight of group ``label`` when the 0-d bool ``kept`` is False."""
+        key = (label, kept.device)
+        if key in self.counts:
+            self.counts[key].add_(~kept)
+        else:
+            self.counts[key] = (~kept).to(torch.int64)
+
+    def report(self, warn: Warn) -> None:
+        """Read the counts (a host synchronisation), warn if any step was skipped, and reset them."""
+        skipped = {}
+        for (label, _), count in self.counts.items():
+            skipped[label] = skipped.get(label, 0) + int(count)
+        self.counts.clear()
+        skipped = {label: count for label, count in skipped.items() if count}
+        if skipped:
+            where = ", ".join(f"{label} ({count})" for label, count in skipped.items())
+            warn("grad", f"non-finite values (gradient, or moments overflowing) in weight steps of {where}: "
+                         "those steps were skipped (moments, residual and weight unchanged; the step still counts)")
+
+
 @dataclass(frozen=True)
 class StepContext:
-    """What a weight's step needs from its optimizer: seeding, bit width, names for messages, a warn-once."""
+    """What a weight's step needs from its optimizer: seeding, bit width, names for messages, warnings."""
 
     seed: int
     position: int
     optim_bits: int
     label: str
     warn: Warn
+    skipped: SkippedSteps
 
 
 def basis_schedule(state: dict[str, Any], group: dict[str, Any], step: int) -> tuple[int, bool]:
@@ -110,44 +145,47 @@ def step_basis(
     shape = basis_shape(layout.shape, group["rank"], side)
     if not refresh:
         return stored_basis(state, shape), None
+    context.skipped.report(context.warn)
     previous = stored_basis(state, shape)
-    read = layout.read_rows(projector.rows(group, layout.shape, generator))
-    basis = refreshed_basis(read, layout.shape, group, side, generator, previous, context.warn)
+    rows = projector.rows(group, layout.shape, generator)
+    read = layout.read_rows(rows)
+    basis = refreshed_basis(read, layout.shape, group, side, generator, previous, context.warn,
+                            check_read=rows is not None)
     return store_basis(state, basis, group["basis_bits"]), previous
 
 
 def step_projected_weight(
     layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext
 ) -> None:
-    """One GaLore+ step of a 2-D weight; skipped (with a warning) when its low-rank gradient is not finite."""
+    """One GaLore+ step of a 2-D weight; a step with non-finite values changes nothing but t (see module docs)."""
     step = state.get("step", 0) + 1
     side = projection_side(layout.shape, group["proj_type"], group["projector"])
     basis, previous = step_basis(layout, state, group, side, step, context)
     local_basis = layout.local_basis(basis, side)
     grad = layout.gradient()
     low_rank = layout.reduce_low_rank(project(grad, local_basis, side), side)
-    finite = layout.all_ranks(all_finite(low_rank))
-    if not bool(finite):
-        context.warn("grad", f"non-finite gradient in {context.label}: that weight's step was skipped "
-                             "(moments, weight and step count unchanged)")
-        return
-    if context.optim_bits == 8:
-        quant.load_moments(state)
+    stored = quant.load_moments(state) if context.optim_bits == 8 else {}
     if "exp_avg" not in state:
         state["exp_avg"] = layout.moment_zeros(low_rank, side)
         state["exp_avg_sq"] = layout.moment_zeros(low_rank, side)
-    exp_avg, exp_avg_sq = layout.local(state["exp_avg"]), layout.local(state["exp_avg_sq"])
+    moments = layout.local(state["exp_avg"]), layout.local(state["exp_avg_sq"])
     if previous is not None:
         for hook in REFRESH_HOOKS:
-            hook(exp_avg, exp_avg_sq, previous, basis, side, state, group)
+            hook(*moments, previous, basis, side, state, group)
+    before = [moment.clone() for moment in moments]
     state["step"] = step
     beta1, beta2 = group["betas"]
-    direction = lowrank_adam_direction(low_rank, exp_avg, exp_avg_sq, step, beta1, beta2, group["eps"])
+    direction = lowrank_adam_direction(low_rank, *moments, step, beta1, beta2, group["eps"])
+    finite = layout.all_ranks(all_finite(low_rank, direction, moments[1]))
+    for moment, old in zip(moments, before):
+        moment.copy_(torch.where(finite, moment, old))
+    direction = torch.where(finite, direction, 0.0)
     weight = layout.weight()
-    residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step)
-    inputs = UpdateInputs(weight, grad, low_rank, direction, local_basis, side, step, finite)
-    UPDATE_RULES[group["update_rule"]](inputs, state, group)
+    residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite)
+    UPDATE_RULES[group["update_rule"]](UpdateInputs(weight, grad, low_rank, direction, local_basis, side, step, finite),
+                                       state, group)
     if residual is not None:
         write_residual(weight, residual)
+    context.skipped.add(context.label, finite if residual is None else residual.finite)
     if context.optim_bits == 8:
-        quant.store_moments(state)
+        quant.store_moments(state, stored, finite)

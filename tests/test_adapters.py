@@ -1,4 +1,5 @@
-"""Tests for galore_plus.adapters: formulas, merging, save/load, bad input and parity with peft."""
+"""Tests for galore_plus.adapters: what every method shares (targets, merging, save/load, parameter counts, bad
+input), and LoRA/DoRA/VeRA's formulas and parity with peft. Each newer method has its own test file."""
 
 import copy
 
@@ -8,61 +9,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from adapter_testing import METHODS, OPTIONS, PARAMETER_COUNTS, make_model, randomize_adapters, tokens
 from galore_plus.adapters import (
+    ADAPTERS,
     AdapterLinear,
     DoRALinear,
     LoRALinear,
     VeRALinear,
     VeRAProjections,
+    adapter_loss,
     adapter_parameters,
+    adapter_step,
     add_adapters,
     merge_adapters,
 )
 
-METHODS = ["lora", "dora", "vera"]
 ATOL = 1e-5
-
-
-class TinyLM(nn.Module):
-    """A small model with a nested block, same-shape layers and an output head called lm_head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(11, 8)
-        self.block = nn.ModuleDict(
-            {"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8, bias=False), "up": nn.Linear(8, 12)}
-        )
-        self.down = nn.Linear(12, 8)
-        self.lm_head = nn.Linear(8, 11, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.embed(tokens)
-        h = h + self.block["q_proj"](h) * torch.sigmoid(self.block["v_proj"](h))
-        h = h + self.down(torch.relu(self.block["up"](h)))
-        return self.lm_head(h)
-
-
-def make_model(seed: int = 0) -> TinyLM:
-    torch.manual_seed(seed)
-    return TinyLM()
-
-
-def tokens(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def randomize_adapters(model: nn.Module, seed: int = 2) -> None:
-    """Give every adapter parameter random values so that every branch contributes to the output."""
-    generator = torch.Generator().manual_seed(seed)
-    for p in adapter_parameters(model):
-        p.add_(0.5 * torch.randn(p.shape, generator=generator))
 
 
 def test_all_linear_adapts_every_linear_but_lm_head_and_freezes_the_rest():
     for method in METHODS:
         model = make_model()
-        names = add_adapters(model, method, rank=2)
+        names = add_adapters(model, method, rank=2, **OPTIONS.get(method, {}))
         assert names == ["block.q_proj", "block.v_proj", "block.up", "down"]
         assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, AdapterLinear)
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -95,8 +63,32 @@ def test_suffix_matches_whole_name_components_only():
 def test_fresh_adapters_leave_outputs_unchanged(method):
     model = make_model()
     expected = model(tokens())
-    add_adapters(model, method, rank=3, alpha=6.0)
+    add_adapters(model, method, rank=3, alpha=6.0, **OPTIONS.get(method, {}))
     torch.testing.assert_close(model(tokens()), expected, atol=ATOL, rtol=0)
+    randomize_adapters(model)
+    assert (model(tokens()) - expected).abs().max() > 1e-2  # the adapters are in the forward
+
+
+def test_registry_lists_every_method_and_the_error_names_them():
+    assert list(ADAPTERS) == METHODS
+    with pytest.raises(ValueError, match="unknown adapter method 'qlora'; expected one of " + ", ".join(METHODS)):
+        add_adapters(make_model(), "qlora", rank=2)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(
+    method=st.sampled_from(METHODS),
+    in_features=st.integers(2, 12),
+    out_features=st.integers(2, 12),
+    rank_fraction=st.floats(0.0, 1.0),
+)
+def test_parameter_counts_match_the_documented_formulas(method, in_features, out_features, rank_fraction):
+    rank = 2 + int(rank_fraction * (min(in_features, out_features) - 2))
+    model = nn.Sequential(nn.Linear(in_features, out_features))
+    add_adapters(model, method, rank=rank, **OPTIONS.get(method, {}))
+    count = sum(p.numel() for p in adapter_parameters(model))
+    assert count == PARAMETER_COUNTS[method](rank, in_features, out_features)
+    assert count == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_layer_formulas():
@@ -143,10 +135,28 @@ def test_initialisation_follows_peft_conventions():
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_bfloat16_models_keep_their_dtype_and_follow_float32(method):
+    model = make_model()
+    plain = model(tokens())
+    add_adapters(model, method, rank=2, **OPTIONS.get(method, {}))
+    randomize_adapters(model)
+    model.eval()  # DyLoRA: the full rank, not a sampled one
+    expected = model(tokens())
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    out = low(tokens())
+    assert out.dtype == torch.bfloat16
+    assert {p.dtype for p in adapter_parameters(low)} == {torch.bfloat16}
+    tolerance = 0.05  # a few bfloat16 roundings (2^-8 relative) through four layers of outputs of size ~1
+    assert (out.float() - expected).abs().max() < tolerance
+    assert (expected - plain).abs().max() > 5 * tolerance  # the adapters' effect is far above the tolerance
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_merge_gives_plain_linears_with_equal_outputs(method):
     model = make_model()
-    add_adapters(model, method, rank=2, alpha=4.0, target_modules="all-linear")
+    add_adapters(model, method, rank=2, alpha=4.0, target_modules="all-linear", **OPTIONS.get(method, {}))
     randomize_adapters(model)
+    model.eval()
     expected = model(tokens())
     assert merge_adapters(model) is model
     assert not any(isinstance(m, AdapterLinear) for m in model.modules())
@@ -155,7 +165,7 @@ def test_merge_gives_plain_linears_with_equal_outputs(method):
     torch.testing.assert_close(model(tokens()), expected, atol=ATOL, rtol=1e-5)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     method=st.sampled_from(METHODS),
     in_features=st.integers(1, 12),
@@ -167,16 +177,21 @@ def test_merge_gives_plain_linears_with_equal_outputs(method):
 def test_merge_equals_forward_for_any_shape(method, in_features, out_features, rank_fraction, alpha, bias):
     torch.manual_seed(0)
     rank = 1 + int(rank_fraction * (min(in_features, out_features) - 1))
+    if method == "adalora":
+        rank = max(rank, 2)  # its target rank (1) must be below the rank
+        if min(in_features, out_features) < 2:
+            return
     model = nn.Sequential(nn.Linear(in_features, out_features, bias=bias))
-    add_adapters(model, method, rank=rank, alpha=alpha)
+    add_adapters(model, method, rank=rank, alpha=alpha, **OPTIONS.get(method, {}))
     randomize_adapters(model)
+    model.eval()
     x = torch.randn(4, in_features)
     expected = model(x)
     merge_adapters(model)
     torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(in_features=st.integers(2, 12), out_features=st.integers(2, 12), rank_fraction=st.floats(0.0, 1.0))
 def test_update_rank_is_bounded_and_dora_rows_have_the_magnitude(in_features, out_features, rank_fraction):
     torch.manual_seed(0)
@@ -198,14 +213,14 @@ def test_update_rank_is_bounded_and_dora_rows_have_the_magnitude(in_features, ou
 @pytest.mark.parametrize("method", METHODS)
 def test_state_dict_round_trip_into_a_freshly_adapted_model(method):
     model = make_model()
-    add_adapters(model, method, rank=2, dropout=0.1, seed=7)
+    add_adapters(model, method, rank=2, dropout=0.1, seed=7, **OPTIONS.get(method, {}))
     randomize_adapters(model)
     model.eval()
     state = model.state_dict()
     assert not any("projections" in key for key in state)
 
     fresh = make_model(seed=123)
-    add_adapters(fresh, method, rank=2, dropout=0.1, seed=7)
+    add_adapters(fresh, method, rank=2, dropout=0.1, seed=7, **OPTIONS.get(method, {}))
     fresh.load_state_dict(state)
     fresh.eval()
     torch.testing.assert_close(fresh(tokens()), model(tokens()), atol=0, rtol=0)
@@ -228,29 +243,44 @@ def test_vera_projections_are_shared_per_shape_and_rebuilt_from_the_seed():
     assert list(same.state_dict()) == []
 
 
-def test_same_seed_gives_same_initialisation():
-    first, second = make_model(), make_model()
-    add_adapters(first, "lora", rank=2, seed=9)
-    add_adapters(second, "lora", rank=2, seed=9)
+@pytest.mark.parametrize("method", METHODS)
+def test_same_seed_gives_same_initialisation_without_the_global_rng(method):
+    first, second, third = make_model(), make_model(), make_model()
+    state = torch.random.get_rng_state()
+    add_adapters(first, method, rank=2, seed=9, **OPTIONS.get(method, {}))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    add_adapters(second, method, rank=2, seed=9, **OPTIONS.get(method, {}))
+    add_adapters(third, method, rank=2, seed=10, **OPTIONS.get(method, {}))
     for p, q in zip(adapter_parameters(first), adapter_parameters(second)):
         assert torch.equal(p, q)
+    if method not in ("vera", "dvora"):  # VeRA's random matrices are buffers, not parameters
+        assert any(not torch.equal(p, q) for p, q in zip(adapter_parameters(first), adapter_parameters(third)))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_training_the_adapters_with_a_plain_loop_lowers_the_loss(method):
     model = make_model()
     frozen = {name: p.detach().clone() for name, p in model.named_parameters()}
-    add_adapters(model, method, rank=4, alpha=8.0)
+    options = {"adalora": {"target_rank": 2, "total_steps": 30, "warmup_steps": 5, "final_steps": 5}}
+    add_adapters(model, method, rank=4, alpha=8.0, **options.get(method, {}))
     optimizer = torch.optim.AdamW(adapter_parameters(model), lr=3e-2, weight_decay=0.0)
     x, target = tokens(1), tokens(2)
-    losses = []
-    for _ in range(30):
+
+    def heldout() -> float:
+        model.eval()
+        with torch.no_grad():
+            loss = nn.functional.cross_entropy(model(x).flatten(0, 1), target.flatten()).item()
+        model.train()
+        return loss
+
+    before = heldout()
+    for step in range(1, 31):
         loss = nn.functional.cross_entropy(model(x).flatten(0, 1), target.flatten())
-        optimizer.zero_grad()
-        loss.backward()
+        (loss + adapter_loss(model)).backward()
         optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.85 * losses[0]
+        adapter_step(model, step)
+        optimizer.zero_grad()
+    assert heldout() < 0.85 * before
     merge_adapters(model)
     assert torch.equal(model.embed.weight, frozen["embed.weight"])
     assert torch.equal(model.lm_head.weight, frozen["lm_head.weight"])
@@ -265,9 +295,16 @@ def test_multihead_attention_out_proj_is_left_alone():
     assert layer(torch.randn(2, 3, 8)).shape == (2, 3, 8)
 
 
-def test_unknown_method():
-    with pytest.raises(ValueError, match="unknown adapter method 'qlora'.*lora, dora, vera"):
-        add_adapters(make_model(), "qlora", rank=2)
+def test_options_a_method_does_not_take_are_refused_before_any_change():
+    model = make_model()
+    with pytest.raises(TypeError, match="option\\(s\\) 'min_rank' that method 'lora' does not take; its options are: \\(none\\)"):
+        add_adapters(model, "lora", rank=2, min_rank=1)
+    with pytest.raises(TypeError, match="'warmup' that method 'adalora' does not take; its options are: target_rank, total_steps"):
+        add_adapters(model, "adalora", rank=2, target_rank=1, total_steps=5, warmup=1)
+    with pytest.raises(TypeError, match="layer 'block.q_proj'.*missing 1 required keyword-only argument: 'total_steps'"):
+        add_adapters(model, "adalora", rank=2, target_rank=1)
+    assert not any(isinstance(m, AdapterLinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("rank", [0, -1])
@@ -363,6 +400,7 @@ class TwoLayer(nn.Module):
         return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
 
 
+PEFT_METHODS = ["lora", "dora", "vera"]  # AdaLoRA's parity is in test_adapters_adalora.py
 PEFT_NAMES = {
     "lora_A": "lora_A.default.weight",
     "lora_B": "lora_B.default.weight",
@@ -406,7 +444,7 @@ def build_pair(method: str, dropout: float):
     return ours, theirs
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PEFT_METHODS)
 def test_peft_parity_eval(method):
     ours, theirs = build_pair(method, dropout=0.0)
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
@@ -414,7 +452,7 @@ def test_peft_parity_eval(method):
     torch.testing.assert_close(ours(x), theirs(x), atol=ATOL, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PEFT_METHODS)
 def test_peft_parity_training_with_dropout_and_gradients(method):
     ours, theirs = build_pair(method, dropout=0.3)
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
@@ -433,7 +471,7 @@ def test_peft_parity_training_with_dropout_and_gradients(method):
             torch.testing.assert_close(p.grad, their_params[peft_name(name)].grad, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PEFT_METHODS)
 def test_peft_parity_merged(method):
     ours, theirs = build_pair(method, dropout=0.0)
     merged_theirs = theirs.merge_and_unload()

@@ -223,8 +223,7 @@ def test_per_layer_steps_equal_normal_steps():
 
 
 def test_a_step_marked_not_finite_leaves_the_weight_and_the_limiter_norm_unchanged():
-    from galore_plus.apollo_update import apollo_rule
-    from galore_plus.update_rules import UpdateInputs
+    from galore_plus.update_rules import UpdateInputs, apollo_rule
 
     weight = torch.randn(10, 6)
     grad, low_rank = torch.randn(10, 6), torch.randn(10, 2)

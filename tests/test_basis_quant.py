@@ -164,14 +164,17 @@ def test_save_load_weights_only_and_continue_equals_never_stopping(dtype, optim_
 
 
 def test_a_float32_basis_checkpoint_continues_with_4_bit_bases_from_the_next_refresh():
-    """Group keys come back from the checkpoint (torch's rule); switching basis_bits after loading takes effect at the next refresh."""
+    """A checkpoint cannot change basis_bits (galore_plus.checkpoint); setting it on the group after loading takes
+    effect at the next refresh, and the float32 basis is dropped then."""
     params, opt = four_bit_model(torch.float32, 32, basis_bits=32)
     generator = torch.Generator().manual_seed(2)
     stream = [[torch.randn(p.shape, generator=generator) for p in params] for _ in range(5)]
     run(opt, params, stream[:2])
     params_b, opt_b = four_bit_model(torch.float32, 32)
+    with pytest.raises(ValueError, match="key 'basis_bits': the checkpoint was saved with basis_bits=32"):
+        restore(params_b, opt_b, checkpoint_of(params, opt))
+    params_b, opt_b = four_bit_model(torch.float32, 32, basis_bits=32)
     restore(params_b, opt_b, checkpoint_of(params, opt))
-    assert opt_b.param_groups[0]["basis_bits"] == 32
     opt_b.param_groups[0]["basis_bits"] = 4
     run(opt_b, params_b, stream[2:3])
     assert "projector" in opt_b.state[params_b[0]]  # step 3 still uses the saved float32 basis

@@ -283,6 +283,34 @@ def unsupported_errors() -> dict[str, str]:
     return errors
 
 
+def nan_on_one_rank_changes_nothing(rank: int, rows: slice) -> dict[str, bool]:
+    """A step (no refresh) where only rank 0's shard of the query gradient holds a NaN.
+
+    Returns, for this rank, whether its query shard and moments stayed unchanged (they must on
+    every rank: the ranks agree on finiteness), whether the finite ``out`` weight still stepped,
+    and whether the next step moved the query shard again.
+    """
+    model, optimizer = sharded_model_and_optimizer()
+    train(model, optimizer, rows, slice(0, 1))
+    before = {name: p.to_local().clone() for name, p in model.named_parameters()}
+    moments = {key: value.to_local().clone() if hasattr(value, "to_local") else value.clone()
+               for key, value in optimizer.state[model.query.weight].items() if key.startswith("exp_avg")}
+    x, y = batches()[1]
+    nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+    if rank == 0:
+        model.query.weight.grad.to_local()[0, 0] = float("nan")
+    optimizer.step()
+    optimizer.zero_grad()
+    state = optimizer.state[model.query.weight]
+    result = {"query unchanged": torch.equal(model.query.weight.to_local(), before["query.weight"]),
+              "out moved": not torch.equal(model.out.weight.to_local(), before["out.weight"]),
+              "moments unchanged": all(torch.equal(state[key].to_local() if hasattr(state[key], "to_local")
+                                                   else state[key], value) for key, value in moments.items())}
+    train(model, optimizer, rows, slice(2, 3))
+    result["moved after"] = not torch.equal(model.query.weight.to_local(), before["query.weight"])
+    return result
+
+
 def load_checkpoint(model: nn.Module, optimizer: GaLorePlusAdamW, checkpoint: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -313,8 +341,8 @@ def fsdp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
     load_checkpoint(model, optimizer, checkpoint)
     train(model, optimizer, rows, slice(STEPS // 2, None))
     resumed = full_parameters(model)
-    torch.save({"continued": continued, "resumed": resumed, "errors": unsupported_errors()},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"continued": continued, "resumed": resumed, "errors": unsupported_errors(),
+                "nan": nan_on_one_rank_changes_nothing(rank, rows)}, os.path.join(out_dir, f"rank{rank}.pt"))
     finish_gloo()
 
 
@@ -341,6 +369,8 @@ def test_fsdp2_equals_single_process_and_resumes_from_a_distributed_checkpoint_o
     for name, expected in reference.items():
         torch.testing.assert_close(single_rank[name], expected, rtol=1e-4, atol=1e-5)
     for result in ranks:
+        assert result["nan"] == {"query unchanged": True, "out moved": True, "moments unchanged": True,
+                                 "moved after": True}
         assert "param group 0 ('sharded'), key 'rank'" in result["errors"]["column_sharded"]
         assert "Shard(dim=1)" in result["errors"]["column_sharded"]
         if "residual_ratio" in PROJECTED_GROUP_DEFAULTS:

@@ -229,3 +229,24 @@ def test_resume_extends_the_lr_grid_keeping_finished_runs(tmp_path):
     result = main(argv + ["--lr-grid", "1e-3", "1e-2", "--resume"])
     assert sorted(run["lr"] for run in result["runs"]) == [1e-3, 1e-2]
     assert result["rows"][0]["lr"] == 1e-3
+
+
+def test_default_grids_differ_by_regime_and_method():
+    from benchmarks.finetune import DEFAULT_LR_GRID, lr_grid
+
+    args = build_parser().parse_args(["--regime", "pretrain"])
+    assert lr_grid(args, ALL_METHODS["adamw"]) == DEFAULT_LR_GRID["pretrain"]
+    assert lr_grid(args, ALL_METHODS["galore_plus"]) == (3e-3, 1e-2, 3e-2, 1e-1)
+    assert lr_grid(build_parser().parse_args([]), ALL_METHODS["galore_plus"]) == DEFAULT_LR_GRID["finetune"]
+    assert lr_grid(build_parser().parse_args(["--regime", "pretrain", "--lr", "0.5"]), ALL_METHODS["galore_plus"]) == (0.5,)
+
+
+def test_report_only_trains_nothing_and_lists_missing_runs(tmp_path):
+    main(tiny_args(tmp_path, "--methods", "adamw"))
+    runs_folder = tmp_path / "out" / "runs"
+    before = sorted(os.listdir(runs_folder))
+    result = main(tiny_args(tmp_path, "--methods", "adamw", "galore", "--seeds", "0", "1", "--report-only"))
+    assert sorted(os.listdir(runs_folder)) == before
+    rows = {row["method"]: row for row in result["rows"]}
+    assert rows["adamw"]["status"] == "ok" and rows["adamw"]["seeds"] == 1  # seed 1 was never run
+    assert rows["galore"]["status"] == "not run" and "lr 0.001 seed 0" in rows["galore"]["note"]

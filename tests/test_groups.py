@@ -121,7 +121,7 @@ def test_gpt_neox_fused_query_key_value_is_cross_head_over_3h_heads():
 
 def test_weights_smaller_than_rank_are_listed_with_the_reason():
     plan = plan_param_groups(tiny_llama(), rank=40)
-    assert "side smaller than rank=40" in plan.unplaced["model.layers.0.self_attn.q_proj.weight"]
+    assert "rank=40 is not below the side of shape (32, 32) it would project (32)" in plan.unplaced["model.layers.0.self_attn.q_proj.weight"]
     assert plan.placement["model.layers.0.self_attn.q_proj.weight"] == "adamw"
 
 
@@ -194,3 +194,78 @@ def test_groups_train_one_step_with_finite_weights(build):
         optimizer.step()
         optimizer.zero_grad()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- no silent fallback
+
+
+def test_residual_without_cross_head_goes_to_query_and_key_in_their_own_group():
+    plan = plan_param_groups(tiny_llama(), rank=4, cross_head=False, residual_ratio=0.012)
+    for name in ("q_proj", "k_proj"):
+        group = group_of(plan, f"model.layers.1.self_attn.{name}.weight")
+        assert (group["name"], group["projector"], group["residual_ratio"]) == ("randomized_residual", "randomized", 0.012)
+    assert "residual_ratio" not in group_of(plan, "model.layers.1.self_attn.v_proj.weight")
+
+
+def test_residual_ratio_without_any_query_or_key_weight_warns():
+    with pytest.warns(UserWarning, match="residual_ratio=0.012 applies to query/key projections .* no residual is used"):
+        make_param_groups(tiny_llama(), rank=4, target_modules=["v_proj", "o_proj"], residual_ratio=0.012)
+
+
+@pytest.mark.parametrize("target_modules, words", [
+    (["q_proj", "v_prj"], "entry 'v_prj' (did you mean 'v_proj'?) matches no nn.Linear or Conv1D module"),
+    (["nothing"], "entry 'nothing' matches no nn.Linear or Conv1D module"),
+    ("nothing", "entry 'nothing' matches no"),
+    (["embed_tokens"], "entry 'embed_tokens' matches no nn.Linear"),
+])
+def test_target_modules_entry_matching_no_linear_layer_raises(target_modules, words):
+    with pytest.raises(ValueError) as info:
+        make_param_groups(tiny_llama(), rank=4, target_modules=target_modules)
+    assert words in str(info.value) and "q_proj" in str(info.value)
+
+
+def test_head_count_that_does_not_divide_the_outputs_raises_naming_the_weight():
+    with pytest.raises(ValueError, match=r"3 heads \(from num_heads/num_kv_heads you passed\) do not divide the 32 "
+                                         r"outputs of model.layers.0.self_attn.q_proj.weight"):
+        make_param_groups(tiny_llama(), rank=4, num_heads=3, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"rank": "16"}, TypeError, "make_param_groups: rank must be an int, got '16'"),
+    ({"rank": 0}, ValueError, "rank must be >= 1"),
+    ({"update_proj_gap": 2.5}, TypeError, "update_proj_gap must be an int"),
+    ({"residual_ratio": "0.01"}, TypeError, "residual_ratio must be a number"),
+    ({"residual_ratio": 1.5}, ValueError, "residual_ratio must be in [0, 1)"),
+    ({"num_heads": 0}, ValueError, "num_heads must be None or an int >= 1"),
+    ({"lr": "1e-3"}, TypeError, "make_param_groups(...), key 'lr': must be a number"),
+    ({"weight_decay": -1.0}, ValueError, "key 'weight_decay': must be a finite number >= 0"),
+    ({"update_proj_gaps": 10}, TypeError, "unexpected keyword argument 'update_proj_gaps' (did you mean 'update_proj_gap'?)"),
+    ({"projector": "cross_head"}, ValueError, "through cross_head=True"),
+])
+def test_bad_arguments_raise_naming_the_argument(kwargs, error, words):
+    with pytest.raises(error) as info:
+        make_param_groups(tiny_llama(), **{"rank": 4, **kwargs})
+    assert words in str(info.value)
+
+
+def test_lr_and_weight_decay_reach_every_group_and_no_decay_names_get_zero():
+    model = tiny_llama()
+    no_decay = [name for name, _ in model.named_parameters() if "norm" in name or name.endswith("o_proj.weight")]
+    groups = make_param_groups(model, rank=4, lr=0.02, weight_decay=0.1, no_decay=no_decay)
+    assert all(group["lr"] == 0.02 for group in groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups:
+        for param in group["params"]:
+            assert group["weight_decay"] == (0.0 if names[id(param)] in no_decay else 0.1), names[id(param)]
+    by_name = {group["name"]: group for group in groups}
+    assert by_name["randomized_no_decay"]["rank"] == 4 and by_name["adamw"]["weight_decay"] == 0.1
+    optimizer = GaLorePlusAdamW(groups)
+    assert {group["lr"] for group in optimizer.param_groups} == {0.02}
+    with pytest.raises(ValueError, match="no_decay names parameters the model does not have"):
+        make_param_groups(model, rank=4, no_decay=["model.norm.weigth"])
+
+
+def test_unplaced_weights_warning_names_the_memory_they_keep():
+    with pytest.warns(UserWarning, match=r"14 targeted weight\(s\) could not be projected and stay in the plain AdamW "
+                                         r"group with full-size moments \(\d+\.\d KiB\)"):
+        make_param_groups(tiny_llama(), rank=32)

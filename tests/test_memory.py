@@ -13,6 +13,7 @@ from galore_plus.residual import residual_count
 
 TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+TINY_GPT2 = dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=128)
 
 
 def state_nbytes(opt: torch.optim.Optimizer) -> int:
@@ -97,13 +98,15 @@ def test_residual_and_8bit_change_the_state_as_documented():
     assert estimate_memory(model.groups(0.0), 8).optimizer_state < without
 
 
+@pytest.mark.parametrize("fields", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("bits", [32, 8])
-def test_meta_model_estimate_equals_a_real_model_training(bits):
+def test_meta_model_estimate_equals_a_real_model_training(bits, fields):
+    """GPT-2's fused c_attn is a ``transposed`` group: its state is that of the (out, in) transpose."""
     if bits == 8:
         pytest.importorskip("bitsandbytes")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = dict(TINY_LLAMA)
+    fields = dict(fields)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     meta = build_meta_model(config, torch.float32)
     torch.manual_seed(0)
@@ -195,3 +198,30 @@ def test_bad_config_arguments_are_rejected(tmp_path):
     no_type.write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="model_type"):
         load_config(None, str(no_type))
+
+
+def test_command_line_accepts_a_checkpoint_folder_with_config_json(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    main(["--config", str(tmp_path), "--ranks", "8", "--dtype", "float32"])
+    assert "| GaLore+ | 8 | 8 | yes |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--config", "no/such/file.json"], "no such file"),
+    (["--model", "llama-999b"], "unknown --model"),
+    (["--config", "{folder}"], "no such file"),
+    (["--config", "{not_json}"], "not valid JSON"),
+    (["--config", "{unknown_type}"], "unknown_model"),
+])
+def test_command_line_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys, argv, words):
+    (tmp_path / "not_json.json").write_text("{hidden_size: 8")
+    (tmp_path / "unknown_type.json").write_text(json.dumps({"model_type": "unknown_model"}))
+    paths = dict(folder=tmp_path, not_json=tmp_path / "not_json.json", unknown_type=tmp_path / "unknown_type.json")
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg.format(**paths) for arg in argv])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m galore_plus.memory: error:") and words in lines[0]
+    assert "Traceback" not in captured.err

@@ -258,27 +258,47 @@ def test_same_seed_gives_same_bases_on_every_process_and_other_seeds_differ():
 # ---------------------------------------------------------------- robustness
 
 
-def test_non_finite_gradient_skips_the_step_warns_once_and_keeps_the_basis():
+def test_non_finite_gradient_skips_the_step_on_the_device_and_warns_at_state_dict():
     weight = torch.nn.Parameter(torch.randn(10, 8))
-    opt = GaLorePlusAdamW([projected_group(weight, "randomized", update_proj_gap=2)])
+    opt = GaLorePlusAdamW([projected_group(weight, "randomized", update_proj_gap=10)])
     weight.grad = torch.randn(10, 8)
     opt.step()
     state_before = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[weight].items()}
     weight_before = weight.detach().clone()
     bad = torch.randn(10, 8)
-    bad[3, 2] = float("nan")
-    with pytest.warns(RuntimeWarning) as record:
-        for value in (float("nan"), float("inf")):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning during the steps: that would need a host read
+        for value in (float("nan"), float("inf"), -float("inf")):
             bad[3, 2] = value
             weight.grad = bad.clone()
-            opt.step()  # t = 2 then again t = 2; no refresh, low-rank gradient non-finite
-    assert sum("non-finite gradient" in str(w.message) for w in record) == 1
+            opt.step()  # t = 2, 3, 4: no refresh, low-rank gradient non-finite
     assert torch.equal(weight, weight_before)
     for key, value in state_before.items():
-        assert torch.equal(opt.state[weight][key], value) if torch.is_tensor(value) else opt.state[weight][key] == value
+        if key != "step":
+            assert torch.equal(opt.state[weight][key], value)
+    assert opt.state[weight]["step"] == 4  # skipped steps still count in t
+    with pytest.warns(RuntimeWarning, match=r"param group 0 \(3\).*skipped"):
+        opt.state_dict()
     weight.grad = torch.randn(10, 8)
     opt.step()
-    assert opt.state[weight]["step"] == 2 and torch.isfinite(weight).all()
+    assert not torch.equal(weight, weight_before) and torch.isfinite(weight).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.state_dict()  # nothing skipped since the last report
+
+
+def test_skipped_steps_are_reported_at_the_next_refresh():
+    weight = torch.nn.Parameter(torch.randn(10, 8))
+    opt = GaLorePlusAdamW([projected_group(weight, "svd", update_proj_gap=3)])
+    weight.grad = torch.randn(10, 8)
+    opt.step()
+    weight.grad = torch.full((10, 8), float("nan"))
+    opt.step()
+    weight.grad = torch.randn(10, 8)
+    opt.step()
+    weight.grad = torch.randn(10, 8)
+    with pytest.warns(RuntimeWarning, match=r"param group 0 \(1\)"):
+        opt.step()  # t = 4 refreshes
 
 
 def test_non_finite_gradient_at_a_refresh_keeps_the_previous_basis():
@@ -302,7 +322,8 @@ def test_first_step_with_nan_gradient_falls_back_to_a_random_orthonormal_basis()
         opt.step()
     basis = opt.state[weight]["projector"]
     torch.testing.assert_close(basis @ basis.t(), torch.eye(4), atol=1e-5, rtol=0)
-    assert "step" not in opt.state[weight]
+    assert opt.state[weight]["step"] == 1 and not opt.state[weight]["exp_avg"].any()
+    assert not opt.state[weight]["exp_avg_sq"].any() and torch.isfinite(weight).all()
 
 
 def test_failed_decomposition_keeps_the_previous_basis(monkeypatch):

@@ -198,5 +198,5 @@ def test_checkpoint_of_the_other_bit_width_is_rejected_at_load(saved_bits, loadi
     saved = make(saved_bits)
     weight.grad = torch.randn(80, 64)
     saved.step()
-    with pytest.raises(ValueError, match=f"param group 0, parameter 0: .*optim_bits={saved_bits}"):
+    with pytest.raises(ValueError, match=rf"param group 0, parameter 0 of shape \(80, 64\): .*optim_bits={saved_bits}"):
         make(loading_bits).load_state_dict(saved.state_dict())

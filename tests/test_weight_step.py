@@ -1,10 +1,12 @@
 """The one per-weight step: its extension points (projectors, update rules, refresh hooks) and the module graph."""
 
 import ast
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import galore_plus
 from galore_plus import GaLorePlusAdamW
@@ -173,3 +175,134 @@ def test_compute_basis_dispatches_through_the_registry():
     assert torch.equal(projectors.compute_basis(grad, (16, 12), group, "right", generator, None),
                        projectors.svd_basis(grad, 4, "right"))
     assert set(PROJECTORS) == {"svd", "randomized", "cross_head", "random"}
+
+
+# ---------------------------------------------------------------- a non-finite value is never written
+
+
+def bad_gradient_stream(shape, seed=0):
+    """(gradient, whether it is bad) for 12 steps: NaN, +-Inf, and huge values whose squares overflow float32."""
+    generator = torch.Generator().manual_seed(seed)
+    stream = []
+    for t in range(12):
+        grad = torch.randn(shape, generator=generator)
+        bad = t in (2, 4, 5, 7, 9)
+        if t == 2:
+            grad = grad * 1e21  # R finite, R * R and the residual's products overflow
+        elif t == 4:
+            grad[1, 2] = float("nan")
+        elif t == 5:
+            grad[0] = float("inf")
+        elif t == 7:
+            grad = grad * 3e38  # overflows in the projection itself
+        elif t == 9:
+            grad[3, 1] = -float("inf")
+        stream.append((grad, bad))
+    return stream
+
+
+@pytest.mark.parametrize("rule", sorted(update_rules.UPDATE_RULES))
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("mode", [None, "exact", "paper"])
+@pytest.mark.parametrize("projector", sorted(PROJECTORS))
+def test_no_non_finite_value_is_ever_written_and_a_bad_step_changes_nothing(projector, mode, bits, rule):
+    if bits == 8:
+        pytest.importorskip("bitsandbytes")
+    if rule == "apollo" and mode is not None:
+        pytest.skip("update_rule 'apollo' refuses the sparse residual (tests/test_apollo_update.py)")
+    weight = torch.nn.Parameter(torch.randn(16, 12))
+    group = {"params": [weight], "rank": 4, "update_proj_gap": 3, "projector": projector, "update_rule": rule}
+    if projector == "cross_head":
+        group["num_heads"] = 4
+    if mode is not None:
+        group.update(residual_ratio=0.1, residual_warmup=1, residual_mode=mode)
+    opt = GaLorePlusAdamW([group], lr=1e-2, weight_decay=0.1, optim_bits=bits)
+    good_steps = 0
+    with pytest.warns(RuntimeWarning):
+        for grad, bad in bad_gradient_stream((16, 12)):
+            before = weight.detach().clone()
+            moments = {k: v.clone() for k, v in opt.state[weight].items() if torch.is_tensor(v) and k != "projector"}
+            weight.grad = grad
+            opt.step()
+            assert torch.isfinite(weight).all()
+            state = opt.state[weight]
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    assert torch.isfinite(value).all(), key
+            if bad:
+                assert torch.equal(weight, before)
+                for key, value in moments.items():
+                    assert torch.equal(state[key], value), key
+            else:
+                good_steps += not torch.equal(weight, before)
+        opt.state_dict()
+    assert good_steps == 7 and opt.state[weight]["step"] == 12
+    if mode is not None:
+        assert opt.state[weight]["residual_step"] == 11
+
+
+def test_paper_residual_with_overflowing_products_writes_nothing_at_i():
+    weight = torch.nn.Parameter(torch.randn(16, 12))
+    opt = GaLorePlusAdamW([{"params": [weight], "rank": 4, "projector": "svd", "residual_ratio": 0.2,
+                            "residual_warmup": 1, "residual_mode": "paper"}], lr=1e-2)
+    weight.grad = torch.randn(16, 12)
+    opt.step()
+    before = weight.detach().clone()
+    weight.grad = torch.randn(16, 12) * 1e21
+    opt.step()
+    assert torch.isfinite(weight).all() and torch.equal(weight, before)
+    assert torch.isfinite(opt.state[weight]["residual_exp_avg_sq"]).all()
+
+
+# ---------------------------------------------------------------- no host read on a step without a refresh
+
+
+class HostReads(TorchDispatchMode):
+    """Records every operation that reads a device value on the host, or would on a GPU."""
+
+    READS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
+        if name in self.READS or any(i is not None and i.dtype == torch.bool for i in indices):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rule", sorted(update_rules.UPDATE_RULES))
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("mode", [None, "exact", "paper"])
+@pytest.mark.parametrize("projector", sorted(PROJECTORS))
+def test_steps_without_a_refresh_read_nothing_on_the_host(projector, mode, bits, rule):
+    if bits == 8:
+        pytest.importorskip("bitsandbytes")
+    if rule == "apollo" and mode is not None:
+        pytest.skip("update_rule 'apollo' refuses the sparse residual (tests/test_apollo_update.py)")
+    tall = torch.nn.Parameter(torch.randn(16, 12))  # right side (left too for cross_head's rows)
+    wide = torch.nn.Parameter(torch.randn(12, 16, dtype=torch.bfloat16))  # left side for svd / randomized
+    group = {"params": [tall, wide], "rank": 4, "update_proj_gap": 3, "projector": projector, "head_dim": 4,
+             "update_rule": rule}
+    if mode is not None:
+        group.update(residual_ratio=0.1, residual_warmup=1, residual_mode=mode)
+    opt = GaLorePlusAdamW([group], lr=1e-2, weight_decay=0.1, optim_bits=bits)
+    reads = {}
+    for t in range(1, 9):
+        tall.grad, wide.grad = torch.randn(16, 12), torch.randn(12, 16, dtype=torch.bfloat16)
+        if t == 5:
+            tall.grad[2, 3] = float("nan")
+        before = tall.detach().clone()
+        with warnings.catch_warnings(), HostReads() as recorder:
+            warnings.simplefilter("ignore")
+            opt.step()
+        reads[t] = recorder.calls
+        assert torch.equal(tall, before) == (t == 5)
+    if not PROJECTORS[projector].stores_basis:  # a regenerated basis: a refresh reads nothing either
+        assert {t: calls for t, calls in reads.items() if t != 1} == {t: [] for t in range(2, 9)}
+        return
+    assert {t: calls for t, calls in reads.items() if t not in (1, 4, 7)} == {2: [], 3: [], 5: [], 6: [], 8: []}
+    assert all(reads[t] for t in (4, 7))  # the recorder sees a refresh's reads

@@ -1,0 +1,15 @@
+"""The step microbenchmark (benchmarks/bench_step.py) at a tiny size: it runs and reports every projector."""
+
+from benchmarks.bench_step import main, refresh_cost
+
+
+def test_refresh_cost_times_a_refresh_and_the_steps_without_one_for_every_projector():
+    results = refresh_cost(size=32, heads=4, rank=4, plain_steps=2, refreshes=2)
+    assert set(results) == {"svd", "randomized", "cross_head"}
+    assert all(with_refresh > 0 and without > 0 for with_refresh, without in results.values())
+
+
+def test_refresh_cost_command_prints_one_row_per_projector(capsys):
+    main(["--refresh-cost", "--size", "32", "--heads", "4", "--rank", "4", "--plain-steps", "1", "--refreshes", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["svd", "randomized", "cross_head"]

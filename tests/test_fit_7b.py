@@ -1,0 +1,99 @@
+"""Smoke test of benchmarks/fit_7b.py on a tiny LLaMA config: same code path as the 7B run, in seconds."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytest.importorskip("tqdm")
+pytest.importorskip("bitsandbytes")
+
+from benchmarks import fit_7b  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
+PROJECTED_PER_LAYER = 7
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return str(path)
+
+
+def run(tiny_config, tmp_path, *extra):
+    return fit_7b.main(["--config", tiny_config, "--rank", "8", "--steps", "3", "--tokens", "8", "16", "--quiet",
+                        "--out", str(tmp_path / "out"), *extra])
+
+
+def test_tiny_run_measures_what_the_estimator_predicts(tiny_config, tmp_path):
+    record = run(tiny_config, tmp_path)
+    steps, estimate = record["steps"], record["estimate"]
+    assert [step["tokens"] for step in steps] == [8, 8, 8, 16]
+    projected = PROJECTED_PER_LAYER * TINY["num_hidden_layers"]
+    assert [step["refreshes"] for step in steps] == [projected, 0, 0, 0]
+    assert steps[0]["refresh_s"] > 0 and all(step["refresh_s"] == 0 for step in steps[1:])
+    assert steps[2]["loss"] < steps[0]["loss"] - 0.05  # the same batch three times: training moved the weights
+    for step in steps:
+        assert step["param_bytes"] == estimate["parameters"]
+        assert step["grad_bytes"] == estimate["gradients"]  # per-layer: the largest single gradient
+        assert step["state_bytes"] == estimate["optimizer_state"]  # residual chosen at the end of step 1
+        assert min(step["forward_backward_s"], step["optimizer_s"]) > 0
+        assert step["forward_backward_s"] + step["optimizer_s"] + step["refresh_s"] == pytest.approx(step["wall_s"])
+        assert step["peak_resident_bytes"] > step["param_bytes"]
+        assert 0 <= step["largest_growth_bytes"] <= step["peak_growth_in_optimizer"]
+        assert step["resident_at_start"] + step["peak_growth_in_optimizer"] <= step["peak_resident_bytes"]
+    assert record["projection_products_s"] > 0
+    layer = record["layer_refresh"]
+    assert layer["weights"] == layer["svd_refreshes"] == layer["galore_plus_refreshes"] == PROJECTED_PER_LAYER
+    saved = json.loads((tmp_path / "out" / "tiny_galore+8.json").read_text())
+    assert saved["steps"] == steps and saved["complete"]
+    page = (tmp_path / "out" / "tiny_galore+8.md").read_text()
+    assert "svd (scaled) / GaLore+ (measured in step 1)" in page and "| 4 | 16 |" in page and "Incomplete" not in page
+
+
+def test_without_per_layer_all_gradients_are_alive(tiny_config, tmp_path):
+    record = run(tiny_config, tmp_path, "--method", "adamw32", "--no-per-layer", "--steps", "1")
+    step = record["steps"][0]
+    assert step["grad_bytes"] == record["estimate"]["gradients"] == step["param_bytes"]
+    assert step["state_bytes"] == record["estimate"]["optimizer_state"]
+    assert step["optimizer_s"] > 0 and "projection_products_s" not in record
+
+
+def test_refused_before_building(tiny_config, tmp_path, monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("a refused method must not build the model")
+
+    monkeypatch.setattr(fit_7b, "build_model", no_build)
+    with pytest.raises(SystemExit, match=r"refused before building anything: adamw32 .* estimated at 0\.00 GiB"):
+        run(tiny_config, tmp_path, "--method", "adamw32", "--no-per-layer", "--budget-gib", "1e-4")
+    assert not (tmp_path / "out").exists()
+
+
+def test_built_model_is_bfloat16_and_computes_like_a_normally_built_one():
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_transformers_config()
+    model = fit_7b.build_model(config, seed=0)
+    params = dict(model.named_parameters())
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in params.values())
+    assert all(bool((p == 1).all()) for name, p in params.items() if name.endswith("norm.weight"))
+    embed = params["model.embed_tokens.weight"].detach().float()
+    assert abs(float(embed.mean())) < 0.002 and float(embed.std()) == pytest.approx(config.initializer_range, rel=0.05)
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    reference.load_state_dict(model.state_dict())
+    tokens = torch.randint(TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, reference(input_ids=tokens).logits, rtol=0, atol=0)
+
+
+def tiny_transformers_config():
+    fields = dict(TINY)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
