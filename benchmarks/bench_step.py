@@ -8,6 +8,9 @@ Each optimizer steps the seven weights of one layer (q, k, v, o, gate, up, down)
 steps with fixed gradients, so every projected weight refreshes its basis exactly once; the
 printed time is the mean over those steps. The floor is the time of the two rank-r matrix
 products every projection method needs (R = G Q^T and U = N Q). All rows come from one run.
+The ``random`` projector (nothing stored; APOLLO's basis) and APOLLO's rule (ours and
+``apollo_torch``'s, channel scaling, scale 1) are among the rows; the last line is what
+regenerating the random bases costs per step, as a fraction of that projector's step.
 
 ``--refresh-cost`` measures instead, for each projector on one (size x size) weight with ``heads``
 heads (default: the LLaMA-2-7B q_proj, 4096 x 4096, 32 heads, rank 128), what a refresh adds to a
@@ -23,12 +26,16 @@ from typing import Callable
 
 import torch
 
-from galore_plus import GaLorePlusAdamW
-from galore_plus.projectors import project, project_back, projection_side
+from galore_plus import APOLLO, GaLorePlusAdamW
+from galore_plus.projectors import basis_generator, project, project_back, projection_side
+from galore_plus.random_basis import gaussian_basis
+
+RANDOM_LABEL = "GaLorePlusAdamW random (galore rule)"
 
 LAYERS = {
     # name: hidden, intermediate, heads, key/value heads
     "tinyllama-1.1b": (2048, 5632, 32, 4),
+    "tiny": (64, 96, 4, 2),
     "llama-7b": (4096, 11008, 32, 32),
 }
 
@@ -99,6 +106,29 @@ def optimizers(weights, rank, gap, heads, kv_heads):
         label = "GaLorePlusAdamW svd" if projector == "svd" else "GaLorePlusAdamW cross_head+randomized"
         yield label, lambda projector=projector: GaLorePlusAdamW(
             galore_plus_groups(weights, rank, gap, heads, kv_heads, projector), lr=1e-5)
+    yield RANDOM_LABEL, lambda: GaLorePlusAdamW(
+        [{"params": params, "rank": rank, "update_proj_gap": gap, "projector": "random"}], lr=1e-5)
+    yield "GaLorePlusAdamW APOLLO", lambda: GaLorePlusAdamW(
+        [{"params": params, "rank": rank, **APOLLO, "update_proj_gap": gap}], lr=1e-5)
+    try:
+        from apollo_torch import APOLLOAdamW
+    except ImportError:
+        print("apollo_torch not installed: pip install apollo-torch to compare against it")
+    else:
+        yield "apollo_torch APOLLOAdamW", lambda: APOLLOAdamW(
+            [{"params": params, "rank": rank, "proj": "random", "scale_type": "channel", "scale": 1.0,
+              "update_proj_gap": gap, "proj_type": "std"}], lr=1e-5)
+
+
+def random_bases(weights: dict[str, torch.nn.Parameter], rank: int) -> Callable[[], None]:
+    """What the ``random`` projector adds to every step: regenerating each weight's Gaussian basis."""
+    sides = {name: projection_side(tuple(w.shape), "std", "random") for name, w in weights.items()}
+
+    def run() -> None:
+        for position, (name, w) in enumerate(weights.items()):
+            gaussian_basis(tuple(w.shape), rank, sides[name], basis_generator(0, position, 0, w.device))
+
+    return run
 
 
 def refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refreshes: int) -> dict[str, tuple[float, float]]:
@@ -170,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         for label, seconds in results.items():
             versus_galore = f"{seconds / galore:>15.2f}" if galore else f"{'n/a':>15}"
             print(f"{label:>40} {gap:>5} {seconds * 1e3:>9.1f} {seconds / floor:>15.2f} {versus_galore} {seconds / adamw:>8.2f}")
+        regenerate = mean_step_seconds(random_bases(weights, args.rank), 5)
+        print(f"regenerating the 7 random bases: {regenerate * 1e3:.1f} ms per step = "
+              f"{regenerate / results[RANDOM_LABEL]:.3f} of the random projector's step (gap {gap})")
 
 
 if __name__ == "__main__":

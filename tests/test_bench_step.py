@@ -13,3 +13,12 @@ def test_refresh_cost_command_prints_one_row_per_projector(capsys):
     main(["--refresh-cost", "--size", "32", "--heads", "4", "--rank", "4", "--plain-steps", "1", "--refreshes", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[2:]] == ["svd", "randomized", "cross_head"]
+
+
+def test_layer_table_has_the_random_projector_apollo_and_the_regeneration_cost(capsys):
+    main(["--layer", "tiny", "--rank", "4", "--gaps", "2"])
+    out = capsys.readouterr().out
+    for label in ("GaLorePlusAdamW random (galore rule)", "GaLorePlusAdamW APOLLO", "GaLorePlusAdamW svd"):
+        assert label in out
+    fraction = float(out.split("ms per step = ")[1].split()[0])
+    assert 0 <= fraction < 10
