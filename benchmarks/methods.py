@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from galore_plus import GaLorePlusAdamW, make_param_groups
-from galore_plus.group_options import PROJECTED_GROUP_DEFAULTS
+from galore_plus import APOLLO, APOLLO_MINI
+from galore_plus.group_options import CONSTRUCTOR_HYPERPARAMETERS, PROJECTED_GROUP_DEFAULTS
 
 HEADLINE_RESIDUAL = 0.012
 
@@ -241,6 +242,11 @@ def _q_galore(model: nn.Module, settings: OptimSettings, seed: int) -> torch.opt
     return optimizer_class(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
+def _preset_keys(preset: dict[str, Any]) -> dict[str, Any]:
+    """A galore_plus preset's group keys but the rank and gap (the run's ``--rank`` and ``--update-proj-gap`` set those)."""
+    return {key: value for key, value in preset.items() if key not in ("rank", "update_proj_gap")}
+
+
 def _peer_methods() -> list[MethodSpec]:
     """APOLLO, APOLLO-Mini and Q-GaLore from their own packages, and ours of the same ideas, on GaLore's placement.
 
@@ -256,12 +262,13 @@ def _peer_methods() -> list[MethodSpec]:
         MethodSpec("q_galore", "q_galore_torch (4-bit projection, lazy refresh), scale = --scale", _q_galore,
                    requires=("q_galore_torch", "bitsandbytes"), probe=_q_galore_probe, sets=peers,
                    lr_grids=PROJECTED_LR_GRIDS),
-        replace(galore_plus_method("galore_plus_apollo", "GaLorePlusAdamW: projector='random', update_rule='apollo' "
-                                   "(channel, scale 1)", sets=peers, placement=apollo_placement, update_rule="apollo",
-                                   **APOLLO_SCALING), lr_grids={}),
-        replace(galore_plus_method("galore_plus_apollo_mini", "GaLorePlusAdamW: APOLLO-Mini preset (rank 1, tensor "
-                                   "scaling, scale 128)", sets=peers, placement={**apollo_placement, "rank": 1},
-                                   update_rule="apollo", scale_type="tensor", scale=128.0), lr_grids={}),
+        replace(galore_plus_method("galore_plus_apollo", "GaLorePlusAdamW, APOLLO preset: projector='random', "
+                                   "update_rule='apollo', channel, scale 1, eps 1e-6", sets=peers,
+                                   placement=apollo_placement, **_preset_keys(APOLLO)), lr_grids={}),
+        replace(galore_plus_method("galore_plus_apollo_mini", "GaLorePlusAdamW, APOLLO_MINI preset: rank 1, tensor "
+                                   "scaling, scale 128, eps 1e-6", sets=peers,
+                                   placement={**apollo_placement, "rank": APOLLO_MINI["rank"]},
+                                   **_preset_keys(APOLLO_MINI)), lr_grids={}),
         galore_plus_method("galore_plus_4bit_bases", "GaLore+ with 4-bit bases and 8-bit moments (Q-GaLore's storage)",
                            sets=peers, placement=GALORE_PLUS_PLACEMENT, optim_bits=8, residual_mode="exact",
                            basis_bits=4),
@@ -345,7 +352,7 @@ def resolve_methods(names: list[str]) -> list[MethodSpec]:
 
 def _group_keys_reason(group_keys: dict[str, Any]) -> str | None:
     """Why GaLorePlusAdamW cannot take ``group_keys`` (a key it does not know, or a value it rejects), or None."""
-    unknown = [key for key in group_keys if key not in PROJECTED_GROUP_DEFAULTS]
+    unknown = [key for key in group_keys if key not in PROJECTED_GROUP_DEFAULTS and key not in CONSTRUCTOR_HYPERPARAMETERS]
     if unknown:
         return f"GaLorePlusAdamW has no group key {', '.join(map(repr, unknown))} yet"
     weight = nn.Parameter(torch.zeros(8, 8))
