@@ -184,15 +184,16 @@ def _fira(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.O
 
 def _apollo_torch(rank_and_scaling: dict[str, Any]) -> Builder:
     """apollo_torch's APOLLOAdamW on GaLore's placement with its recommended settings (random projection, scale and
-    scale_type of ``rank_and_scaling``, its own eps 1e-6 and norm-growth limiter); the rank defaults to ``--rank``."""
+    scale_type of ``rank_and_scaling``, its own eps 1e-6 and norm-growth limiter); the rank defaults to ``--rank``.
+    apollo_torch seeds its projections from parameter positions, not from torch's RNG."""
 
     def build(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
         from apollo_torch import APOLLOAdamW
 
-        torch.manual_seed(seed)  # apollo_torch seeds its projections from parameter positions; nothing else is random
+        placed = _svd_groups(model, replace(settings, rank=rank_and_scaling.get("rank", settings.rank)))
         groups = [{"params": group["params"], "rank": group["rank"], "proj": "random", "proj_type": "std",
                    "update_proj_gap": group["update_proj_gap"], **rank_and_scaling} if "rank" in group
-                  else {"params": group["params"]} for group in _svd_groups(model, settings)]
+                  else {"params": group["params"]} for group in placed]
         return APOLLOAdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
     return build
