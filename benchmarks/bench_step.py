@@ -3,6 +3,7 @@
     python -m benchmarks.bench_step                           # TinyLlama-1.1B layer, rank 128, gap 50
     python -m benchmarks.bench_step --layer llama-7b --gaps 50 200 500
     python -m benchmarks.bench_step --refresh-cost            # refresh cost per projector, 4096 x 4096, 32 heads
+    python -m benchmarks.bench_step --only random APOLLO      # the random basis and APOLLO (ours, apollo_torch's) only
 
 Each optimizer steps the seven weights of one layer (q, k, v, o, gate, up, down) for ``gap``
 steps with fixed gradients, so every projected weight refreshes its basis exactly once; the
@@ -31,6 +32,7 @@ from galore_plus.projectors import basis_generator, project, project_back, proje
 from galore_plus.random_basis import gaussian_basis
 
 RANDOM_LABEL = "GaLorePlusAdamW random (galore rule)"
+ADAMW_LABEL = "torch AdamW (foreach)"
 
 LAYERS = {
     # name: hidden, intermediate, heads, key/value heads
@@ -94,7 +96,7 @@ def mean_step_seconds(step: Callable[[], None], steps: int) -> float:
 def optimizers(weights, rank, gap, heads, kv_heads):
     """(label, factory) of every optimizer compared; each factory builds a fresh optimizer."""
     params = list(weights.values())
-    yield "torch AdamW (foreach)", lambda: torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    yield ADAMW_LABEL, lambda: torch.optim.AdamW(params, lr=1e-5, foreach=True)
     try:
         from galore_torch import GaLoreAdamW
     except ImportError:
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layer", default="tinyllama-1.1b", choices=sorted(LAYERS))
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--gaps", nargs="+", type=int, default=[50])
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only the optimizers whose label contains one of these (and torch AdamW), e.g. random APOLLO")
     parser.add_argument("--refresh-cost", action="store_true", help="measure what a refresh adds to a step instead")
     parser.add_argument("--size", type=int, default=4096, help="--refresh-cost: the weight is size x size")
     parser.add_argument("--heads", type=int, default=32, help="--refresh-cost: heads of the cross_head weight")
@@ -193,13 +197,17 @@ def main(argv: list[str] | None = None) -> None:
     for gap in args.gaps:
         results = {}
         for label, factory in optimizers(weights, args.rank, gap, heads, kv_heads):
+            if args.only and label != ADAMW_LABEL and not any(part in label for part in args.only):
+                continue
             optimizer = factory()
             results[label] = mean_step_seconds(optimizer.step, gap)
         galore = results.get("galore_torch GaLoreAdamW")
-        adamw = results["torch AdamW (foreach)"]
+        adamw = results[ADAMW_LABEL]
         for label, seconds in results.items():
             versus_galore = f"{seconds / galore:>15.2f}" if galore else f"{'n/a':>15}"
             print(f"{label:>40} {gap:>5} {seconds * 1e3:>9.1f} {seconds / floor:>15.2f} {versus_galore} {seconds / adamw:>8.2f}")
+        if RANDOM_LABEL not in results:
+            continue
         regenerate = mean_step_seconds(random_bases(weights, args.rank), 5)
         print(f"regenerating the 7 random bases: {regenerate * 1e3:.1f} ms per step = "
               f"{regenerate / results[RANDOM_LABEL]:.3f} of the random projector's step (gap {gap})")

@@ -22,3 +22,10 @@ def test_layer_table_has_the_random_projector_apollo_and_the_regeneration_cost(c
         assert label in out
     fraction = float(out.split("ms per step = ")[1].split()[0])
     assert 0 <= fraction < 10
+
+
+def test_only_runs_the_chosen_optimizers_beside_adamw(capsys):
+    main(["--layer", "tiny", "--rank", "4", "--gaps", "2", "--only", "APOLLO"])
+    out = capsys.readouterr().out
+    assert "GaLorePlusAdamW APOLLO" in out and "torch AdamW (foreach)" in out
+    assert "GaLorePlusAdamW svd" not in out and "regenerating" not in out
