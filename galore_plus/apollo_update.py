@@ -10,7 +10,9 @@ For a projected weight with float32 gradient G (m, n), low-rank gradient R = P^T
    does not project) or once for the whole tensor (``"tensor"``, APOLLO-Mini);
 4. U = s G, limited by Fira's norm-growth limiter: when ||U|| exceeds 1.01 times the previous
    step's (limited) norm, U is scaled down to exactly that; the limited norm is kept for the next
-   step (a 0-d float32 tensor, the only state besides the two moments);
+   step (a 0-d float32 tensor, the only state besides the two moments). ||U|| is computed from G's
+   per-channel norms and U is never formed: the weight is updated with one ``addcmul_`` of G and
+   the per-channel factor;
 5. p <- p (1 - lr wd) - lr sqrt(1 - b2^t) / (1 - b1^t) sqrt(scale) U.
 
 The conventions are those of ``apollo_torch.APOLLOAdamW`` 1.0.3 with its defaults
@@ -64,34 +66,48 @@ def gradient_scaling(direction: Tensor, low_rank_grad: Tensor, side: Side, scale
     )
 
 
-def limit_norm_growth(update: Tensor, previous_norm: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(update scaled so its norm grows by at most 1.01x over ``previous_norm``, its norm after scaling).
-
-    On the first step (``previous_norm`` None) nothing is limited. ``update`` is scaled in place.
-    """
-    norm = torch.linalg.vector_norm(update)
-    if previous_norm is None:
-        return update, norm
-    limiter = (norm / (previous_norm + NORM_EPS)).clamp_(min=NORM_GROWTH_LIMIT) / NORM_GROWTH_LIMIT
-    return update.div_(limiter), norm / limiter
+def scaled_norm(grad: Tensor, scaling: Tensor) -> Tensor:
+    """||s G|| without forming s G: s ||G|| for a 0-d s, else the norm of s times G's per-channel norms."""
+    if scaling.dim() == 0:
+        return scaling * torch.linalg.vector_norm(grad)
+    dim = 1 if scaling.shape[1] == 1 else 0
+    return torch.linalg.vector_norm(scaling * torch.linalg.vector_norm(grad, dim=dim, keepdim=True))
 
 
-def apollo_update(
+def norm_growth_divisor(norm: Tensor, previous_norm: Tensor) -> Tensor:
+    """max(norm / (previous + 1e-8), 1.01) / 1.01: dividing by it caps the growth over the last step's norm at 1.01x."""
+    return (norm / (previous_norm + NORM_EPS)).clamp_(min=NORM_GROWTH_LIMIT) / NORM_GROWTH_LIMIT
+
+
+def apollo_factor(
     grad: Tensor, low_rank_grad: Tensor, direction: Tensor, side: Side, scale_type: str, scale: float,
     previous_norm: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """(U = sqrt(scale) * limited(s G), the limited norm of s G to keep for the next step).
+    """(f, the limited norm of s G to keep for the next step), where U = f G = sqrt(scale) * limited(s G).
 
-    ``grad`` is G (m, n) in float32 and is not modified; ``direction`` is :func:`apollo_direction`.
+    f has the shape of s (0-d, (m, 1) or (1, n)), so the full-size U is never formed here; on the
+    first step (``previous_norm`` None) nothing is limited. ``direction`` is :func:`apollo_direction`.
     """
-    scaled = grad * gradient_scaling(direction, low_rank_grad, side, scale_type)
-    limited, norm = limit_norm_growth(scaled, previous_norm)
-    return limited.mul_(math.sqrt(scale)), norm
+    scaling = gradient_scaling(direction, low_rank_grad, side, scale_type)
+    norm = scaled_norm(grad, scaling)
+    if previous_norm is None:
+        return scaling * math.sqrt(scale), norm
+    divisor = norm_growth_divisor(norm, previous_norm)
+    return scaling * (math.sqrt(scale) / divisor), norm / divisor
 
 
-def apply_dense_update(param: Tensor, update: Tensor, step_size: float, weight_decay_factor: Tensor) -> None:
-    """p <- p * weight_decay_factor - step_size * update, in place (float32 arithmetic for any weight dtype)."""
-    if param.dtype == torch.float32:
-        param.mul_(weight_decay_factor).add_(update, alpha=-step_size)
-        return
-    param.copy_(param.float().mul_(weight_decay_factor).add_(update, alpha=-step_size))
+def apply_scaled_gradient(
+    param: Tensor, grad: Tensor, factor: Tensor, step_size: float, weight_decay_factor: float, finite: Tensor
+) -> None:
+    """p <- p * weight_decay_factor - step_size * f G in place, or p unchanged when the 0-d bool ``finite`` is False.
+
+    Float32 arithmetic for any weight dtype; a non-finite G or f of a skipped step is never multiplied in.
+    """
+    masked_grad, masked_factor = torch.where(finite, grad, 0.0), torch.where(finite, factor, 0.0)
+    decay = torch.where(finite, weight_decay_factor, 1.0)
+    target = param if param.dtype == torch.float32 else param.float()
+    if weight_decay_factor != 1.0:
+        target.mul_(decay)
+    target.addcmul_(masked_grad, masked_factor, value=-step_size)
+    if target is not param:
+        param.copy_(target)

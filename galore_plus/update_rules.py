@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .apollo_update import apollo_direction, apollo_step_size, apollo_update, apply_dense_update
+from .apollo_update import apollo_direction, apollo_factor, apollo_step_size, apply_scaled_gradient
 from .projectors import Side
 from .update import apply_lowrank_update
 
@@ -68,13 +68,11 @@ def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, An
     beta1, beta2 = group["betas"]
     direction = apollo_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
     previous = state.get("apollo_norm")
-    update, norm = apollo_update(inputs.grad, inputs.low_rank, direction, inputs.side, group["scale_type"],
+    factor, norm = apollo_factor(inputs.grad, inputs.low_rank, direction, inputs.side, group["scale_type"],
                                  group["scale"], previous)
     kept = previous if previous is not None else torch.full_like(norm, math.inf)
     state["apollo_norm"] = torch.where(inputs.finite, norm, kept)
-    decay = torch.where(inputs.finite, 1.0 - group["lr"] * group["weight_decay"], 1.0)
-    apply_dense_update(inputs.weight, torch.where(inputs.finite, update, 0.0),
-                       apollo_step_size(group["lr"], inputs.step, beta1, beta2), decay)
-
+    apply_scaled_gradient(inputs.weight, inputs.grad, factor, apollo_step_size(group["lr"], inputs.step, beta1, beta2),
+                          1.0 - group["lr"] * group["weight_decay"], inputs.finite)
 
 UPDATE_RULES: dict[str, UpdateRule] = {"galore": galore_update, "apollo": apollo_rule}

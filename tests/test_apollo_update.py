@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from galore_plus import APOLLO, APOLLO_MINI, GaLorePlusAdamW
 from galore_plus.apollo_update import (
-    apollo_direction, apollo_step_size, apollo_update, apply_dense_update, gradient_scaling, limit_norm_growth,
+    apollo_direction, apollo_factor, apollo_step_size, apply_scaled_gradient, gradient_scaling, norm_growth_divisor,
 )
 from galore_plus.lowrank_adam import update_moments
 from galore_plus.projectors import project
@@ -54,9 +54,10 @@ def run_ours(weight, grads, bases, scale_type, scale, lr, weight_decay=0.0):
         update_moments(low_rank, exp_avg, exp_avg_sq, *BETAS)
         direction = apollo_direction(exp_avg, exp_avg_sq, EPS)
         unlimited = float((grad * gradient_scaling(direction, low_rank, side, scale_type)).norm())
-        update, previous_norm = apollo_update(grad, low_rank, direction, side, scale_type, scale, previous_norm)
+        factor, previous_norm = apollo_factor(grad, low_rank, direction, side, scale_type, scale, previous_norm)
         limited.append(float(previous_norm) < unlimited * (1 - 1e-4))
-        apply_dense_update(weight, update, apollo_step_size(lr, step, *BETAS), 1 - lr * weight_decay)
+        apply_scaled_gradient(weight, grad, factor, apollo_step_size(lr, step, *BETAS), 1 - lr * weight_decay,
+                              torch.tensor(True))
         weights.append(weight.clone())
     return weights, limited
 
@@ -117,12 +118,21 @@ def test_channel_scaling_is_one_factor_per_unprojected_channel_in_float64(side, 
 
 
 def test_limiter_caps_growth_at_1_01_and_leaves_shrinking_updates_alone():
-    update = torch.full((3, 3), 2.0)
-    limited, norm = limit_norm_growth(update.clone(), torch.tensor(1.0))
-    assert math.isclose(float(norm), 1.01, rel_tol=1e-6)
-    assert math.isclose(float(limited.norm()), 1.01, rel_tol=1e-6)
-    kept, kept_norm = limit_norm_growth(update.clone(), torch.tensor(100.0))
-    assert torch.equal(kept, update) and math.isclose(float(kept_norm), 6.0, rel_tol=1e-6)
+    assert math.isclose(float(norm_growth_divisor(torch.tensor(2.0), torch.tensor(1.0))), 2.0 / 1.01, rel_tol=1e-6)
+    assert float(norm_growth_divisor(torch.tensor(2.0), torch.tensor(100.0))) == 1.0
+
+
+@pytest.mark.parametrize("scale_type, side", [("channel", "right"), ("channel", "left"), ("tensor", "right")])
+def test_the_norm_from_channel_norms_equals_the_norm_of_the_formed_update(scale_type, side):
+    generator = torch.Generator().manual_seed(0)
+    grad = torch.randn(12, 9, generator=generator, dtype=torch.float64)
+    low_rank = torch.randn((12, 3) if side == "right" else (3, 9), generator=generator, dtype=torch.float64)
+    direction = torch.randn(low_rank.shape, generator=generator, dtype=torch.float64)
+    factor, norm = apollo_factor(grad, low_rank, direction, side, scale_type, 4.0, torch.tensor(0.1, dtype=torch.float64))
+    formed = grad * gradient_scaling(direction, low_rank, side, scale_type)
+    divisor = float(formed.norm()) / (0.1 + 1e-8) / 1.01
+    assert math.isclose(float(norm), float(formed.norm()) / divisor, rel_tol=1e-12)
+    assert torch.allclose(grad * factor, 2.0 * formed / divisor, rtol=1e-12, atol=0)
 
 
 # ---------------------------------------------------------------- the rule inside GaLorePlusAdamW
