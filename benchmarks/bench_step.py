@@ -2,8 +2,10 @@
 
     python -m benchmarks.bench_step                           # TinyLlama-1.1B layer, rank 128, gap 50
     python -m benchmarks.bench_step --layer llama-7b --gaps 50 200 500
+    python -m benchmarks.bench_step --device cuda             # on a GPU (benchmarks.gpu_check runs this)
     python -m benchmarks.bench_step --refresh-cost            # refresh cost per projector, 4096 x 4096, 32 heads
     python -m benchmarks.bench_step --only random APOLLO      # the random basis and APOLLO (ours, apollo_torch's) only
+    python -m benchmarks.bench_step --levers                  # + the step-time ratio of each lever (docs/levers.md)
 
 Each optimizer steps the seven weights of one layer (q, k, v, o, gate, up, down) for ``gap``
 steps with fixed gradients, so every projected weight refreshes its basis exactly once; the
@@ -12,6 +14,16 @@ products every projection method needs (R = G Q^T and U = N Q). All rows come fr
 The ``random`` projector (nothing stored; APOLLO's basis) and APOLLO's rule (ours and
 ``apollo_torch``'s, channel scaling, scale 1) are among the rows; the last line is what
 regenerating the random bases costs per step, as a fraction of that projector's step.
+
+On CUDA the time is taken between two ``torch.cuda.synchronize()`` calls, torch's AdamW is its
+fused kernel, and each row also shows the optimizer's peak memory: ``torch.cuda.max_memory_allocated``
+during its steps minus the memory allocated before it was built (weights and gradients).
+
+``--levers`` adds a table of each lever of docs/levers.md on top of GaLore (svd) and GaLore+,
+as a ratio to the same optimizer without it. There every optimizer takes one untimed step first
+(its first refresh), then ``gap`` timed steps, so the timed window holds one refresh that replaces
+a basis (where moment transfer and the adaptive gap's overlap do their work). The adaptive gap
+saves refreshes only over many gaps; its row shows what it costs, not what it saves.
 
 ``--refresh-cost`` measures instead, for each projector on one (size x size) weight with ``heads``
 heads (default: the LLaMA-2-7B q_proj, 4096 x 4096, 32 heads, rank 128), what a refresh adds to a
@@ -28,21 +40,32 @@ from typing import Callable
 import torch
 
 from galore_plus import APOLLO, GaLorePlusAdamW
+from galore_plus.dispatch import lowrank_adam_direction
 from galore_plus.projectors import basis_generator, project, project_back, projection_side
 from galore_plus.random_basis import gaussian_basis
 
 RANDOM_LABEL = "GaLorePlusAdamW random (galore rule)"
-ADAMW_LABEL = "torch AdamW (foreach)"
 
 LAYERS = {
     # name: hidden, intermediate, heads, key/value heads
     "tinyllama-1.1b": (2048, 5632, 32, 4),
-    "tiny": (64, 96, 4, 2),
     "llama-7b": (4096, 11008, 32, 32),
+    "llama-130m": (768, 2048, 12, 12),
+    "tiny": (64, 176, 4, 2),
+}
+
+LEVERS = {
+    "moment_transfer": {"moment_transfer": True},
+    "full_rank_residual": {"full_rank_residual": True},
+    "scale='auto'": {"scale": "auto"},
+    "adaptive_gap": {"adaptive_gap": True},
+    "all four": {"moment_transfer": True, "full_rank_residual": True, "scale": "auto", "adaptive_gap": True},
 }
 
 
-def layer_weights(hidden: int, intermediate: int, heads: int, kv_heads: int) -> dict[str, torch.nn.Parameter]:
+def layer_weights(
+    hidden: int, intermediate: int, heads: int, kv_heads: int, device: str | torch.device = "cpu"
+) -> dict[str, torch.nn.Parameter]:
     head_dim = hidden // heads
     shapes = {
         "q_proj": (hidden, hidden), "k_proj": (kv_heads * head_dim, hidden), "v_proj": (kv_heads * head_dim, hidden),
@@ -52,17 +75,17 @@ def layer_weights(hidden: int, intermediate: int, heads: int, kv_heads: int) -> 
     generator = torch.Generator().manual_seed(0)
     weights = {}
     for name, shape in shapes.items():
-        weight = torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02)
-        weight.grad = torch.randn(shape, generator=generator) * 1e-3
+        weight = torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.02).to(device))
+        weight.grad = (torch.randn(shape, generator=generator) * 1e-3).to(device)
         weights[name] = weight
     return weights
 
 
-def galore_plus_groups(weights, rank, gap, heads, kv_heads, projector):
+def galore_plus_groups(weights, rank, gap, heads, kv_heads, projector, **levers):
     if projector == "svd":
-        return [{"params": list(weights.values()), "rank": rank, "update_proj_gap": gap, "projector": "svd"}]
+        return [{"params": list(weights.values()), "rank": rank, "update_proj_gap": gap, "projector": "svd", **levers}]
     other = [w for name, w in weights.items() if name not in ("q_proj", "k_proj")]
-    common = dict(rank=rank, update_proj_gap=gap)
+    common = dict(rank=rank, update_proj_gap=gap, **levers)
     return [
         {"params": [weights["q_proj"]], "projector": "cross_head", "num_heads": heads, **common},
         {"params": [weights["k_proj"]], "projector": "cross_head", "num_heads": kv_heads, **common},
@@ -76,7 +99,7 @@ def two_products(weights: dict[str, torch.nn.Parameter], rank: int) -> Callable[
     for name, w in weights.items():
         side = projection_side(tuple(w.shape), "std", "randomized")
         m, n = w.shape
-        bases[name] = (torch.randn((m, rank) if side == "left" else (rank, n)), side)
+        bases[name] = (torch.randn((m, rank) if side == "left" else (rank, n), device=w.device), side)
 
     def run() -> None:
         for name, w in weights.items():
@@ -86,17 +109,24 @@ def two_products(weights: dict[str, torch.nn.Parameter], rank: int) -> Callable[
     return run
 
 
-def mean_step_seconds(step: Callable[[], None], steps: int) -> float:
+def mean_step_seconds(step: Callable[[], None], steps: int, device: torch.device = torch.device("cpu")) -> float:
+    """Mean wall time of ``steps`` calls; on CUDA the queued work is waited for before and after."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize()
     return (time.perf_counter() - start) / steps
 
 
 def optimizers(weights, rank, gap, heads, kv_heads):
     """(label, factory) of every optimizer compared; each factory builds a fresh optimizer."""
     params = list(weights.values())
-    yield ADAMW_LABEL, lambda: torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    if params[0].is_cuda:
+        yield "torch AdamW (fused)", lambda: torch.optim.AdamW(params, lr=1e-5, fused=True)
+    else:
+        yield "torch AdamW (foreach)", lambda: torch.optim.AdamW(params, lr=1e-5, foreach=True)
     try:
         from galore_torch import GaLoreAdamW
     except ImportError:
@@ -133,8 +163,32 @@ def random_bases(weights: dict[str, torch.nn.Parameter], rank: int) -> Callable[
     return run
 
 
-def refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refreshes: int) -> dict[str, tuple[float, float]]:
-    """Projector -> (fastest step with a refresh, fastest step without one), in seconds.
+def warm_up_cuda(device: torch.device, rank: int) -> None:
+    """First-call costs nobody should be timed with: cuBLAS/cuSOLVER handles and the Triton kernel's compilation."""
+    matrix = torch.randn(256, 64, device=device)
+    torch.linalg.svd(matrix, full_matrices=False)
+    moments = torch.zeros(rank, 64, device=device), torch.zeros(rank, 64, device=device)
+    lowrank_adam_direction(torch.randn(rank, 64, device=device), *moments, 1, 0.9, 0.999, 1e-8)
+    torch.cuda.synchronize(device)
+
+
+def timed_steps(factory: Callable[[], torch.optim.Optimizer], steps: int, device: torch.device) -> tuple[float, float | None]:
+    """(mean seconds per step, peak MiB the optimizer added above the weights and gradients, or None off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    optimizer = factory()
+    seconds = mean_step_seconds(optimizer.step, steps, device)
+    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else None
+    del optimizer
+    return seconds, peak
+
+
+def refresh_cost(
+    size: int, heads: int, rank: int, plain_steps: int, refreshes: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, tuple[float, float]]:
+    """Projector -> (fastest step with a refresh, fastest step without one), in seconds of ``clock``.
 
     Each optimizer steps one weight with gap ``plain_steps + 1``; the first (cold) refresh is not
     timed, the next ``refreshes`` (warm, as in training; svd: one, it takes seconds) are. The
@@ -150,67 +204,98 @@ def refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refreshes: 
                                       "num_heads": heads if projector == "cross_head" else None}], lr=1e-5)
         timed = []
         for _ in range((1 + (1 if projector == "svd" else refreshes)) * gap):
-            start = time.perf_counter()
+            start = clock()
             optimizer.step()
-            timed.append(time.perf_counter() - start)
+            timed.append(clock() - start)
         with_refresh = min(timed[gap::gap])
         without = min(seconds for index, seconds in enumerate(timed) if index % gap)
         results[projector] = (with_refresh, without)
     return results
 
 
-def print_refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refreshes: int) -> None:
+def print_refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refreshes: int, cpu_time: bool) -> None:
+    clock = time.process_time if cpu_time else time.perf_counter
     print(f"refresh cost, {size}x{size} weight, {heads} heads, rank {rank}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, {'process CPU' if cpu_time else 'wall'} time")
     print(f"{'projector':>12} {'step+refresh ms':>16} {'step ms':>9} {'refresh ms':>11} {'svd refresh / this':>19}")
-    results = refresh_cost(size, heads, rank, plain_steps, refreshes)
+    results = refresh_cost(size, heads, rank, plain_steps, refreshes, clock)
     costs = {projector: with_refresh - without for projector, (with_refresh, without) in results.items()}
     for projector, (with_refresh, without) in results.items():
         print(f"{projector:>12} {with_refresh * 1e3:>16.1f} {without * 1e3:>9.1f} {costs[projector] * 1e3:>11.1f} "
               f"{costs['svd'] / costs[projector]:>19.1f}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def lever_table(weights, rank: int, gap: int, heads: int, kv_heads: int, device: torch.device) -> None:
+    """Each lever's step time as a ratio to the same optimizer without it, all measured in this run."""
+    print(f"\n{'levers (1 untimed step, then gap steps)':>40} {'gap':>5} {'ms/step':>9} {'x without':>10}")
+    for projector, name in (("svd", "GaLore (svd)"), ("galore_plus", "GaLore+")):
+        times = {}
+        for lever, keys in {"": {}, **LEVERS}.items():
+            optimizer = GaLorePlusAdamW(galore_plus_groups(weights, rank, gap, heads, kv_heads, projector, **keys), lr=1e-5)
+            optimizer.step()
+            times[lever] = mean_step_seconds(optimizer.step, gap, device)
+        for lever, seconds in times.items():
+            label = name + (f" + {lever}" if lever else "")
+            print(f"{label:>40} {gap:>5} {seconds * 1e3:>9.1f} {seconds / times['']:>10.2f}")
+
+
+def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, float | None]]] | None:
+    """Print the table; return {gap: {optimizer: (seconds per step, peak MiB or None)}} (None with --refresh-cost)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layer", default="tinyllama-1.1b", choices=sorted(LAYERS))
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--gaps", nargs="+", type=int, default=[50])
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only the optimizers whose label contains one of these (and torch AdamW), e.g. random APOLLO")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda also reports peak memory)")
     parser.add_argument("--refresh-cost", action="store_true", help="measure what a refresh adds to a step instead")
     parser.add_argument("--size", type=int, default=4096, help="--refresh-cost: the weight is size x size")
     parser.add_argument("--heads", type=int, default=32, help="--refresh-cost: heads of the cross_head weight")
     parser.add_argument("--plain-steps", type=int, default=3, help="--refresh-cost: steps between refreshes")
     parser.add_argument("--refreshes", type=int, default=5, help="--refresh-cost: warm refreshes timed (svd: 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--levers", action="store_true", help="also time each lever of docs/levers.md")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="--refresh-cost: time with the process's CPU time, which other load on a shared "
+                             "machine disturbs less than wall time (use with --threads 1)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.refresh_cost:
-        print_refresh_cost(args.size, args.heads, args.rank, args.plain_steps, args.refreshes)
-        return
+        print_refresh_cost(args.size, args.heads, args.rank, args.plain_steps, args.refreshes, args.cpu_time)
+        return None
+    device = torch.device(args.device)
     hidden, intermediate, heads, kv_heads = LAYERS[args.layer]
-    weights = layer_weights(hidden, intermediate, heads, kv_heads)
-    print(f"{args.layer} layer, rank {args.rank}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    weights = layer_weights(hidden, intermediate, heads, kv_heads, device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
+    print(f"{args.layer} layer, rank {args.rank}, torch {torch.__version__}, {device.type} ({where})")
+    if device.type == "cuda":
+        warm_up_cuda(device, args.rank)
     products = two_products(weights, args.rank)
     products()  # warm-up of allocators and BLAS
-    floor = mean_step_seconds(products, 5)
-    print(f"{'optimizer':>40} {'gap':>5} {'ms/step':>9} {'x two products':>15} {'x galore_torch':>15} {'x AdamW':>8}")
+    floor = mean_step_seconds(products, 5, device)
+    print(f"{'optimizer':>40} {'gap':>5} {'ms/step':>9} {'x two products':>15} {'x galore_torch':>15} {'x AdamW':>8}"
+          f" {'peak MiB':>9}")
     print(f"{'two rank-r products (floor)':>40} {'-':>5} {floor * 1e3:>9.1f} {1.0:>15.2f}")
+    results = {}
     for gap in args.gaps:
-        results = {}
-        for label, factory in optimizers(weights, args.rank, gap, heads, kv_heads):
-            if args.only and label != ADAMW_LABEL and not any(part in label for part in args.only):
-                continue
-            optimizer = factory()
-            results[label] = mean_step_seconds(optimizer.step, gap)
-        galore = results.get("galore_torch GaLoreAdamW")
-        adamw = results[ADAMW_LABEL]
-        for label, seconds in results.items():
+        results[gap] = {label: timed_steps(factory, gap, device)
+                        for label, factory in optimizers(weights, args.rank, gap, heads, kv_heads)
+                        if not args.only or label.startswith("torch AdamW") or any(part in label for part in args.only)}
+        galore = results[gap].get("galore_torch GaLoreAdamW", (None,))[0]
+        adamw = next(seconds for label, (seconds, _) in results[gap].items() if label.startswith("torch AdamW"))
+        for label, (seconds, peak) in results[gap].items():
             versus_galore = f"{seconds / galore:>15.2f}" if galore else f"{'n/a':>15}"
-            print(f"{label:>40} {gap:>5} {seconds * 1e3:>9.1f} {seconds / floor:>15.2f} {versus_galore} {seconds / adamw:>8.2f}")
-        if RANDOM_LABEL not in results:
-            continue
-        regenerate = mean_step_seconds(random_bases(weights, args.rank), 5)
-        print(f"regenerating the 7 random bases: {regenerate * 1e3:.1f} ms per step = "
-              f"{regenerate / results[RANDOM_LABEL]:.3f} of the random projector's step (gap {gap})")
+            peak_text = f"{peak:>9.0f}" if peak is not None else f"{'n/a':>9}"
+            print(f"{label:>40} {gap:>5} {seconds * 1e3:>9.1f} {seconds / floor:>15.2f} {versus_galore}"
+                  f" {seconds / adamw:>8.2f} {peak_text}")
+        if RANDOM_LABEL in results[gap]:
+            regenerate = mean_step_seconds(random_bases(weights, args.rank), 5, device)
+            print(f"regenerating the 7 random bases: {regenerate * 1e3:.1f} ms per step = "
+                  f"{regenerate / results[gap][RANDOM_LABEL][0]:.3f} of the random projector's step (gap {gap})")
+        if args.levers:
+            lever_table(weights, args.rank, gap, heads, kv_heads, device)
+    return results
 
 
 if __name__ == "__main__":

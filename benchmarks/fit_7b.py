@@ -82,7 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-refresh-comparison", action="store_true",
                         help="skip the svd vs GaLore+ refresh timing of one decoder layer")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/fit_7b", help="directory of the Markdown and JSON (default results/fit_7b)")
+    parser.add_argument("--out", default="docs/results/fit_7b",
+                        help="directory of the Markdown and JSON (default docs/results/fit_7b)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.model is None and args.config is None:
@@ -123,7 +124,7 @@ def check_budget(config: Any, args: argparse.Namespace) -> MemoryEstimate:
     return estimate
 
 
-def initial_value(module: nn.Module, name: str, shape: torch.Size, std: float, generator: torch.Generator) -> Tensor:
+def initial_value(name: str, shape: torch.Size, std: float, generator: torch.Generator) -> Tensor:
     """A new bfloat16 tensor: normal(0, std) for matrices, ones for 1-D weights (norms), zeros for biases."""
     tensor = torch.empty(shape, dtype=DTYPE)
     if len(shape) >= 2:
@@ -147,7 +148,7 @@ def build_model(config: Any, seed: int) -> nn.Module:
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if id(param) not in created:
-                value = initial_value(module, name, param.shape, std, generator)
+                value = initial_value(name, param.shape, std, generator)
                 created[id(param)] = nn.Parameter(value, requires_grad=param.requires_grad)
             setattr(module, name, created[id(param)])
     model.config.use_cache = False

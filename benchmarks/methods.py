@@ -293,6 +293,31 @@ def _residual_ablation() -> list[MethodSpec]:
     return specs
 
 
+SVD_PLACEMENT = {"projector": "svd", "cross_head": False}
+
+
+def _lever_methods() -> list[MethodSpec]:
+    """Each lever of docs/levers.md alone and together, on GaLore (svd) and on GaLore+; cross-head head counts."""
+    levers = {
+        "mt": ("moment transfer", {"moment_transfer": True}),
+        "frr": ("norm-scaled full-rank residual", {"full_rank_residual": True}),
+        "mt_frr": ("moment transfer + full-rank residual", {"moment_transfer": True, "full_rank_residual": True}),
+        "auto": ("scale='auto'", {"scale": "auto"}),
+        "adaptive": ("adaptive refresh gap", {"adaptive_gap": True}),
+        "adaptive_p1": ("adaptive refresh gap, doubling after 1 stable refresh", {"adaptive_gap": True, "gap_patience": 1}),
+    }
+    specs = []
+    for base, description, placement in (("galore", "GaLore (svd)", SVD_PLACEMENT),
+                                          ("galore_plus", "GaLore+", GALORE_PLUS_PLACEMENT)):
+        for suffix, (lever, keys) in levers.items():
+            specs.append(galore_plus_method(f"{base}_{suffix}", f"{description} + {lever}", sets=("levers",),
+                                            placement=placement, **keys))
+    for heads in (1, 2, 4):
+        specs.append(galore_plus_method(f"galore_plus_heads{heads}", f"GaLore+ with cross-head bases from {heads} head(s)",
+                                        sets=("heads",), placement=GALORE_PLUS_PLACEMENT, cross_head_heads=heads))
+    return specs
+
+
 METHODS: list[MethodSpec] = [
     MethodSpec("adamw", "torch.optim.AdamW, all parameters", _adamw),
     MethodSpec("adamw8bit", "bitsandbytes.optim.AdamW8bit, all parameters", _adamw8bit, requires=("bitsandbytes",),
@@ -321,6 +346,7 @@ METHODS: list[MethodSpec] = [
                    sets=("adapters",), options=adalora_schedule),
     *_residual_ablation(),
     *_peer_methods(),
+    *_lever_methods(),
 ]
 
 ALL_METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in METHODS}

@@ -138,4 +138,4 @@ def projected_state_shapes(param: Tensor, group: dict[str, Any]) -> dict[str, tu
     moments = {key: low_rank for key in ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes")}
     basis_numel = basis[0] * basis[1]
     four_bit = {"projector_codes": ((basis_numel + 1) // 2, 1), "projector_absmax": (math.ceil(basis_numel / BASIS_BLOCKSIZE),)}
-    return {"projector": basis, **four_bit, **moments, "residual_row_ptr": (m + 1,), "apollo_norm": ()}
+    return {"projector": basis, **four_bit, **moments, "residual_row_ptr": (m + 1,), "residual_norm": (), "apollo_norm": ()}

@@ -21,8 +21,8 @@ changes only this:
 * update: W_local <- W_local (1 - lr wd) - lr scale (N_local Q | P_rows N), on local rows only.
 
 Only a 1-D device mesh with ``Shard(0)`` placement is handled; other shardings, ``transposed``
-weights, residuals, APOLLO's update rule and 8-bit moments raise ``NotImplementedError`` rather than giving
-wrong results.
+weights, residuals (sparse and full-rank), APOLLO's update rule and 8-bit moments raise ``NotImplementedError``
+rather than giving wrong results.
 """
 
 from __future__ import annotations
@@ -167,6 +167,10 @@ def row_shard_layout(param: DTensor, group: dict[str, Any], label: str, optim_bi
         raise NotImplementedError(f"{label}, key 'update_rule': APOLLO's rule on sharded (DTensor) weights is not "
                                   "implemented (its tensor scale and norm-growth limiter need norms over every rank); "
                                   "use update_rule='galore' with FSDP2, or DDP / per-layer mode for APOLLO")
+    if group["full_rank_residual"]:
+        raise NotImplementedError(f"{label}, key 'full_rank_residual': the full-rank residual of sharded (DTensor) "
+                                  "weights is not implemented (its limiter and scale need norms over every rank); "
+                                  "use full_rank_residual=False with FSDP2")
     if group["transposed"]:
         raise NotImplementedError(f"{label}, key 'transposed': a sharded weight stored (in, out) is sharded on its input "
                                   "side; only row-sharded nn.Linear-layout weights are implemented")

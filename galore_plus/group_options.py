@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .apollo_update import SCALE_TYPES
+from .auto_scale import AUTO
 from .basis_quant import BASIS_BITS
 from .projectors import HEAD_PROJECTORS, PROJ_TYPES, PROJECTORS, projection_side
 from .residual import RESIDUAL_MODES
@@ -40,6 +41,14 @@ PROJECTED_GROUP_DEFAULTS: dict = {
     "residual_ratio": 0.0,
     "residual_warmup": 10,
     "residual_mode": "exact",
+    "cross_head_heads": None,
+    "moment_transfer": False,
+    "full_rank_residual": False,
+    "norm_growth_limit": 1.01,
+    "adaptive_gap": False,
+    "max_update_proj_gap": None,
+    "gap_overlap_threshold": 0.5,
+    "gap_patience": 3,
     "update_rule": "galore",
     "scale_type": "channel",
     "basis_bits": 32,
@@ -241,9 +250,9 @@ def validate_projected_group(group: dict, index: int) -> None:
     _require_int(group, index, "oversample", 0)
     _require_int(group, index, "power_iters", 0)
     scale = group["scale"]
-    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
-        _fail(group, index, "scale", f"must be a finite number, got {scale!r}", TypeError)
-    for key in ("warm_start", "transposed"):
+    if scale != AUTO and (isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)):
+        _fail(group, index, "scale", f"must be a finite number or {AUTO!r}, got {scale!r}", TypeError)
+    for key in ("warm_start", "transposed", "moment_transfer", "full_rank_residual", "adaptive_gap"):
         if not isinstance(group[key], bool):
             _fail(group, index, key, f"must be a bool, got {group[key]!r}", TypeError)
     _require_choice(group, index, "projector", tuple(PROJECTORS))
@@ -251,6 +260,7 @@ def validate_projected_group(group: dict, index: int) -> None:
     _require_choice(group, index, "proj_type", PROJ_TYPES)
     _require_choice(group, index, "head_projector", HEAD_PROJECTORS)
     _validate_residual(group, index)
+    _validate_levers(group, index)
     _validate_apollo(group, index)
     _validate_basis_bits(group, index)
     if group["projector"] == "cross_head":
@@ -295,6 +305,25 @@ def _validate_basis_bits(group: dict, index: int) -> None:
         _fail(group, index, "basis_bits", "4-bit bases need bitsandbytes: pip install bitsandbytes", ImportError)
 
 
+def _require_real(group: dict, index: int, key: str) -> float:
+    value = group[key]
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        _fail(group, index, key, f"must be a finite number, got {value!r}", TypeError)
+    return value
+
+
+def _validate_levers(group: dict, index: int) -> None:
+    if group["norm_growth_limit"] is not None and _require_real(group, index, "norm_growth_limit") < 1.0:
+        _fail(group, index, "norm_growth_limit", f"must be >= 1 (or None to disable the limiter), got {group['norm_growth_limit']!r}")
+    if group["max_update_proj_gap"] is not None:
+        _require_int(group, index, "max_update_proj_gap", group["update_proj_gap"])
+    if not 0.0 < _require_real(group, index, "gap_overlap_threshold") <= 1.0:
+        _fail(group, index, "gap_overlap_threshold", f"must be in (0, 1], got {group['gap_overlap_threshold']!r}")
+    _require_int(group, index, "gap_patience", 1)
+    if group["cross_head_heads"] is not None:
+        _require_int(group, index, "cross_head_heads", 1)
+
+
 def _validate_heads(group: dict, index: int) -> None:
     num_heads, head_dim = group["num_heads"], group["head_dim"]
     if num_heads is None and head_dim is None:
@@ -322,5 +351,12 @@ def _validate_projected_param(group: dict, index: int, position: int, param: tor
     if group["head_dim"] is not None:
         if m % group["head_dim"]:
             _fail(group, index, "head_dim", f"{group['head_dim']} does not divide the {m} rows of {where}")
+        num_heads, head_dim = m // group["head_dim"], group["head_dim"]
     elif m % group["num_heads"]:
         _fail(group, index, "num_heads", f"{group['num_heads']} does not divide the {m} rows of {where}")
+    else:
+        num_heads, head_dim = group["num_heads"], m // group["num_heads"]
+    heads = group["cross_head_heads"]
+    if heads is not None and min(heads, num_heads) * head_dim < rank:
+        _fail(group, index, "cross_head_heads", f"{heads} heads of {head_dim} rows of {where} give fewer rows than "
+                                                f"rank = {rank}")

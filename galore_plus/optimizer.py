@@ -15,6 +15,7 @@ from .group_options import (
     check_hyperparameters, group_label, keyword_argument_error, plain_adamw_warning, prepare_group,
 )
 from . import quant
+from .refresh_schedule import weight_refresh_count
 from .weight_step import SkippedSteps, StepContext, step_projected_weight
 
 
@@ -34,6 +35,11 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
     5. p <- p (1 - lr wd) - lr scale (P N or N Q) (the update rule ``"galore"``);
     6. with ``residual_ratio`` > 0 the update at a fixed sparse index set I is replaced by an exact
        (or, with ``residual_mode="paper"``, Algorithm 2's) one; see :mod:`galore_plus.residual`.
+
+    Optional levers, all off by default (docs/levers.md): ``moment_transfer`` (M, V re-expressed in
+    the new basis at a refresh), ``full_rank_residual`` (Fira's norm-scaled residual added to the
+    update), ``adaptive_gap`` (a per-weight gap doubled while the subspace is stable) and
+    ``scale="auto"`` (the update's per-entry RMS matched to the low-rank Adam direction's).
 
     The order is written once, in :mod:`galore_plus.weight_step`. A step whose values are not
     finite leaves that weight and its moments unchanged, decided on the device (no host read on a
@@ -112,6 +118,11 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             for param in group["params"]:
                 yield group_index, group, position, param
                 position += 1
+
+    def refresh_counts(self) -> dict[int, int]:
+        """Basis refreshes done so far by each projected weight, keyed by its position in the state dict."""
+        return {position: weight_refresh_count(self.state[param], group)
+                for _, group, position, param in self.indexed_params() if "rank" in group}
 
     @torch.no_grad()
     def step_parameter(self, param: Tensor, group_index: int, position: int) -> None:

@@ -148,12 +148,17 @@ def chosen_heads(num_heads: int, count: int, generator: torch.Generator) -> Tens
     return torch.randperm(num_heads, generator=generator)[:count].sort().values
 
 
-def cross_head_choice(num_heads: int, head_dim: int, rank: int, generator: torch.Generator) -> Tensor:
-    """The heads whose rows a cross-head basis of ``rank`` directions is computed from (ceil(rank / head_dim) of them).
+def cross_head_choice(
+    num_heads: int, head_dim: int, rank: int, generator: torch.Generator, count: int | None = None
+) -> Tensor:
+    """The heads whose rows a cross-head basis of ``rank`` directions is computed from.
 
-    Drawn from a fresh generator with ``generator``'s seed, so ``generator`` itself is not advanced.
+    ``count`` of them (the group's ``cross_head_heads``), at most ``num_heads``; None takes
+    ceil(rank / head_dim), the fewest whose rows can hold ``rank`` directions. Drawn from a fresh
+    generator with ``generator``'s seed, so ``generator`` itself is not advanced.
     """
-    return chosen_heads(num_heads, math.ceil(rank / head_dim), torch.Generator().manual_seed(generator.initial_seed()))
+    count = math.ceil(rank / head_dim) if count is None else min(count, num_heads)
+    return chosen_heads(num_heads, count, torch.Generator().manual_seed(generator.initial_seed()))
 
 
 def head_rows(grad: Tensor, num_heads: int, heads: Tensor) -> Tensor:
@@ -266,7 +271,8 @@ def _randomized(
 def _cross_head_rows(group: dict, shape: Shape, generator: torch.Generator) -> Tensor:
     num_heads = group_num_heads(group, shape[0])
     head_dim = shape[0] // num_heads
-    return head_row_indices(cross_head_choice(num_heads, head_dim, group["rank"], generator), head_dim)
+    heads = cross_head_choice(num_heads, head_dim, group["rank"], generator, group.get("cross_head_heads"))
+    return head_row_indices(heads, head_dim)
 
 
 def _cross_head(

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .auto_scale import residual_scale
 from .dispatch import residual_values
 from .finite import all_finite
 from .projectors import Side
@@ -67,7 +68,7 @@ def residual_update(
     values = residual_values(
         param, grad, index, *moments, basis, side, low_rank, state["exp_avg_sq"], direction,
         group["residual_mode"], step, state["residual_step"], beta1, beta2, group["eps"],
-        group["lr"], group["weight_decay"], group["scale"],
+        group["lr"], group["weight_decay"], residual_scale(group["scale"]),
     )
     kept = finite & all_finite(values, *moments)
     for moment, old in zip(moments, before):

@@ -8,7 +8,10 @@ A rule must leave the weight unchanged when ``inputs.finite`` (a 0-d bool tensor
 is False, without reading it on the host (``torch.where`` on the device: the step must not
 synchronise), and must never write a non-finite value.
 
-* ``"galore"``: p <- p (1 - lr wd) - lr scale (P N | N Q), one fused ``addmm_`` (see :mod:`galore_plus.update`).
+* ``"galore"``: p <- p (1 - lr wd) - lr scale (P N | N Q), one fused ``addmm_`` (see :mod:`galore_plus.update`);
+  with the group key ``full_rank_residual``, U = P N + S, Fira's norm-scaled residual S
+  (:mod:`galore_plus.full_rank_residual`, the limiter's norm kept as ``state["residual_norm"]``);
+  ``scale="auto"`` resolves as in :mod:`galore_plus.auto_scale`.
 * ``"apollo"``: the gradient scaled per channel or per tensor by ||N|| / ||R||, norm-growth limited
   (APOLLO; :mod:`galore_plus.apollo_update`, group key ``scale_type``; ``scale`` enters as its square root).
 """
@@ -23,8 +26,10 @@ import torch
 from torch import Tensor
 
 from .apollo_update import apollo_direction, apollo_factor, apollo_step_size, apply_scaled_gradient
-from .projectors import Side
-from .update import apply_lowrank_update
+from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
+from .full_rank_residual import adam_bias_factor, norm_scaled_update
+from .projectors import Shape, Side
+from .update import apply_full_update, apply_lowrank_update
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class UpdateInputs:
     """One weight's step, as an update rule sees it (every tensor is this process's rows).
 
     ``weight``: the parameter (transposed to (m, n) for ``transposed`` groups), any float dtype;
+    ``shape``: (m, n) of the whole weight (a sharded weight's ``weight`` holds some of its rows);
     ``grad``: its float32 gradient (may hold NaN/Inf: then ``finite`` is False); ``low_rank``:
     R = P^T G | G Q^T (summed over ranks on the left side); ``direction``: N, the Adam direction
     of R, zero where ``finite`` is False; ``basis``: P (these rows) | Q; ``step``: t >= 1;
@@ -40,6 +46,7 @@ class UpdateInputs:
     """
 
     weight: Tensor
+    shape: Shape
     grad: Tensor
     low_rank: Tensor
     direction: Tensor
@@ -53,9 +60,23 @@ UpdateRule = Callable[[UpdateInputs, dict[str, Any], dict[str, Any]], None]
 
 
 def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """GaLore's rule: decoupled weight decay, then the back-projected direction times lr * scale."""
-    apply_lowrank_update(inputs.weight, inputs.direction, inputs.basis, inputs.side, group["lr"],
-                         group["weight_decay"], group["scale"], inputs.finite)
+    """GaLore's rule: decoupled weight decay, then lr * scale times P N, or P N + S with the full-rank residual."""
+    if not group["full_rank_residual"]:
+        scale = group["scale"]
+        if scale == AUTO:
+            scale = lowrank_auto_scale(inputs.shape, group["rank"], inputs.side)
+        apply_lowrank_update(inputs.weight, inputs.direction, inputs.basis, inputs.side, group["lr"],
+                             group["weight_decay"], scale, inputs.finite)
+        return
+    beta1, beta2 = group["betas"]
+    previous = state.get("residual_norm", torch.full((), math.inf, device=inputs.grad.device))
+    update, norm = norm_scaled_update(
+        inputs.grad, inputs.low_rank, inputs.direction, inputs.basis, inputs.side, previous,
+        group["norm_growth_limit"], adam_bias_factor(inputs.step, beta1, beta2),
+    )
+    state["residual_norm"] = torch.where(inputs.finite, norm, previous)
+    scale = rms_matching_scale(inputs.direction, update) if group["scale"] == AUTO else group["scale"]
+    apply_full_update(inputs.weight, update, group["lr"], group["weight_decay"], scale, inputs.finite)
 
 
 def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:

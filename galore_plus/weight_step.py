@@ -22,7 +22,7 @@ Extension points (plain dicts, lists and functions):
 * a projector: an entry of ``projectors.PROJECTORS`` (a :class:`~galore_plus.projectors.Projector`:
   basis function, the gradient rows it reads, fixed side, whether the basis is stored);
 * an update rule: an entry of ``update_rules.UPDATE_RULES``, chosen by the group's ``update_rule``;
-* a refresh hook: a function appended to :data:`REFRESH_HOOKS` in its own module's source,
+* a refresh hook: a function listed in :data:`REFRESH_HOOKS` (moment transfer is one),
   ``hook(exp_avg, exp_avg_sq, previous, basis, side, state, group)``, called at every refresh that
   replaces a basis, with this process's float32 moments (written in place, e.g. a change of
   coordinates into the new basis) and the old and new whole bases;
@@ -41,14 +41,16 @@ from . import quant
 from .basis_quant import basis_shape, store_basis, stored_basis
 from .dispatch import lowrank_adam_direction
 from .finite import all_finite
+from .moment_transfer import transfer_moments_at_refresh
 from .projectors import PROJECTORS, Shape, Side, basis_generator, project, projection_side
 from .refresh import Warn, refreshed_basis
+from .refresh_schedule import after_refresh, max_gap, overlap_value, schedule_from_state, store_schedule
 from .residual_state import residual_update, write_residual
 from .update_rules import UPDATE_RULES, UpdateInputs
 
 RefreshHook = Callable[[Tensor, Tensor, Tensor, Tensor, Side, dict[str, Any], dict[str, Any]], None]
 
-REFRESH_HOOKS: list[RefreshHook] = []
+REFRESH_HOOKS: list[RefreshHook] = [transfer_moments_at_refresh]
 
 
 class WeightLayout(Protocol):
@@ -122,9 +124,29 @@ class StepContext:
 
 
 def basis_schedule(state: dict[str, Any], group: dict[str, Any], step: int) -> tuple[int, bool]:
-    """(refresh count of the basis used at step t >= 1, whether step t computes it): t - 1 = count * gap + 0."""
+    """(refresh count of the basis used at step t >= 1, whether step t computes it).
+
+    Fixed gap: t - 1 = count * gap + 0. Adaptive gap (``adaptive_gap``): the weight's own
+    :class:`~galore_plus.refresh_schedule.RefreshSchedule` in ``state`` says when.
+    """
+    if group["adaptive_gap"]:
+        schedule = schedule_from_state(state, group["update_proj_gap"])
+        refresh = step >= schedule.next_step
+        return (schedule.count if refresh else schedule.count - 1), refresh
     gap = group["update_proj_gap"]
     return (step - 1) // gap, (step - 1) % gap == 0
+
+
+def record_refresh(state: dict[str, Any], group: dict[str, Any], step: int, previous: Tensor | None, basis: Tensor | None,
+                   side: Side) -> None:
+    """After a refresh at step t: advance an adaptive schedule (reads the subspace overlap on the host, at a refresh only)."""
+    if not group["adaptive_gap"]:
+        return
+    overlap = overlap_value(previous, basis, side)
+    largest = max_gap(group["update_proj_gap"], group["max_update_proj_gap"])
+    schedule = schedule_from_state(state, group["update_proj_gap"])
+    store_schedule(state, after_refresh(schedule, step, overlap, group["gap_overlap_threshold"],
+                                        group["gap_patience"], largest))
 
 
 def step_basis(
@@ -141,6 +163,8 @@ def step_basis(
     count, refresh = basis_schedule(state, group, step)
     generator = basis_generator(context.seed, context.position, count, layout.device)
     if not projector.stores_basis:
+        if refresh:
+            record_refresh(state, group, step, None, None, side)
         return projector.basis(None, layout.shape, group, side, generator, None), None
     shape = basis_shape(layout.shape, group["rank"], side)
     if not refresh:
@@ -151,7 +175,9 @@ def step_basis(
     read = layout.read_rows(rows)
     basis = refreshed_basis(read, layout.shape, group, side, generator, previous, context.warn,
                             check_read=rows is not None)
-    return store_basis(state, basis, group["basis_bits"]), previous
+    basis = store_basis(state, basis, group["basis_bits"])
+    record_refresh(state, group, step, previous, basis, side)
+    return basis, previous
 
 
 def step_projected_weight(
@@ -182,7 +208,7 @@ def step_projected_weight(
     direction = torch.where(finite, direction, 0.0)
     weight = layout.weight()
     residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite)
-    UPDATE_RULES[group["update_rule"]](UpdateInputs(weight, grad, low_rank, direction, local_basis, side, step, finite),
+    UPDATE_RULES[group["update_rule"]](UpdateInputs(weight, layout.shape, grad, low_rank, direction, local_basis, side, step, finite),
                                        state, group)
     if residual is not None:
         write_residual(weight, residual)

@@ -1,5 +1,7 @@
 """The step microbenchmark (benchmarks/bench_step.py) at a tiny size: it runs and reports every projector."""
 
+import torch
+
 from benchmarks.bench_step import main, refresh_cost
 
 
@@ -10,7 +12,12 @@ def test_refresh_cost_times_a_refresh_and_the_steps_without_one_for_every_projec
 
 
 def test_refresh_cost_command_prints_one_row_per_projector(capsys):
-    main(["--refresh-cost", "--size", "32", "--heads", "4", "--rank", "4", "--plain-steps", "1", "--refreshes", "1"])
+    threads = torch.get_num_threads()
+    try:
+        main(["--refresh-cost", "--size", "32", "--heads", "4", "--rank", "4", "--plain-steps", "1", "--refreshes", "1",
+              "--cpu-time", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[2:]] == ["svd", "randomized", "cross_head"]
 
@@ -29,3 +36,20 @@ def test_only_runs_the_chosen_optimizers_beside_adamw(capsys):
     out = capsys.readouterr().out
     assert "GaLorePlusAdamW APOLLO" in out and "torch AdamW (foreach)" in out
     assert "GaLorePlusAdamW svd" not in out and "regenerating" not in out
+
+
+def test_levers_table_prints_a_ratio_for_every_lever(capsys):
+    import math
+
+    from benchmarks import bench_step
+
+    threads = torch.get_num_threads()
+    try:
+        main(["--layer", "tiny", "--rank", "8", "--gaps", "3", "--levers", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for base in ("GaLore (svd)", "GaLore+"):
+        for lever in bench_step.LEVERS:
+            line = next(line for line in out.splitlines() if line.strip().startswith(f"{base} + {lever}"))
+            assert math.isfinite(float(line.split()[-1]))          # a ratio is printed (its size is not tested)

@@ -96,7 +96,12 @@ def test_trainer_with_per_layer_steps_saves_and_resumes_without_warnings(tmp_pat
         return trainer
 
     assert run(stop_at=2).state.global_step == 2
-    assert run(resume=str(tmp_path / "checkpoint-2")).state.global_step == 4
+    at_checkpoint = pytest.importorskip("safetensors.torch").load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    resumed = run(resume=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    for name, param in resumed.model.named_parameters():  # the 2 steps after resuming moved every parameter
+        if name in at_checkpoint:
+            assert (param.detach() - at_checkpoint[name]).abs().mean() > 1e-2 * 0.25 / 50, name  # lr * scale / 50
 
 
 def galore_torch_state() -> dict:

@@ -116,6 +116,8 @@ def test_state_dict_round_trip_resumes_exactly(bits):
     resumed_opt.load_state_dict(saved["opt"])
     enable_per_layer_steps(resumed_opt)
     train(resumed, resumed_opt, inputs[3:])
+    for name, param in resumed.named_parameters():  # a no-op optimizer would leave the checkpoint's values
+        assert (param.detach() - saved["model"][name]).abs().mean() > 1e-2 * 0.25 / 50, name  # lr * default scale / 50
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
 

@@ -56,7 +56,7 @@ def test_cross_head_always_projects_the_input_side():
     assert projection_side((8, 4), "left", "cross_head") == "right"
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(m=st.integers(2, 40), n=st.integers(2, 40), data=st.data(), side=st.sampled_from(["left", "right"]))
 def test_every_projector_returns_an_orthonormal_basis_of_the_documented_shape(m, n, data, side):
     rank = data.draw(st.integers(1, min(m, n)))

@@ -165,6 +165,9 @@ def test_resume_with_residual_equals_never_stopping(mode):
     for grad in grads[4:]:
         resumed.grad = grad.clone()
         opt.step()
+    assert (resumed.detach() - saved["weight"]).abs().mean() > LR / 10  # a no-op optimizer would keep the saved weight
+    saved_residual = saved["optimizer"]["state"][0]["residual_exp_avg"]
+    assert not torch.equal(opt.state[resumed]["residual_exp_avg"], saved_residual)  # the residual stepped after resuming
     assert torch.equal(straight, resumed)
 
 
