@@ -244,8 +244,8 @@ def test_a_step_marked_not_finite_leaves_the_weight_and_the_limiter_norm_unchang
             state["apollo_norm"] = previous
         before = weight.clone()
         for finite in (False, True):
-            apollo_rule(UpdateInputs(weight, grad, low_rank, torch.zeros_like(low_rank), torch.zeros(2, 6), "right", 1,
-                                     torch.tensor(finite)), state, group)
+            apollo_rule(UpdateInputs(weight, (10, 6), grad, low_rank, torch.zeros_like(low_rank), torch.zeros(2, 6),
+                                     "right", 1, torch.tensor(finite)), state, group)
             if not finite:
                 assert torch.equal(weight, before)
                 assert float(state["apollo_norm"]) == (math.inf if previous is None else 0.5)
