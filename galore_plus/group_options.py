@@ -283,6 +283,12 @@ def _validate_apollo(group: dict, index: int) -> None:
     _require_choice(group, index, "scale_type", SCALE_TYPES)
     if group["update_rule"] != "apollo":
         return
+    if group["scale"] == AUTO:
+        _fail(group, index, "scale", f"{AUTO!r} is for update_rule 'galore'; update_rule 'apollo' needs a number "
+                                     "(APOLLO: 1, APOLLO-Mini: 128)")
+    if group["full_rank_residual"]:
+        _fail(group, index, "full_rank_residual", "is a lever of update_rule 'galore'; APOLLO's rule already scales "
+                                                  "the whole gradient")
     if group["scale"] < 0:
         _fail(group, index, "scale", f"update_rule 'apollo' multiplies by sqrt(scale); scale must be >= 0, got {group['scale']!r}")
     if group["residual_ratio"] > 0:

@@ -256,6 +256,8 @@ def test_a_step_marked_not_finite_leaves_the_weight_and_the_limiter_norm_unchang
     ({"scale_type": "row"}, "scale_type", "must be one of"),
     ({"residual_ratio": 0.01}, "residual_ratio", "update_rule 'galore' only"),
     ({"scale": -1.0}, "scale", "sqrt"),
+    ({"scale": "auto"}, "scale", "needs a number"),
+    ({"full_rank_residual": True}, "full_rank_residual", "already scales"),
     ({"update_rule": "apolo"}, "update_rule", "must be one of"),
 ])
 def test_bad_apollo_keys_name_the_group_and_key(keys, key, message):
