@@ -35,6 +35,7 @@ import math
 import torch
 from torch import Tensor
 
+from .full_rank_residual import adam_bias_factor, residual_scaling
 from .projectors import Side
 
 SCALE_TYPES = ("channel", "tensor")
@@ -49,7 +50,7 @@ def apollo_direction(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float) -> Tensor:
 
 def apollo_step_size(lr: float, step: int, beta1: float, beta2: float) -> float:
     """lr sqrt(1 - b2^t) / (1 - b1^t): Adam's bias corrections, applied to the step size."""
-    return lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    return lr * adam_bias_factor(step, beta1, beta2)
 
 
 def gradient_scaling(direction: Tensor, low_rank_grad: Tensor, side: Side, scale_type: str) -> Tensor:
@@ -60,10 +61,7 @@ def gradient_scaling(direction: Tensor, low_rank_grad: Tensor, side: Side, scale
     """
     if scale_type == "tensor":
         return torch.linalg.vector_norm(direction) / (torch.linalg.vector_norm(low_rank_grad) + NORM_EPS)
-    dim = 1 if side == "right" else 0
-    return torch.linalg.vector_norm(direction, dim=dim, keepdim=True) / (
-        torch.linalg.vector_norm(low_rank_grad, dim=dim, keepdim=True) + NORM_EPS
-    )
+    return residual_scaling(direction, low_rank_grad, side)  # Fira's per-channel phi is the same ratio
 
 
 def scaled_norm(grad: Tensor, scaling: Tensor) -> Tensor:
