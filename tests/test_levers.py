@@ -1,6 +1,7 @@
 """The levers inside GaLorePlusAdamW: group-key validation, each lever against a reference, composition, resume."""
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -376,3 +377,31 @@ def test_per_layer_steps_with_every_lever_on_equal_normal_steps():
     train(per_layer, optimizer, batches)
     for a, b in zip(normal.parameters(), per_layer.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_steps_without_a_refresh_read_nothing_on_the_host_with_every_lever_on(bits):
+    """The levers keep the step sync-free: host reads (the adaptive gap's overlap) happen at refreshes only."""
+    if bits == 8:
+        pytest.importorskip("bitsandbytes")
+    from test_weight_step import HostReads
+
+    tall = torch.nn.Parameter(torch.randn(16, 12))
+    wide = torch.nn.Parameter(torch.randn(12, 16, dtype=torch.bfloat16))
+    group = {"params": [tall, wide], "rank": 4, "update_proj_gap": 3, "projector": "svd", **ALL_LEVERS}
+    optimizer = GaLorePlusAdamW([group], lr=1e-2, weight_decay=0.1, optim_bits=bits)
+    reads, refreshed = {}, set()
+    for t in range(1, 9):
+        tall.grad, wide.grad = torch.randn(16, 12), torch.randn(12, 16, dtype=torch.bfloat16)
+        if t == 5:
+            tall.grad[2, 3] = float("nan")
+        before, counts = tall.detach().clone(), optimizer.refresh_counts()
+        with warnings.catch_warnings(), HostReads() as recorder:
+            warnings.simplefilter("ignore")
+            optimizer.step()
+        reads[t] = recorder.calls
+        if optimizer.refresh_counts() != counts:
+            refreshed.add(t)
+        assert torch.equal(tall, before) == (t == 5)
+    assert refreshed and len(refreshed) < 8
+    assert {t: calls for t, calls in reads.items() if t not in refreshed} == {t: [] for t in range(1, 9) if t not in refreshed}
