@@ -4,12 +4,16 @@
     python -m benchmarks.bench_step --layer llama-7b --gaps 50 200 500
     python -m benchmarks.bench_step --device cuda             # on a GPU (benchmarks.gpu_check runs this)
     python -m benchmarks.bench_step --refresh-cost            # refresh cost per projector, 4096 x 4096, 32 heads
+    python -m benchmarks.bench_step --only random APOLLO      # the random basis and APOLLO (ours, apollo_torch's) only
     python -m benchmarks.bench_step --levers                  # + the step-time ratio of each lever (docs/levers.md)
 
 Each optimizer steps the seven weights of one layer (q, k, v, o, gate, up, down) for ``gap``
 steps with fixed gradients, so every projected weight refreshes its basis exactly once; the
 printed time is the mean over those steps. The floor is the time of the two rank-r matrix
 products every projection method needs (R = G Q^T and U = N Q). All rows come from one run.
+The ``random`` projector (nothing stored; APOLLO's basis) and APOLLO's rule (ours and
+``apollo_torch``'s, channel scaling, scale 1) are among the rows; the last line is what
+regenerating the random bases costs per step, as a fraction of that projector's step.
 
 On CUDA the time is taken between two ``torch.cuda.synchronize()`` calls, torch's AdamW is its
 fused kernel, and each row also shows the optimizer's peak memory: ``torch.cuda.max_memory_allocated``
@@ -35,9 +39,12 @@ from typing import Callable
 
 import torch
 
-from galore_plus import GaLorePlusAdamW
+from galore_plus import APOLLO, GaLorePlusAdamW
 from galore_plus.dispatch import lowrank_adam_direction
-from galore_plus.projectors import project, project_back, projection_side
+from galore_plus.projectors import basis_generator, project, project_back, projection_side
+from galore_plus.random_basis import gaussian_basis
+
+RANDOM_LABEL = "GaLorePlusAdamW random (galore rule)"
 
 LAYERS = {
     # name: hidden, intermediate, heads, key/value heads
@@ -131,6 +138,29 @@ def optimizers(weights, rank, gap, heads, kv_heads):
         label = "GaLorePlusAdamW svd" if projector == "svd" else "GaLorePlusAdamW cross_head+randomized"
         yield label, lambda projector=projector: GaLorePlusAdamW(
             galore_plus_groups(weights, rank, gap, heads, kv_heads, projector), lr=1e-5)
+    yield RANDOM_LABEL, lambda: GaLorePlusAdamW(
+        [{"params": params, "rank": rank, "update_proj_gap": gap, "projector": "random"}], lr=1e-5)
+    yield "GaLorePlusAdamW APOLLO", lambda: GaLorePlusAdamW(
+        [{"params": params, "rank": rank, **APOLLO, "update_proj_gap": gap}], lr=1e-5)
+    try:
+        from apollo_torch import APOLLOAdamW
+    except ImportError:
+        print("apollo_torch not installed: pip install apollo-torch to compare against it")
+    else:
+        yield "apollo_torch APOLLOAdamW", lambda: APOLLOAdamW(
+            [{"params": params, "rank": rank, "proj": "random", "scale_type": "channel", "scale": 1.0,
+              "update_proj_gap": gap, "proj_type": "std"}], lr=1e-5)
+
+
+def random_bases(weights: dict[str, torch.nn.Parameter], rank: int) -> Callable[[], None]:
+    """What the ``random`` projector adds to every step: regenerating each weight's Gaussian basis."""
+    sides = {name: projection_side(tuple(w.shape), "std", "random") for name, w in weights.items()}
+
+    def run() -> None:
+        for position, (name, w) in enumerate(weights.items()):
+            gaussian_basis(tuple(w.shape), rank, sides[name], basis_generator(0, position, 0, w.device))
+
+    return run
 
 
 def warm_up_cuda(device: torch.device, rank: int) -> None:
@@ -215,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, floa
     parser.add_argument("--layer", default="tinyllama-1.1b", choices=sorted(LAYERS))
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--gaps", nargs="+", type=int, default=[50])
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only the optimizers whose label contains one of these (and torch AdamW), e.g. random APOLLO")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda also reports peak memory)")
     parser.add_argument("--refresh-cost", action="store_true", help="measure what a refresh adds to a step instead")
     parser.add_argument("--size", type=int, default=4096, help="--refresh-cost: the weight is size x size")
@@ -248,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, floa
     results = {}
     for gap in args.gaps:
         results[gap] = {label: timed_steps(factory, gap, device)
-                        for label, factory in optimizers(weights, args.rank, gap, heads, kv_heads)}
+                        for label, factory in optimizers(weights, args.rank, gap, heads, kv_heads)
+                        if not args.only or label.startswith("torch AdamW") or any(part in label for part in args.only)}
         galore = results[gap].get("galore_torch GaLoreAdamW", (None,))[0]
         adamw = next(seconds for label, (seconds, _) in results[gap].items() if label.startswith("torch AdamW"))
         for label, (seconds, peak) in results[gap].items():
@@ -256,6 +289,10 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, floa
             peak_text = f"{peak:>9.0f}" if peak is not None else f"{'n/a':>9}"
             print(f"{label:>40} {gap:>5} {seconds * 1e3:>9.1f} {seconds / floor:>15.2f} {versus_galore}"
                   f" {seconds / adamw:>8.2f} {peak_text}")
+        if RANDOM_LABEL in results[gap]:
+            regenerate = mean_step_seconds(random_bases(weights, args.rank), 5, device)
+            print(f"regenerating the 7 random bases: {regenerate * 1e3:.1f} ms per step = "
+                  f"{regenerate / results[gap][RANDOM_LABEL][0]:.3f} of the random projector's step (gap {gap})")
         if args.levers:
             lever_table(weights, args.rank, gap, heads, kv_heads, device)
     return results

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from galore_plus import GaLorePlusAdamW, make_param_groups
-from galore_plus.group_options import PROJECTED_GROUP_DEFAULTS
+from galore_plus import APOLLO, APOLLO_MINI
+from galore_plus.group_options import CONSTRUCTOR_HYPERPARAMETERS, PROJECTED_GROUP_DEFAULTS
 
 HEADLINE_RESIDUAL = 0.012
 
@@ -60,7 +61,8 @@ class MethodSpec:
     ``variants``, if given, measures after training the test loss of named variants of the trained model
     (DyLoRA at several ranks), written to results.md beside the table.
 
-    ``requires``: importable modules it needs. ``group_keys``: GaLorePlusAdamW group keys it sets
+    ``requires``: importable modules it needs. ``probe``: tries the method on a tiny weight and returns why it
+    cannot run here (listed as unavailable with that reason), or None. ``group_keys``: GaLorePlusAdamW group keys it sets
     (checked to exist). ``lr_grids``: regime -> its own learning-rate grid, used instead of the
     regime's shared default grid (never instead of an explicit ``--lr``/``--lr-grid``) where the
     shared grid does not bracket its best.
@@ -71,6 +73,7 @@ class MethodSpec:
     build: Builder
     variants: Variants | None = None
     requires: tuple[str, ...] = ()
+    probe: Callable[[], str | None] | None = None
     sets: tuple[str, ...] = ("default",)
     group_keys: dict[str, Any] = field(default_factory=dict)
     lr_grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
@@ -88,8 +91,8 @@ def galore_plus_method(name: str, description: str, *, sets: tuple[str, ...] = (
     placement = dict(placement or {})
 
     def build(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
-        groups = make_param_groups(model, rank=settings.rank, update_proj_gap=settings.update_proj_gap,
-                                   scale=settings.scale, **placement)
+        shared = {"rank": settings.rank, "update_proj_gap": settings.update_proj_gap, "scale": settings.scale}
+        groups = make_param_groups(model, **{**shared, **placement})
         for group in groups:
             if "rank" in group:
                 group.update(group_keys)
@@ -179,6 +182,100 @@ def _fira(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.O
         return FiraAdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay, no_deprecation_warning=True)
 
 
+def _apollo_torch(rank_and_scaling: dict[str, Any]) -> Builder:
+    """apollo_torch's APOLLOAdamW on GaLore's placement with its recommended settings (random projection, scale and
+    scale_type of ``rank_and_scaling``, its own eps 1e-6 and norm-growth limiter); the rank defaults to ``--rank``.
+    apollo_torch seeds its projections from parameter positions, not from torch's RNG."""
+
+    def build(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
+        from apollo_torch import APOLLOAdamW
+
+        placed = _svd_groups(model, replace(settings, rank=rank_and_scaling.get("rank", settings.rank)))
+        groups = [{"params": group["params"], "rank": group["rank"], "proj": "random", "proj_type": "std",
+                   "update_proj_gap": group["update_proj_gap"], **rank_and_scaling} if "rank" in group
+                  else {"params": group["params"]} for group in placed]
+        return APOLLOAdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+    return build
+
+
+APOLLO_SCALING = {"scale_type": "channel", "scale": 1.0}
+APOLLO_MINI_SCALING = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
+# Q-GaLore's projector options (q_galore_torch's defaults: 4-bit projection in groups of 256, lazy refresh by cosine
+# similarity); its INT8 weights need its own quantised linear layers and are not used here.
+Q_GALORE_OPTIONS = {"proj_type": "std", "quant": True, "quant_n_bit": 4, "quant_group_size": 256, "cos_threshold": 0.4,
+                    "gamma_proj": 2, "queue_size": 5}
+Q_GALORE_CLASSES = ("QGaLoreAdamW8bit", "QGaLoreAdamW8bit_simulate")
+
+
+def _q_galore_class() -> tuple[type | None, str]:
+    """The first q_galore_torch optimizer that steps a tiny projected weight here, and why the others do not."""
+    import q_galore_torch
+
+    errors = []
+    for name in Q_GALORE_CLASSES:
+        weight = nn.Parameter(torch.randn(64, 64))  # its 16 x 64 projection holds whole quantisation groups of 256
+        weight.grad = torch.randn(64, 64)
+        optimizer_class = getattr(q_galore_torch, name)
+        try:
+            optimizer_class([{"params": [weight], "rank": 16, "update_proj_gap": 200, "scale": 0.25, **Q_GALORE_OPTIONS}],
+                            lr=1e-3).step()
+        except Exception as error:  # the reason is the result: it is shown in the table
+            errors.append(f"{name} raises {type(error).__name__}: {error}")
+            continue
+        return optimizer_class, ""
+    return None, "; ".join(errors)
+
+
+def _q_galore_probe() -> str | None:
+    optimizer_class, reason = _q_galore_class()
+    return None if optimizer_class is not None else f"q_galore_torch cannot step here ({reason})"
+
+
+def _q_galore(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
+    """q_galore_torch's optimizer (the first that steps here) on GaLore's placement, scale = ``--scale``."""
+    optimizer_class, reason = _q_galore_class()
+    if optimizer_class is None:
+        raise RuntimeError(f"q_galore_torch cannot step here ({reason})")
+    groups = [{"params": group["params"], "rank": group["rank"], "update_proj_gap": group["update_proj_gap"],
+               "scale": group["scale"], **Q_GALORE_OPTIONS} if "rank" in group else {"params": group["params"]}
+              for group in _svd_groups(model, settings)]
+    return optimizer_class(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _preset_keys(preset: dict[str, Any]) -> dict[str, Any]:
+    """A galore_plus preset's group keys but the rank and gap (the run's ``--rank`` and ``--update-proj-gap`` set those)."""
+    return {key: value for key, value in preset.items() if key not in ("rank", "update_proj_gap")}
+
+
+def _peer_methods() -> list[MethodSpec]:
+    """APOLLO, APOLLO-Mini and Q-GaLore from their own packages, and ours of the same ideas, on GaLore's placement.
+
+    The APOLLO pairs share the default learning-rate grid (APOLLO's update has AdamW's scale, not GaLore's 0.25).
+    """
+    peers = ("peers",)
+    apollo_placement = {"projector": "random", "cross_head": False}
+    return [
+        MethodSpec("apollo", "apollo_torch.APOLLOAdamW: random projection, channel scaling, scale 1", _apollo_torch(APOLLO_SCALING),
+                   requires=("apollo_torch", "transformers"), sets=peers),
+        MethodSpec("apollo_mini", "apollo_torch.APOLLOAdamW: rank 1, tensor scaling, scale 128 (APOLLO-Mini)",
+                   _apollo_torch(APOLLO_MINI_SCALING), requires=("apollo_torch", "transformers"), sets=peers),
+        MethodSpec("q_galore", "q_galore_torch (4-bit projection, lazy refresh), scale = --scale", _q_galore,
+                   requires=("q_galore_torch", "bitsandbytes"), probe=_q_galore_probe, sets=peers,
+                   lr_grids=PROJECTED_LR_GRIDS),
+        replace(galore_plus_method("galore_plus_apollo", "GaLorePlusAdamW, APOLLO preset: projector='random', "
+                                   "update_rule='apollo', channel, scale 1, eps 1e-6", sets=peers,
+                                   placement=apollo_placement, **_preset_keys(APOLLO)), lr_grids={}),
+        replace(galore_plus_method("galore_plus_apollo_mini", "GaLorePlusAdamW, APOLLO_MINI preset: rank 1, tensor "
+                                   "scaling, scale 128, eps 1e-6", sets=peers,
+                                   placement={**apollo_placement, "rank": APOLLO_MINI["rank"]},
+                                   **_preset_keys(APOLLO_MINI)), lr_grids={}),
+        galore_plus_method("galore_plus_4bit_bases", "GaLore+ with 4-bit bases and 8-bit moments (Q-GaLore's storage)",
+                           sets=peers, placement=GALORE_PLUS_PLACEMENT, optim_bits=8, residual_mode="exact",
+                           basis_bits=4),
+    ]
+
+
 GALORE_PLUS_PLACEMENT = {"projector": "randomized", "cross_head": True, "residual_ratio": HEADLINE_RESIDUAL}
 
 
@@ -248,6 +345,7 @@ METHODS: list[MethodSpec] = [
                    "regulariser; state includes its importance averages), AdamW", "adalora",
                    sets=("adapters",), options=adalora_schedule),
     *_residual_ablation(),
+    *_peer_methods(),
     *_lever_methods(),
 ]
 
@@ -281,7 +379,7 @@ def resolve_methods(names: list[str]) -> list[MethodSpec]:
 
 def _group_keys_reason(group_keys: dict[str, Any]) -> str | None:
     """Why GaLorePlusAdamW cannot take ``group_keys`` (a key it does not know, or a value it rejects), or None."""
-    unknown = [key for key in group_keys if key not in PROJECTED_GROUP_DEFAULTS]
+    unknown = [key for key in group_keys if key not in PROJECTED_GROUP_DEFAULTS and key not in CONSTRUCTOR_HYPERPARAMETERS]
     if unknown:
         return f"GaLorePlusAdamW has no group key {', '.join(map(repr, unknown))} yet"
     weight = nn.Parameter(torch.zeros(8, 8))
@@ -297,4 +395,8 @@ def unavailable_reason(spec: MethodSpec) -> str | None:
     missing = [module for module in spec.requires if importlib.util.find_spec(module) is None]
     if missing:
         return f"{', '.join(missing)} is not installed (pip install {' '.join(m.replace('_', '-') for m in missing)})"
+    if spec.probe is not None:
+        reason = spec.probe()
+        if reason is not None:
+            return reason
     return _group_keys_reason(spec.group_keys) if spec.group_keys else None

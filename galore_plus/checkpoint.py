@@ -21,11 +21,13 @@ Keys a checkpoint's groups lack (saved before a key existed) are refilled from t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor
 
 from . import quant
+from .basis_quant import BLOCKSIZE as BASIS_BLOCKSIZE
 from .group_options import (
     SCHEDULER_GROUP_KEYS, closest_key_hint, group_label, projector_only_keys, stepped_shape, valid_group_keys,
 )
@@ -127,10 +129,13 @@ def is_plain_value(value: Any) -> bool:
 
 
 def projected_state_shapes(param: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Shapes of the basis, the low-rank moments (or their 8-bit codes) and the residual's row offsets."""
+    """Shapes of the basis (or its 4-bit codes and absmax), the low-rank moments (or their 8-bit codes), the
+    residual's row offsets and APOLLO's limiter norm."""
     m, n = stepped_shape(param, group)
     rank = group["rank"]
     side = projection_side((m, n), group["proj_type"], group["projector"])
     basis, low_rank = ((m, rank), (rank, n)) if side == "left" else ((rank, n), (m, rank))
     moments = {key: low_rank for key in ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes")}
-    return {"projector": basis, **moments, "residual_row_ptr": (m + 1,), "residual_norm": ()}
+    basis_numel = basis[0] * basis[1]
+    four_bit = {"projector_codes": ((basis_numel + 1) // 2, 1), "projector_absmax": (math.ceil(basis_numel / BASIS_BLOCKSIZE),)}
+    return {"projector": basis, **four_bit, **moments, "residual_row_ptr": (m + 1,), "residual_norm": (), "apollo_norm": ()}

@@ -21,7 +21,8 @@ changes only this:
 * update: W_local <- W_local (1 - lr wd) - lr scale (N_local Q | P_rows N), on local rows only.
 
 Only a 1-D device mesh with ``Shard(0)`` placement is handled; other shardings, ``transposed``
-weights, residuals (sparse and full-rank) and 8-bit moments raise ``NotImplementedError`` rather than giving wrong results.
+weights, residuals (sparse and full-rank), APOLLO's update rule and 8-bit moments raise ``NotImplementedError``
+rather than giving wrong results.
 """
 
 from __future__ import annotations
@@ -162,6 +163,10 @@ def row_shard_layout(param: DTensor, group: dict[str, Any], label: str, optim_bi
     if group.get("residual_ratio", 0.0) > 0:
         raise NotImplementedError(f"{label}, key 'residual_ratio': residuals of sharded (DTensor) weights are not "
                                   "implemented; use residual_ratio=0 with FSDP2")
+    if group["update_rule"] == "apollo":
+        raise NotImplementedError(f"{label}, key 'update_rule': APOLLO's rule on sharded (DTensor) weights is not "
+                                  "implemented (its tensor scale and norm-growth limiter need norms over every rank); "
+                                  "use update_rule='galore' with FSDP2, or DDP / per-layer mode for APOLLO")
     if group["full_rank_residual"]:
         raise NotImplementedError(f"{label}, key 'full_rank_residual': the full-rank residual of sharded (DTensor) "
                                   "weights is not implemented (its limiter and scale need norms over every rank); "

@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from .apollo_update import SCALE_TYPES
 from .auto_scale import AUTO
+from .basis_quant import BASIS_BITS
 from .projectors import HEAD_PROJECTORS, PROJ_TYPES, PROJECTORS, projection_side
 from .residual import RESIDUAL_MODES
 from .update_rules import UPDATE_RULES
@@ -48,6 +50,8 @@ PROJECTED_GROUP_DEFAULTS: dict = {
     "gap_overlap_threshold": 0.5,
     "gap_patience": 3,
     "update_rule": "galore",
+    "scale_type": "channel",
+    "basis_bits": 32,
 }
 
 # Keys every group may carry besides the optimizer's defaults (lr, betas, eps, weight_decay, foreach) and the
@@ -257,6 +261,8 @@ def validate_projected_group(group: dict, index: int) -> None:
     _require_choice(group, index, "head_projector", HEAD_PROJECTORS)
     _validate_residual(group, index)
     _validate_levers(group, index)
+    _validate_apollo(group, index)
+    _validate_basis_bits(group, index)
     if group["projector"] == "cross_head":
         _validate_heads(group, index)
     for position, param in enumerate(group["params"]):
@@ -271,6 +277,38 @@ def _validate_residual(group: dict, index: int) -> None:
         _fail(group, index, "residual_ratio", f"must be in [0, 1), got {ratio!r}")
     _require_int(group, index, "residual_warmup", 0)
     _require_choice(group, index, "residual_mode", RESIDUAL_MODES)
+
+
+def _validate_apollo(group: dict, index: int) -> None:
+    _require_choice(group, index, "scale_type", SCALE_TYPES)
+    if group["update_rule"] != "apollo":
+        return
+    if group["scale"] == AUTO:
+        _fail(group, index, "scale", f"{AUTO!r} is for update_rule 'galore'; update_rule 'apollo' needs a number "
+                                     "(APOLLO: 1, APOLLO-Mini: 128)")
+    if group["full_rank_residual"]:
+        _fail(group, index, "full_rank_residual", "is a lever of update_rule 'galore'; APOLLO's rule already scales "
+                                                  "the whole gradient")
+    if group["scale"] < 0:
+        _fail(group, index, "scale", f"update_rule 'apollo' multiplies by sqrt(scale); scale must be >= 0, got {group['scale']!r}")
+    if group["residual_ratio"] > 0:
+        _fail(group, index, "residual_ratio", "the sparse residual is implemented for update_rule 'galore' only; "
+                                              "use residual_ratio=0 with update_rule 'apollo'")
+
+
+def _validate_basis_bits(group: dict, index: int) -> None:
+    bits = group["basis_bits"]
+    if isinstance(bits, bool) or bits not in BASIS_BITS:
+        _fail(group, index, "basis_bits", f"must be one of {BASIS_BITS}, got {bits!r}")
+    if bits == 32:
+        return
+    if not PROJECTORS[group["projector"]].stores_basis:
+        _fail(group, index, "basis_bits", f"projector {group['projector']!r} stores no basis (it is regenerated every "
+                                          "step); use basis_bits=32")
+    try:
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError:
+        _fail(group, index, "basis_bits", "4-bit bases need bitsandbytes: pip install bitsandbytes", ImportError)
 
 
 def _require_real(group: dict, index: int, key: str) -> float:

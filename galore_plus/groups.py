@@ -33,7 +33,6 @@ matches no linear layer, raise instead.
 from __future__ import annotations
 
 import difflib
-import re
 import warnings
 from dataclasses import dataclass, field
 from numbers import Real
@@ -41,6 +40,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from .adapters.targets import name_matchers
 from .group_options import check_hyperparameters, closest_key_hint, format_bytes, projector_only_keys
 
 QUERY_NAMES = ("q_proj", "query", "wq", "q_lin", "q_attn")
@@ -72,12 +72,12 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def module_matches(name: str, target_modules: str | Iterable[str]) -> bool:
-    """Whether a module name is targeted: ``"all-linear"``, a regex string, or a list of name suffixes."""
-    if isinstance(target_modules, str):
-        if target_modules == "all-linear":
-            return _leaf(name) not in OUTPUT_HEAD_NAMES
-        return re.fullmatch(target_modules, name) is not None or re.search(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+    """Whether a module name is targeted: ``"all-linear"`` (every layer but output heads), or else as
+    :func:`galore_plus.adapters.targets.name_matchers` (and peft) match it: a regex string must match
+    the full name, a list holds name suffixes (whole dotted components)."""
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        return _leaf(name) not in OUTPUT_HEAD_NAMES
+    return any(matches(name) for matches in name_matchers(target_modules).values())
 
 
 def _config_value(model: nn.Module, *keys: str) -> int | None:

@@ -8,18 +8,21 @@ allocates in ``optimizer.state``:
 * plain AdamW tensor (no ``rank``): a float32 step counter plus two moments in the parameter's
   dtype, or with ``optim_bits=8`` and at least 4096 values two 8-bit moments (one byte per value
   plus a float32 absmax per 256 values);
-* projected weight (m, n) at rank r: the float32 basis (m x r or r x n), two low-rank moments
-  (float32 or 8-bit), and with ``residual_ratio > 0`` the residual: |I| = ceil(ratio m n)
-  entries of two float32 moments and an int16/int32 column index, plus m + 1 int32 row offsets.
+* projected weight (m, n) at rank r: the basis (m x r or r x n) in float32, or with
+  ``basis_bits=4`` half a byte per value plus a float32 per 64 values, or nothing for the
+  ``random`` projector (regenerated every step); two low-rank moments (float32 or 8-bit); with
+  ``residual_ratio > 0`` the residual: |I| = ceil(ratio m n) entries of two float32 moments and an
+  int16/int32 column index, plus m + 1 int32 row offsets; with ``update_rule="apollo"`` the
+  limiter's norm (one float32).
 
 Gradients are the parameters' dtype; in per-layer mode (:mod:`galore_plus.per_layer`) only one
 parameter's gradient exists at a time, so the largest one is counted. Not counted: activations,
 the temporary buffers of one step, and the allocator's rounding.
 
 Command line: ``python -m galore_plus.memory --model llama2-7b`` (or ``--config file.json`` or
-``--config checkpoint_folder``)
-prints the table of AdamW, AdamW 8-bit, GaLore and GaLore+ (32 and 8 bit), with and without
-per-layer steps, at ranks 128, 256 and 512.
+``--config checkpoint_folder``) prints the table of AdamW, AdamW 8-bit, GaLore, GaLore+, GaLore+ with
+4-bit bases, APOLLO and APOLLO-Mini (rank 1; the others at ranks 128, 256 and 512), 32- and 8-bit
+moments, with and without per-layer steps.
 """
 
 from __future__ import annotations
@@ -37,11 +40,14 @@ from torch import Tensor, nn
 
 from .group_options import fill_projected_defaults, stepped_shape
 from .groups import make_param_groups
-from .projectors import projection_side
+from .basis_quant import quantized_basis_nbytes
+from .presets import APOLLO, APOLLO_MINI
+from .projectors import PROJECTORS, projection_side
 from .quant import quantized_nbytes, uses_8bit_adamw
 from .residual import residual_count
 
 STEP_BYTES = 4
+APOLLO_NORM_BYTES = 4
 GIB = 2**30
 
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
@@ -86,14 +92,24 @@ def residual_state_bytes(shape: tuple[int, int], ratio: float) -> int:
     return row_ptr_bytes + col_bytes + 2 * 4 * count
 
 
+def basis_bytes(numel: int, group: dict[str, Any]) -> int:
+    """The stored basis of ``numel`` values: none for a regenerated (``random``) basis, float32, or 4 bits."""
+    if not PROJECTORS[group["projector"]].stores_basis:
+        return 0
+    return quantized_basis_nbytes(numel) if group["basis_bits"] == 4 else 4 * numel
+
+
 def projected_state_bytes(shape: tuple[int, int], group: dict[str, Any], optim_bits: int) -> int:
-    """Basis, low-rank moments and residual of one projected weight of stepped shape ``shape`` (defaults filled)."""
+    """Basis, low-rank moments, residual and update-rule state of one projected weight of stepped shape ``shape``
+    (defaults filled)."""
     m, n = shape
     rank = group["rank"]
     side = projection_side(shape, group["proj_type"], group["projector"])
     basis_numel, moment_numel = (m * rank, rank * n) if side == "left" else (rank * n, m * rank)
     moment_bytes = quantized_nbytes(moment_numel) if optim_bits == 8 else 4 * moment_numel
-    return 4 * basis_numel + 2 * moment_bytes + residual_state_bytes(shape, group["residual_ratio"])
+    rule_bytes = APOLLO_NORM_BYTES if group["update_rule"] == "apollo" else 0
+    return (basis_bytes(basis_numel, group) + 2 * moment_bytes + residual_state_bytes(shape, group["residual_ratio"])
+            + rule_bytes)
 
 
 def plain_state_bytes(param: Tensor, optim_bits: int) -> int:
@@ -151,17 +167,30 @@ METHODS: tuple[tuple[str, int, bool], ...] = (
     ("GaLore", 32, True),
     ("GaLore+", 32, True),
     ("GaLore+", 8, True),
+    ("GaLore+ 4-bit bases", 32, True),
+    ("GaLore+ 4-bit bases", 8, True),
+    ("APOLLO", 32, True),
+    ("APOLLO", 8, True),
+    ("APOLLO-Mini", 32, True),
+    ("APOLLO-Mini", 8, True),
 )
+FIXED_RANKS = {"APOLLO-Mini": APOLLO_MINI["rank"]}
 
 
 def method_groups(model: nn.Module, method: str, rank: int, residual_ratio: float) -> list[dict[str, Any]]:
-    """Parameter groups of a method: AdamW (one plain group), GaLore (svd everywhere) or GaLore+."""
+    """Parameter groups of a method of :data:`METHODS` (APOLLO's on every linear weight, as GaLore's)."""
     if method.startswith("AdamW"):
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if method == "GaLore":
             return make_param_groups(model, rank=rank, projector="svd", cross_head=False)
+        if method == "APOLLO":
+            return make_param_groups(model, rank=rank, cross_head=False, **APOLLO)
+        if method == "APOLLO-Mini":
+            return make_param_groups(model, cross_head=False, **APOLLO_MINI)
+        if method == "GaLore+ 4-bit bases":
+            return make_param_groups(model, rank=rank, residual_ratio=residual_ratio, basis_bits=4)
         return make_param_groups(model, rank=rank, residual_ratio=residual_ratio)
 
 
@@ -171,7 +200,7 @@ def memory_table(
     """One row per method, bit width, rank (AdamW rows have none) and per-layer setting."""
     rows = []
     for method, bits, projected in METHODS:
-        for rank in ranks if projected else [None]:
+        for rank in ([FIXED_RANKS[method]] if method in FIXED_RANKS else ranks) if projected else [None]:
             groups = method_groups(model, method, rank or 0, residual_ratio)
             for per_layer in (False, True):
                 estimate = estimate_memory(groups, bits, per_layer)

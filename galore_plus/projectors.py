@@ -1,18 +1,20 @@
-"""Projector strategies: how the orthonormal basis of a gradient's low-rank subspace is found.
+"""Projector strategies: how the basis of a gradient's low-rank subspace is found (orthonormal but for ``random``).
 
 A basis is a plain float32 tensor. Its shape tells the side it projects:
 
 * ``"left"``  (output side, rows):     P of shape (m, r), low-rank gradient R = P^T G (r, n)
 * ``"right"`` (input side, columns):   Q of shape (r, n), low-rank gradient R = G Q^T (m, r)
 
-Three strategies compute it from a float32 gradient G (m, n), registered by name in
-:data:`PROJECTORS` (a group's ``projector`` key):
+Four strategies give it, registered by name in :data:`PROJECTORS` (a group's ``projector`` key):
 
 * ``svd``         top-r singular vectors by ``torch.linalg.svd`` (GaLore).
 * ``randomized``  Halko-Martinsson-Tropp randomized subspace iteration, optionally warm-started
                   from the previous basis.
 * ``cross_head``  right singular vectors of the rows of one (or a few) pseudo-randomly chosen
                   attention heads; the basis is shared by every head (GaLore+ section 4.1).
+* ``random``      a Gaussian basis with N(0, 1/r) entries, independent of the gradient and never
+                  stored: regenerated at every step from the seeded generator (APOLLO; see
+                  :mod:`galore_plus.random_basis`). It is not orthonormal.
 
 Every random choice draws from a ``torch.Generator`` made by :func:`basis_generator`, never from
 torch's global RNG.
@@ -30,6 +32,8 @@ from typing import Callable, Literal
 
 import torch
 from torch import Tensor
+
+from .random_basis import gaussian_basis
 
 Side = Literal["left", "right"]
 
@@ -278,10 +282,15 @@ def _cross_head(
                              group["power_iters"], _warm(group, previous))
 
 
+def _random(read: None, shape: Shape, group: dict, side: Side, generator: torch.Generator, previous: None) -> Tensor:
+    return gaussian_basis(shape, group["rank"], side, generator)
+
+
 PROJECTORS: dict[str, Projector] = {
     "svd": Projector(_svd),
     "randomized": Projector(_randomized),
     "cross_head": Projector(_cross_head, rows=_cross_head_rows, side="right"),
+    "random": Projector(_random, stores_basis=False),
 }
 
 

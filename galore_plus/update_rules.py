@@ -12,6 +12,8 @@ synchronise), and must never write a non-finite value.
   with the group key ``full_rank_residual``, U = P N + S, Fira's norm-scaled residual S
   (:mod:`galore_plus.full_rank_residual`, the limiter's norm kept as ``state["residual_norm"]``);
   ``scale="auto"`` resolves as in :mod:`galore_plus.auto_scale`.
+* ``"apollo"``: the gradient scaled per channel or per tensor by ||N|| / ||R||, norm-growth limited
+  (APOLLO; :mod:`galore_plus.apollo_update`, group key ``scale_type``; ``scale`` enters as its square root).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .apollo_update import apollo_direction, apollo_factor, apollo_step_size, apply_scaled_gradient
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
 from .full_rank_residual import adam_bias_factor, norm_scaled_update
 from .projectors import Shape, Side
@@ -76,4 +79,21 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
     apply_full_update(inputs.weight, update, group["lr"], group["weight_decay"], scale, inputs.finite)
 
 
-UPDATE_RULES: dict[str, UpdateRule] = {"galore": galore_update}
+def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """APOLLO's rule: steps 2-5 of :mod:`galore_plus.apollo_update`'s docstring on one weight.
+
+    Reads the moments this step has already updated (``state["exp_avg"]``, ``state["exp_avg_sq"]``)
+    and keeps the limiter's norm as ``state["apollo_norm"]``. When ``inputs.finite`` is False the
+    weight and the stored norm are left as they were (``inf`` stands for "no norm yet": it limits nothing).
+    """
+    beta1, beta2 = group["betas"]
+    direction = apollo_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
+    previous = state.get("apollo_norm")
+    factor, norm = apollo_factor(inputs.grad, inputs.low_rank, direction, inputs.side, group["scale_type"],
+                                 group["scale"], previous)
+    kept = previous if previous is not None else torch.full_like(norm, math.inf)
+    state["apollo_norm"] = torch.where(inputs.finite, norm, kept)
+    apply_scaled_gradient(inputs.weight, inputs.grad, factor, apollo_step_size(group["lr"], inputs.step, beta1, beta2),
+                          1.0 - group["lr"] * group["weight_decay"], inputs.finite)
+
+UPDATE_RULES: dict[str, UpdateRule] = {"galore": galore_update, "apollo": apollo_rule}

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from . import quant
+from .basis_quant import basis_shape, store_basis, stored_basis
 from .dispatch import lowrank_adam_direction
 from .finite import all_finite
 from .moment_transfer import transfer_moments_at_refresh
@@ -154,7 +155,9 @@ def step_basis(
     """(basis of this step, the basis it replaced at a refresh, else None).
 
     A stored basis is recomputed when the schedule says so, from the gradient rows its projector
-    reads; a projector that stores none regenerates it every step from the seeded generator.
+    reads, and kept in float32 or, with ``basis_bits=4``, in 4 bits (:mod:`galore_plus.basis_quant`;
+    every step then uses the dequantised basis); a projector that stores none regenerates it every
+    step from the seeded generator.
     """
     projector = PROJECTORS[group["projector"]]
     count, refresh = basis_schedule(state, group, step)
@@ -163,16 +166,18 @@ def step_basis(
         if refresh:
             record_refresh(state, group, step, None, None, side)
         return projector.basis(None, layout.shape, group, side, generator, None), None
+    shape = basis_shape(layout.shape, group["rank"], side)
     if not refresh:
-        return state["projector"], None
+        return stored_basis(state, shape), None
     context.skipped.report(context.warn)
-    previous = state.get("projector")
+    previous = stored_basis(state, shape)
     rows = projector.rows(group, layout.shape, generator)
     read = layout.read_rows(rows)
-    state["projector"] = refreshed_basis(read, layout.shape, group, side, generator, previous, context.warn,
-                                         check_read=rows is not None)
-    record_refresh(state, group, step, previous, state["projector"], side)
-    return state["projector"], previous
+    basis = refreshed_basis(read, layout.shape, group, side, generator, previous, context.warn,
+                            check_read=rows is not None)
+    basis = store_basis(state, basis, group["basis_bits"])
+    record_refresh(state, group, step, previous, basis, side)
+    return basis, previous
 
 
 def step_projected_weight(

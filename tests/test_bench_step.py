@@ -22,6 +22,22 @@ def test_refresh_cost_command_prints_one_row_per_projector(capsys):
     assert [line.split()[0] for line in lines[2:]] == ["svd", "randomized", "cross_head"]
 
 
+def test_layer_table_has_the_random_projector_apollo_and_the_regeneration_cost(capsys):
+    main(["--layer", "tiny", "--rank", "4", "--gaps", "2"])
+    out = capsys.readouterr().out
+    for label in ("GaLorePlusAdamW random (galore rule)", "GaLorePlusAdamW APOLLO", "GaLorePlusAdamW svd"):
+        assert label in out
+    fraction = float(out.split("ms per step = ")[1].split()[0])
+    assert 0 <= fraction < 10
+
+
+def test_only_runs_the_chosen_optimizers_beside_adamw(capsys):
+    main(["--layer", "tiny", "--rank", "4", "--gaps", "2", "--only", "APOLLO"])
+    out = capsys.readouterr().out
+    assert "GaLorePlusAdamW APOLLO" in out and "torch AdamW (foreach)" in out
+    assert "GaLorePlusAdamW svd" not in out and "regenerating" not in out
+
+
 def test_levers_table_prints_a_ratio_for_every_lever(capsys):
     import math
 

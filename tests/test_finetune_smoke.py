@@ -1,6 +1,7 @@
 """Smoke test of the main job (benchmarks/finetune.py) at a tiny size: lr selection on validation, both regimes,
 bad input, resume, and the method registry."""
 
+import importlib.util
 import json
 import math
 import os
@@ -250,3 +251,20 @@ def test_report_only_trains_nothing_and_lists_missing_runs(tmp_path):
     rows = {row["method"]: row for row in result["rows"]}
     assert rows["adamw"]["status"] == "ok" and rows["adamw"]["seeds"] == 1  # seed 1 was never run
     assert rows["galore"]["status"] == "not run" and "lr 0.001 seed 0" in rows["galore"]["note"]
+
+
+def test_peers_run_from_their_packages_beside_ours(tiny_run):
+    _, result = tiny_run
+    rows = {row["method"]: row for row in result["rows"]}
+    ours = ("galore_plus_apollo", "galore_plus_apollo_mini")
+    peers = ("apollo", "apollo_mini") if importlib.util.find_spec("apollo_torch") else ()
+    for name in ours + peers + (("galore_plus_4bit_bases",) if importlib.util.find_spec("bitsandbytes") else ()):
+        assert rows[name]["status"] == "ok", rows[name]
+    if rows["q_galore"]["status"] == "unavailable":  # q-galore-torch 1.0 with bitsandbytes 0.50 on a CPU: it was tried
+        assert "not installed" in rows["q_galore"]["note"] or "cannot step here" in rows["q_galore"]["note"]
+
+
+def test_a_failing_probe_makes_a_method_unavailable_with_its_reason():
+    probed = MethodSpec("p", "tried first", build=None, probe=lambda: "it raises KeyError here")
+    assert unavailable_reason(probed) == "it raises KeyError here"
+    assert unavailable_reason(MethodSpec("q", "tried first", build=None, probe=lambda: None)) is None

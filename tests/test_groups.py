@@ -269,3 +269,22 @@ def test_unplaced_weights_warning_names_the_memory_they_keep():
     with pytest.warns(UserWarning, match=r"14 targeted weight\(s\) could not be projected and stay in the plain AdamW "
                                          r"group with full-size moments \(\d+\.\d KiB\)"):
         make_param_groups(tiny_llama(), rank=32)
+
+
+@pytest.mark.parametrize("target_modules", [r".*\.(q_proj|v_proj)", ["q_proj", "mlp.up_proj"], "self_attn.q_proj"])
+def test_target_modules_select_the_same_layers_as_add_adapters(target_modules):
+    from galore_plus.adapters import add_adapters
+
+    model = tiny_llama()
+    if target_modules == "self_attn.q_proj":
+        # a regex must match the whole module name, in both (as in peft): a substring selects nothing
+        with pytest.raises(ValueError, match="matches no"):
+            make_param_groups(model, rank=4, target_modules=target_modules)
+        with pytest.raises(ValueError):
+            add_adapters(model, "lora", rank=2, target_modules=target_modules)
+        return
+    plan = plan_param_groups(model, rank=4, target_modules=target_modules)
+    projected = {name.removesuffix(".weight") for name, group in plan.placement.items() if "rank" in
+                 next(g for g in plan.groups if g["name"] == group)}
+    adapted = set(add_adapters(model, "lora", rank=2, target_modules=target_modules))
+    assert projected == adapted and len(adapted) == 4

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from galore_plus import GaLorePlusAdamW, make_param_groups
-from galore_plus.memory import GIB, build_meta_model, estimate_memory, load_config, main, memory_table
+from galore_plus import APOLLO, APOLLO_MINI, GaLorePlusAdamW, make_param_groups
+from galore_plus.memory import GIB, build_meta_model, estimate_memory, load_config, main, memory_table, method_groups
 from galore_plus.per_layer import ConsumedGradient, enable_per_layer_steps
 from galore_plus.residual import residual_count
 
@@ -136,13 +136,56 @@ def test_llama2_7b_table():
     assert by_key[("GaLore+", 8, True)]["estimate"].total < 16 * GIB
 
 
+PEER_GROUPS = {
+    "random": {"projector": "random"},
+    "apollo": {**APOLLO, "rank": 8},
+    "apollo_mini": dict(APOLLO_MINI),
+    "4-bit bases": {"projector": "randomized", "basis_bits": 4},
+}
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("peer", sorted(PEER_GROUPS))
+def test_estimate_equals_allocation_for_random_apollo_and_4_bit_bases(peer, bits):
+    pytest.importorskip("bitsandbytes")
+    model = ParamBag()
+    options = {"rank": 8, **PEER_GROUPS[peer]}
+    groups = [{"params": [model.query, model.tall_bf16], **options},
+              {"params": [model.embed, model.plain_bf16, model.bias, model.small_bf16, model.wide]}]
+    estimate = estimate_memory(groups, bits)
+    assert estimate.optimizer_state == measured_training(model, groups, bits, per_layer=False)[1]
+
+
+def test_random_projector_state_is_the_two_moments_only():
+    """4096 x 4096 at rank 128: randomized keeps a 2 MiB basis and 4 MiB of moments; random only the moments."""
+    with torch.device("meta"):
+        weight = nn.Parameter(torch.empty(4096, 4096))
+    randomized = estimate_memory([{"params": [weight], "rank": 128, "projector": "randomized"}]).optimizer_state
+    random = estimate_memory([{"params": [weight], "rank": 128, "projector": "random"}]).optimizer_state
+    assert random == 2 * 4 * 4096 * 128
+    assert random <= 0.67 * randomized
+
+
+def test_llama2_7b_apollo_mini_state_with_8_bit_plain_groups_is_under_half_a_gib():
+    pytest.importorskip("bitsandbytes")
+    model = build_meta_model(load_config("llama2-7b", None), torch.bfloat16)
+
+    def state(method: str, bits: int) -> int:
+        return estimate_memory(method_groups(model, method, 128, 0.012), bits).optimizer_state
+
+    mini = state("APOLLO-Mini", 8)
+    assert mini < 0.5 * GIB
+    assert mini < state("APOLLO", 8) < state("GaLore+", 8)
+    assert state("GaLore+ 4-bit bases", 32) < state("GaLore+", 32)
+
+
 def test_command_line_prints_a_row_per_combination(tmp_path, capsys):
     config_file = tmp_path / "tiny.json"
     config_file.write_text(json.dumps(TINY_LLAMA))
     main(["--config", str(config_file), "--ranks", "8", "16", "--dtype", "float32"])
     lines = capsys.readouterr().out.strip().splitlines()
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
-    assert len(rows) == 2 * 2 + 3 * 2 * 2
+    assert len(rows) == 2 * 2 + 7 * 2 * 2 + 2 * 1 * 2  # AdamW x2; 7 projected rows at each rank; APOLLO-Mini at rank 1
     assert any(line.startswith("| GaLore+ | 8 | 16 | yes |") for line in rows)
 
 

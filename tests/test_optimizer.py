@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from galore_plus import GaLorePlusAdamW
 
-PROJECTORS = ["svd", "randomized", "cross_head"]
+PROJECTORS = ["svd", "randomized", "cross_head"]  # projectors that store their basis
+ALL_PROJECTORS = PROJECTORS + ["random"]  # "random" regenerates it (its update: tests/test_random_basis.py)
 
 
 def gradient_stream(shapes, steps, seed=0):
@@ -205,7 +206,7 @@ def assert_moved(after, before, lr):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("projector", PROJECTORS)
+@pytest.mark.parametrize("projector", ALL_PROJECTORS)
 def test_save_load_weights_only_and_continue_equals_never_stopping(projector, dtype):
     stream = gradient_stream([(16,), (16, 12)], 10, seed=3)
     params, opt = make_model_and_optimizer(projector, dtype)
@@ -495,3 +496,21 @@ def test_svd_groups_equal_galore_torch_over_several_refreshes():
     assert [t for t in range(1, 8) if not torch.equal(bases[t], bases[t - 1])] == [3, 6]
     for a, start in zip(ours, starts):
         assert (a.detach() - start).abs().mean() > lr * scale  # 8 steps of about lr * scale each
+
+
+def test_a_checkpoint_older_than_a_group_key_loads_with_the_default():
+    params, opt = make_model_and_optimizer("randomized")
+    stream = gradient_stream([(16,), (16, 12)], 4, seed=3)
+    run(opt, params, stream[:2])
+    saved = opt.state_dict()
+    for key in ("basis_bits", "scale_type", "update_rule"):
+        del saved["param_groups"][1][key]
+    params_b, opt_b = make_model_and_optimizer("randomized")
+    with torch.no_grad():
+        for p, q in zip(params_b, params):
+            p.copy_(q)
+    opt_b.load_state_dict(saved)
+    run(opt, params, stream[2:])
+    run(opt_b, params_b, stream[2:])
+    assert opt_b.param_groups[1]["basis_bits"] == 32
+    assert torch.equal(params[1], params_b[1])

@@ -1,0 +1,111 @@
+"""APOLLO's update rule (Zhu et al. 2024, arXiv:2412.05270): the raw gradient, scaled by ||N|| / ||R||.
+
+For a projected weight with float32 gradient G (m, n), low-rank gradient R = P^T G or G Q^T
+(usually from the ``random`` basis of :mod:`galore_plus.random_basis`) and step t >= 1:
+
+1. M, V: Adam moments of R (:func:`galore_plus.lowrank_adam.update_moments`);
+2. N = M / (sqrt(V) + eps): APOLLO puts Adam's bias correction into the step size, not into N;
+3. s = ||N|| / (||R|| + 1e-8), either per channel (``scale_type="channel"``: one factor per row
+   of G for a right-side basis, per column for a left-side one, i.e. along the dimension the basis
+   does not project) or once for the whole tensor (``"tensor"``, APOLLO-Mini);
+4. U = s G, limited by Fira's norm-growth limiter: when ||U|| exceeds 1.01 times the previous
+   step's (limited) norm, U is scaled down to exactly that; the limited norm is kept for the next
+   step (a 0-d float32 tensor, the only state besides the two moments). ||U|| is computed from G's
+   per-channel norms and U is never formed: the weight is updated with one ``addcmul_`` of G and
+   the per-channel factor;
+5. p <- p (1 - lr wd) - lr sqrt(1 - b2^t) / (1 - b1^t) sqrt(scale) U.
+
+The conventions are those of ``apollo_torch.APOLLOAdamW`` 1.0.3 with its defaults
+(``scale_front=False``, ``disable_nl=False``): ``scale`` enters as its square root, after the
+limiter, and ``eps`` is added to sqrt(V) before any bias correction. Two differences, both
+deliberate: weight decay is applied in ``torch.optim.AdamW``'s order (the old weight is decayed;
+``apollo_torch`` decays the already-updated one), and the channel axis follows the projected side,
+so ``proj_type="reverse_std"`` works (``apollo_torch`` picks the axis from the shape alone and then
+fails to broadcast).
+
+Registered as ``UPDATE_RULES["apollo"]`` (``update_rules.apollo_rule``; group keys ``update_rule="apollo"``,
+``scale_type``, ``scale``). Presets: :data:`galore_plus.presets.APOLLO` and ``APOLLO_MINI``.
+Everything here stays on the device: no value is read back to the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .full_rank_residual import adam_bias_factor, residual_scaling
+from .projectors import Side
+
+SCALE_TYPES = ("channel", "tensor")
+NORM_GROWTH_LIMIT = 1.01
+NORM_EPS = 1e-8
+
+
+def apollo_direction(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float) -> Tensor:
+    """N = M / (sqrt(V) + eps), from moments already updated with this step's low-rank gradient."""
+    return exp_avg / exp_avg_sq.sqrt().add_(eps)
+
+
+def apollo_step_size(lr: float, step: int, beta1: float, beta2: float) -> float:
+    """lr sqrt(1 - b2^t) / (1 - b1^t): Adam's bias corrections, applied to the step size."""
+    return lr * adam_bias_factor(step, beta1, beta2)
+
+
+def gradient_scaling(direction: Tensor, low_rank_grad: Tensor, side: Side, scale_type: str) -> Tensor:
+    """s = ||N|| / (||R|| + 1e-8): shape (m, 1) or (1, n) per channel, 0-d per tensor.
+
+    A right-side basis keeps G's rows in R (m, r), so channels are rows; a left-side basis keeps
+    its columns in R (r, n), so channels are columns.
+    """
+    if scale_type == "tensor":
+        return torch.linalg.vector_norm(direction) / (torch.linalg.vector_norm(low_rank_grad) + NORM_EPS)
+    return residual_scaling(direction, low_rank_grad, side)  # Fira's per-channel phi is the same ratio
+
+
+def scaled_norm(grad: Tensor, scaling: Tensor) -> Tensor:
+    """||s G|| without forming s G: s ||G|| for a 0-d s, else the norm of s times G's per-channel norms."""
+    if scaling.dim() == 0:
+        return scaling * torch.linalg.vector_norm(grad)
+    dim = 1 if scaling.shape[1] == 1 else 0
+    return torch.linalg.vector_norm(scaling * torch.linalg.vector_norm(grad, dim=dim, keepdim=True))
+
+
+def norm_growth_divisor(norm: Tensor, previous_norm: Tensor) -> Tensor:
+    """max(norm / (previous + 1e-8), 1.01) / 1.01: dividing by it caps the growth over the last step's norm at 1.01x."""
+    return (norm / (previous_norm + NORM_EPS)).clamp_(min=NORM_GROWTH_LIMIT) / NORM_GROWTH_LIMIT
+
+
+def apollo_factor(
+    grad: Tensor, low_rank_grad: Tensor, direction: Tensor, side: Side, scale_type: str, scale: float,
+    previous_norm: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """(f, the limited norm of s G to keep for the next step), where U = f G = sqrt(scale) * limited(s G).
+
+    f has the shape of s (0-d, (m, 1) or (1, n)), so the full-size U is never formed here; on the
+    first step (``previous_norm`` None) nothing is limited. ``direction`` is :func:`apollo_direction`.
+    """
+    scaling = gradient_scaling(direction, low_rank_grad, side, scale_type)
+    norm = scaled_norm(grad, scaling)
+    if previous_norm is None:
+        return scaling * math.sqrt(scale), norm
+    divisor = norm_growth_divisor(norm, previous_norm)
+    return scaling * (math.sqrt(scale) / divisor), norm / divisor
+
+
+def apply_scaled_gradient(
+    param: Tensor, grad: Tensor, factor: Tensor, step_size: float, weight_decay_factor: float, finite: Tensor
+) -> None:
+    """p <- p * weight_decay_factor - step_size * f G in place, or p unchanged when the 0-d bool ``finite`` is False.
+
+    Float32 arithmetic for any weight dtype; a non-finite G or f of a skipped step is never multiplied in.
+    """
+    masked_grad, masked_factor = torch.where(finite, grad, 0.0), torch.where(finite, factor, 0.0)
+    decay = torch.where(finite, weight_decay_factor, 1.0)
+    target = param if param.dtype == torch.float32 else param.float()
+    if weight_decay_factor != 1.0:
+        target.mul_(decay)
+    target.addcmul_(masked_grad, masked_factor, value=-step_size)
+    if target is not param:
+        param.copy_(target)

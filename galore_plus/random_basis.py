@@ -1,0 +1,32 @@
+"""The ``random`` projector: a seeded Gaussian basis that is regenerated at every step, never stored.
+
+The basis has i.i.d. N(0, 1/r) entries (APOLLO's convention, Zhu et al. 2024): a
+Johnson-Lindenstrauss sketch with E[P P^T] = I_m (left side, P of shape (m, r)) and
+E[Q^T Q] = I_n (right side, Q of shape (r, n)), so the low-rank gradient R = P^T G or G Q^T has
+about the norm of G whatever r and the weight's size. It is not orthonormalised: its columns
+(left) or rows (right) have squared norm about m / r (or n / r), not 1. APOLLO's update rule
+only reads norms of R and of its Adam direction, which this scaling keeps comparable across
+ranks; that is why APOLLO's recommended ``scale`` values (1 at rank n/4, 128 at rank 1) hold for
+this basis and would not for an orthonormal one.
+
+Registered as ``PROJECTORS["random"]`` with ``stores_basis=False``. Only the generator decides the numbers: drawn from :func:`galore_plus.projectors.basis_generator`
+``(seed, weight position, refresh count)``, the same basis comes back after a resume and on every
+data-parallel rank, so the optimizer state needs no basis at all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def gaussian_basis(shape: tuple[int, int], rank: int, side: str, generator: torch.Generator) -> Tensor:
+    """A float32 basis of an (m, n) weight with N(0, 1/rank) entries: (m, rank) for ``side="left"``, else (rank, n).
+
+    (``side`` is typed ``str`` because :mod:`galore_plus.projectors`, which defines ``Side``, imports this module.)
+    """
+    m, n = shape
+    size = (m, rank) if side == "left" else (rank, n)
+    return torch.randn(size, generator=generator, device=generator.device).div_(math.sqrt(rank))
