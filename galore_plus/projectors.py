@@ -212,11 +212,6 @@ def random_orthonormal_basis(shape: tuple[int, int], rank: int, side: Side, gene
     return q.contiguous() if side == "left" else q.t().contiguous()
 
 
-def due_refresh_index(step: int, update_proj_gap: int) -> int | None:
-    """The refresh count when step t (from 1) recomputes the basis, i.e. (t - 1) % gap == 0; else None."""
-    return (step - 1) // update_proj_gap if (step - 1) % update_proj_gap == 0 else None
-
-
 def group_num_heads(group: dict, rows: int) -> int:
     """Heads of a ``cross_head`` weight with ``rows`` rows, from the group's ``num_heads`` or ``head_dim``."""
     return rows // group["head_dim"] if group.get("head_dim") else group["num_heads"]

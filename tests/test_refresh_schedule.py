@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from galore_plus.projectors import due_refresh_index
+from galore_plus.weight_step import basis_schedule
 from galore_plus.refresh_schedule import (
     RefreshSchedule, after_refresh, fixed_refresh_count, max_gap, overlap_value, schedule_from_state, store_schedule,
     subspace_overlap,
@@ -62,7 +62,8 @@ def test_unstable_subspace_keeps_the_fixed_schedule():
     for _ in range(6):
         steps.append(schedule.next_step)
         schedule = after_refresh(schedule, schedule.next_step, 0.1, 0.5, 1, 56)
-    assert steps == [t for t in range(1, 40) if due_refresh_index(t, 7) is not None]
+    fixed = {"adaptive_gap": False, "update_proj_gap": 7}
+    assert steps == [t for t in range(1, 40) if basis_schedule({}, fixed, t)[1]]
     assert schedule.count == fixed_refresh_count(36, 7) == 6
 
 
