@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 pytest.importorskip("bitsandbytes")
 
-from galore_plus import GaLorePlusAdamW  # noqa: E402
-from galore_plus.quant import BLOCKSIZE, dequantize, dynamic_map, quantize  # noqa: E402
+from galore_plus import GaLorePlusAdamW, quant  # noqa: E402
+from galore_plus.quant import (  # noqa: E402
+    BLOCKSIZE, adamw_step_8bit, dequantize, dynamic_map, init_adamw_state_8bit, quantize,
+)
 
 
 def quantisation_step(signed: bool) -> float:
@@ -106,8 +108,17 @@ def test_8bit_training_stays_close_to_32bit_training_with_a_residual():
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
-@given(shape=st.sampled_from([(4096,), (80, 64), (5000,), (3, 77, 31)]), seed=st.integers(0, 2**16))
-def test_plain_8bit_adamw_matches_torch_adamw_on_the_dequantised_moments(shape, seed):
+@given(shape=st.sampled_from([(4096,), (80, 64), (5000,), (3, 77, 31)]), seed=st.integers(0, 2**16),
+       chunk_values=st.sampled_from([None, BLOCKSIZE, 3 * BLOCKSIZE]))
+def test_plain_8bit_adamw_matches_torch_adamw_on_the_dequantised_moments(shape, seed, chunk_values):
+    """Also with the CPU step cut into chunks of 1 or 3 blocks (``None``: the default, one chunk at these sizes)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if chunk_values is not None:
+            patch.setattr(quant, "CHUNK_VALUES", chunk_values)
+        plain_8bit_adamw_matches_torch_adamw(shape, seed)
+
+
+def plain_8bit_adamw_matches_torch_adamw(shape: tuple[int, ...], seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     big = torch.nn.Parameter(torch.randn(shape, generator=generator))
     small = torch.nn.Parameter(torch.randn(30, generator=generator))
@@ -128,6 +139,48 @@ def test_plain_8bit_adamw_matches_torch_adamw_on_the_dequantised_moments(shape, 
         assert torch.equal(small.detach(), reference[1].detach())
     assert opt8.state[big]["exp_avg_codes"].dtype == torch.uint8
     assert opt8.state[small]["exp_avg"].dtype == torch.float32
+
+
+def bitsandbytes_whole_step(param, grad, state, lr, beta1, beta2, eps, weight_decay) -> None:
+    """bitsandbytes' 8-bit blockwise AdamW update called once on the whole tensors (the unchunked step)."""
+    import bitsandbytes.functional as bnb_functional
+
+    state["step"] += 1
+    bnb_functional.optimizer_update_8bit_blockwise(
+        "adam", grad, param, state["exp_avg_codes"], state["exp_avg_sq_codes"], beta1, beta2, 0.0, 0.0, eps,
+        int(state["step"]), lr, dynamic_map(True, param.device), dynamic_map(False, param.device),
+        state["exp_avg_absmax"], state["exp_avg_sq_absmax"], weight_decay=weight_decay)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(shape=st.sampled_from([(4096,), (37, 300), (5000,), (3, 77, 31), (64, 256)]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), blocks=st.integers(1, 9),
+       seed=st.integers(0, 2**16))
+def test_chunked_8bit_adamw_step_is_bit_identical_to_one_whole_call(shape, dtype, blocks, seed):
+    """Chunks of whole blocks (the last one partial where the size is not a multiple of 256) give the
+    same weights, codes and absmax values bit for bit as bitsandbytes' update on the whole tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(shape, generator=generator).to(dtype)
+    params = [start.clone(), start.clone()]
+    states = [{}, {}]
+    for param, state in zip(params, states):
+        init_adamw_state_8bit(state, param)
+    for _ in range(3):
+        grad = torch.randn(shape, generator=generator).to(dtype)
+        adamw_step_8bit(params[0], grad, states[0], 1e-2, 0.9, 0.999, 1e-8, 0.1, chunk_values=blocks * BLOCKSIZE)
+        bitsandbytes_whole_step(params[1], grad, states[1], 1e-2, 0.9, 0.999, 1e-8, 0.1)
+    assert not torch.equal(params[0], start)
+    assert torch.equal(params[0], params[1])
+    for key in ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax", "exp_avg_sq_absmax", "step"):
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+@pytest.mark.parametrize("chunk_values", [0, 100, -BLOCKSIZE])
+def test_chunk_size_that_is_not_a_positive_number_of_blocks_is_rejected(chunk_values):
+    param, state = torch.zeros(4096), {}
+    init_adamw_state_8bit(state, param)
+    with pytest.raises(ValueError, match="chunk_values must be a positive multiple of 256"):
+        adamw_step_8bit(param, torch.ones(4096), state, 1e-2, 0.9, 0.999, 1e-8, 0.0, chunk_values=chunk_values)
 
 
 def make_model_and_optimizer(seed: int) -> tuple[list[torch.nn.Parameter], GaLorePlusAdamW]:
