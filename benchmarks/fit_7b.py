@@ -167,16 +167,19 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 
 class OptimizerClock:
-    """Seconds spent in per-layer optimizer steps during backward, the most gradient bytes alive at once, and how
-    much of the step's peak resident memory (VmHWM) was reached inside those steps.
+    """Seconds spent in per-layer optimizer steps during backward (also: those of the ``projected`` parameters
+    alone), the most gradient bytes alive at once, and how much of the step's peak resident memory (VmHWM) was
+    reached inside those steps.
 
     Gradient hooks run in registration order: :meth:`attach_before` (called before
     ``enable_per_layer_steps``) starts the clock on a parameter, :meth:`attach_after` stops it after
     that parameter's per-layer step. ``on_step_end`` (e.g. a progress bar) is called after each.
     """
 
-    def __init__(self, params: list[Tensor]):
+    def __init__(self, params: list[Tensor], projected: list[Tensor] = ()):
         self.params = params
+        self.projected = {id(param) for param in projected}
+        self.steps_in_hooks = False  # set by attach_hooks: whether per-layer steps run between the clock's hooks
         self.on_step_end = None
         self._handles: list = []
         self.reset()
@@ -199,7 +202,10 @@ class OptimizerClock:
         self._started = time.perf_counter()
 
     def _stop(self, param: Tensor) -> None:
-        self.seconds += time.perf_counter() - self._started
+        seconds = time.perf_counter() - self._started
+        self.seconds += seconds
+        if id(param) in self.projected:
+            self.projected_seconds += seconds
         growth = peak_resident_bytes() - self._peak_before
         self.peak_growth_in_optimizer += growth
         if growth > self.largest_growth[0]:
@@ -208,7 +214,7 @@ class OptimizerClock:
             self.on_step_end()
 
     def reset(self) -> None:
-        self.seconds, self.peak_grad_bytes, self.peak_growth_in_optimizer = 0.0, 0, 0
+        self.seconds, self.projected_seconds, self.peak_grad_bytes, self.peak_growth_in_optimizer = 0.0, 0.0, 0, 0
         self.largest_growth: tuple[int, tuple[int, ...]] = (0, ())
         self._started, self._peak_before = 0.0, 0
 
@@ -216,6 +222,7 @@ class OptimizerClock:
 def attach_hooks(optimizer: GaLorePlusAdamW, clock: OptimizerClock, per_layer: bool) -> PerLayerSteps | None:
     """The clock's hooks around the per-layer steps (or around nothing, with ``per_layer`` False)."""
     clock.attach_before()
+    clock.steps_in_hooks = per_layer
     handle = enable_per_layer_steps(optimizer) if per_layer else None
     clock.attach_after()
     return handle
@@ -257,6 +264,7 @@ def train_step(model: nn.Module, optimizer: GaLorePlusAdamW, clock: OptimizerClo
     return dict(
         tokens=batch.shape[1], loss=loss.item(), wall_s=wall, forward_backward_s=wall - optimizer_seconds,
         optimizer_s=optimizer_seconds - refresh_seconds, refresh_s=refresh_seconds, refreshes=refresh.calls - calls_before,
+        projected_optimizer_s=clock.projected_seconds - refresh_seconds if clock.steps_in_hooks else None,
         peak_resident_bytes=peak_resident_bytes(), resident_at_start=resident_at_start, resident_at_end=resident_bytes(),
         peak_growth_in_optimizer=clock.peak_growth_in_optimizer, largest_growth_bytes=clock.largest_growth[0],
         largest_growth_shape=list(clock.largest_growth[1]), param_bytes=sum(p.nbytes for p in model.parameters()),
@@ -390,6 +398,14 @@ def markdown_report(record: dict[str, Any]) -> str:
                       + ". Forward+backward / optimizer (no refresh): "
                       + ", ".join(f"{step['tokens']} tokens {step['forward_backward_s'] / step['optimizer_s']:.2f}"
                                   for step in record["steps"][1:] or record["steps"]) + "."]
+        split = [(index, step) for index, step in enumerate(record["steps"], 1)
+                 if step.get("projected_optimizer_s") is not None]
+        if split:
+            lines += ["", "Of the optimizer time without refreshes: projected weights alone / products: "
+                          + ", ".join(f"step {index} {step['projected_optimizer_s'] / products:.2f}x" for index, step in split)
+                          + "; plain tensors (embedding, output head, norms): "
+                          + ", ".join(f"step {index} {step['optimizer_s'] - step['projected_optimizer_s']:.1f} s"
+                                      for index, step in split) + "."]
     layer = record.get("layer_refresh")
     if layer is not None:
         layers = record["layers"]
@@ -452,7 +468,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         groups = training_groups(model, method, args.rank, args.residual_ratio, args.residual_warmup)
     optimizer = GaLorePlusAdamW(groups, lr=args.lr, optim_bits=bits, seed=args.seed)
-    clock = OptimizerClock([p for p in model.parameters() if p.requires_grad])
+    clock = OptimizerClock([p for p in model.parameters() if p.requires_grad],
+                           [p for group in groups if "rank" in group for p in group["params"]])
     per_layer = attach_hooks(optimizer, clock, not args.no_per_layer)
     refresh = RefreshTimer(torch.device("cpu"))
     lengths = [args.tokens[0]] * args.steps + list(args.tokens[1:])

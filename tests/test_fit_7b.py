@@ -43,6 +43,7 @@ def test_tiny_run_measures_what_the_estimator_predicts(tiny_config, tmp_path):
         assert step["grad_bytes"] == estimate["gradients"]  # per-layer: the largest single gradient
         assert step["state_bytes"] == estimate["optimizer_state"]  # residual chosen at the end of step 1
         assert min(step["forward_backward_s"], step["optimizer_s"]) > 0
+        assert 0 < step["projected_optimizer_s"] < step["optimizer_s"]  # norms, embedding and head are plain
         assert step["forward_backward_s"] + step["optimizer_s"] + step["refresh_s"] == pytest.approx(step["wall_s"])
         assert step["peak_resident_bytes"] > step["param_bytes"]
         assert 0 <= step["largest_growth_bytes"] <= step["peak_growth_in_optimizer"]
@@ -53,6 +54,7 @@ def test_tiny_run_measures_what_the_estimator_predicts(tiny_config, tmp_path):
     saved = json.loads((tmp_path / "out" / "tiny_galore+8.json").read_text())
     assert saved["steps"] == steps and saved["complete"]
     page = (tmp_path / "out" / "tiny_galore+8.md").read_text()
+    assert "projected weights alone / products: step 1" in page
     assert "svd (scaled) / GaLore+ (measured in step 1)" in page and "| 4 | 16 |" in page and "Incomplete" not in page
 
 
@@ -62,6 +64,7 @@ def test_without_per_layer_all_gradients_are_alive(tiny_config, tmp_path):
     assert step["grad_bytes"] == record["estimate"]["gradients"] == step["param_bytes"]
     assert step["state_bytes"] == record["estimate"]["optimizer_state"]
     assert step["optimizer_s"] > 0 and "projection_products_s" not in record
+    assert step["projected_optimizer_s"] is None  # no per-layer hooks: the step is not split
 
 
 def test_refused_before_building(tiny_config, tmp_path, monkeypatch):
