@@ -82,12 +82,12 @@ class LocalLayout:
         return self.param.t() if self.transposed else self.param
 
     def gradient(self) -> Tensor:
-        grad = self.param.grad.float()
+        grad = self.param.grad
         return grad.t() if self.transposed else grad
 
     def read_rows(self, rows: Tensor | None) -> Tensor:
         grad = self.gradient()
-        return grad if rows is None else grad.index_select(0, rows.to(grad.device))
+        return (grad if rows is None else grad.index_select(0, rows.to(grad.device))).float()
 
     def local_basis(self, basis: Tensor, side: Side) -> Tensor:
         return basis
@@ -119,7 +119,7 @@ class RowShardLayout:
         return self.param.to_local()
 
     def gradient(self) -> Tensor:
-        return self.param.grad.to_local().float()
+        return self.param.grad.to_local()
 
     def read_rows(self, rows: Tensor | None) -> Tensor:
         """The whole gradient all-gathered, or only ``rows``: each rank fills the ones it owns, then a sum."""

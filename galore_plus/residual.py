@@ -133,7 +133,7 @@ def residual_values(
     p_I (1 - lr wd) - lr U_I with U_I of the module docstring; ``step`` is t and ``residual_step`` is
     c >= 1. ``exp_avg``/``exp_avg_sq`` hold M_I, V_I ("exact") or dM, dV ("paper").
     """
-    grad_at = gather_flat(grad, index)
+    grad_at = gather_flat(grad, index).float()
     weight_at = gather_flat(param, index).float().mul_(1 - lr * weight_decay)
     if mode == "exact":
         exp_avg.lerp_(grad_at, 1 - beta1)

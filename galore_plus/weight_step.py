@@ -63,7 +63,7 @@ class WeightLayout(Protocol):
         """This process's rows of the weight, a view written in place."""
 
     def gradient(self) -> Tensor:
-        """This process's rows of the gradient, float32."""
+        """This process's rows of the gradient, in the parameter's dtype (no float32 copy of a bfloat16 one)."""
 
     def read_rows(self, rows: Tensor | None) -> Tensor:
         """The float32 gradient rows ``rows`` (all rows when None), the same on every process."""

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from galore_plus import GaLorePlusAdamW
+from galore_plus import GaLorePlusAdamW, row_blocks
 
 PROJECTORS = ["svd", "randomized", "cross_head"]  # projectors that store their basis
 ALL_PROJECTORS = PROJECTORS + ["random"]  # "random" regenerates it (its update: tests/test_random_basis.py)
@@ -154,13 +154,18 @@ def bfloat16_spacing(values):
     return torch.exp2(exponent - 7)
 
 
-def test_bfloat16_weight_uses_float32_gradient_math_and_float32_state():
+@pytest.mark.parametrize("block_values", [None, 8, 30])
+@pytest.mark.parametrize("shape, side", [((12, 8), "right"), ((8, 12), "left")])
+def test_bfloat16_weight_uses_float32_gradient_math_and_float32_state(shape, side, block_values, monkeypatch):
+    """Also with the bfloat16 gradient and weight handled a block of rows at a time (1 to 3 rows; None: one block)."""
+    if block_values is not None:
+        monkeypatch.setattr(row_blocks, "ROW_BLOCK_VALUES", block_values)
     torch.manual_seed(0)
-    weight = torch.nn.Parameter((torch.randn(12, 8) * 0.02).bfloat16())
+    weight = torch.nn.Parameter((torch.randn(shape) * 0.02).bfloat16())
     start = weight.detach().float().clone()
     opt = GaLorePlusAdamW([projected_group(weight, "svd")], lr=1e-2)
-    reference = ReferenceGaLore(start, 4, 3, 0.5, 1e-2, (0.9, 0.999), 1e-8, 1e-2, "right", exact_svd_basis("right", 4))
-    for (grad,) in gradient_stream([(12, 8)], 4):  # t = 4 refreshes the basis
+    reference = ReferenceGaLore(start, 4, 3, 0.5, 1e-2, (0.9, 0.999), 1e-8, 1e-2, side, exact_svd_basis(side, 4))
+    for (grad,) in gradient_stream([shape], 4):  # t = 4 refreshes the basis
         weight.grad = grad.bfloat16()
         opt.step()
         reference.step(grad.bfloat16().float())

@@ -26,6 +26,23 @@ def captured_energy(grad: torch.Tensor, basis: torch.Tensor, side: str) -> float
     return float(project(grad, basis, side).square().sum() / grad.square().sum())
 
 
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(m=st.integers(1, 40), n=st.integers(1, 40), rank=st.integers(1, 6), side=st.sampled_from(["left", "right"]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), block_values=st.sampled_from([None, 1, 37, 200]),
+       seed=st.integers(0, 2**16))
+def test_half_precision_gradient_is_projected_in_float32_row_blocks(m, n, rank, side, dtype, block_values, seed):
+    """P^T G | G Q^T of a bfloat16/float16 gradient, taken a block of rows at a time, equals the float64
+    product of the same values within float32 rounding of the terms (an entry is about sqrt(m or n))."""
+    generator = torch.Generator().manual_seed(seed)
+    grad = torch.randn(m, n, generator=generator).to(dtype)
+    basis = torch.randn((m, rank) if side == "left" else (rank, n), generator=generator)
+    low_rank = project(grad, basis, side, block_values)
+    exact = basis.double().t() @ grad.double() if side == "left" else grad.double() @ basis.double().t()
+    terms = basis.double().abs().t() @ grad.double().abs() if side == "left" else grad.double().abs() @ basis.double().abs().t()
+    assert low_rank.dtype == torch.float32 and low_rank.shape == exact.shape and low_rank.is_contiguous()
+    assert ((low_rank.double() - exact).abs() <= 1e-6 * terms + 1e-30).all()
+
+
 def assert_orthonormal(basis: torch.Tensor, side: str) -> None:
     gram = basis.t() @ basis if side == "left" else basis @ basis.t()
     torch.testing.assert_close(gram, torch.eye(gram.shape[0]), atol=1e-4, rtol=0)

@@ -36,7 +36,7 @@ def test_update_in_row_chunks_matches_the_float64_update(m, n, rank, side, dtype
     param = torch.randn(m, n, generator=generator).to(dtype)
     start = param.clone()
     lr, scale = 0.5, 1.0
-    apply_lowrank_update(param, direction, basis, side, lr, weight_decay, scale, TRUE, chunk_values=chunk_values)
+    apply_lowrank_update(param, direction, basis, side, lr, weight_decay, scale, TRUE, block_values=chunk_values)
     a, b = (basis, direction) if side == "left" else (direction, basis)
     exact = exact_update(start, a, b, 1.0 - lr * weight_decay, -lr * scale)
     assert param.dtype == dtype
@@ -54,9 +54,9 @@ def test_a_step_that_is_not_finite_leaves_the_weight_unchanged(side, dtype):
     direction = torch.zeros((rank, n) if side == "left" else (m, rank))
     param = torch.randn(m, n, generator=generator).to(dtype)
     start = param.clone()
-    apply_lowrank_update(param, direction, basis, side, 0.5, 0.2, 1.0, FALSE, chunk_values=2 * n)
+    apply_lowrank_update(param, direction, basis, side, 0.5, 0.2, 1.0, FALSE, block_values=2 * n)
     assert torch.equal(param, start)
-    apply_lowrank_update(param, direction, basis, side, 0.5, 0.2, 1.0, TRUE, chunk_values=2 * n)
+    apply_lowrank_update(param, direction, basis, side, 0.5, 0.2, 1.0, TRUE, block_values=2 * n)
     assert not torch.equal(param, start)
 
 
@@ -66,6 +66,6 @@ def test_a_transposed_bfloat16_weight_is_updated_through_its_view():
     stored = torch.randn(16, 40, generator=generator).bfloat16()  # the parameter; its transpose (40, 16) is stepped
     basis, direction = torch.randn(4, 16, generator=generator), torch.randn(40, 4, generator=generator)
     start = stored.t().clone()
-    apply_lowrank_update(stored.t(), direction, basis, "right", 0.5, 0.2, 1.0, TRUE, chunk_values=3 * 16)
+    apply_lowrank_update(stored.t(), direction, basis, "right", 0.5, 0.2, 1.0, TRUE, block_values=3 * 16)
     exact = exact_update(start, direction, basis, 0.9, -0.5)
     assert ((stored.t().double() - exact).abs() <= rounding_bound(start, direction, basis, exact, -0.5)).all()
