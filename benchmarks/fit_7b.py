@@ -4,6 +4,7 @@
     python -m benchmarks.fit_7b --tokens 32 512         # plus one (non-refresh) step at 512 tokens
     python -m benchmarks.fit_7b --method galore+32      # also galore8, galore32, adamw8, adamw32
     python -m benchmarks.fit_7b --config tiny.json      # any transformers config with model_type
+    python -m benchmarks.fit_7b --threads 1             # one torch thread (faster on a loaded machine)
 
 Before anything is built, ``galore_plus.memory`` estimates parameters + gradients + optimizer state
 of the chosen method; a method whose estimate exceeds ``--budget-gib`` (default: the machine's
@@ -85,11 +86,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="docs/results/fit_7b",
                         help="directory of the Markdown and JSON (default docs/results/fit_7b)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--threads", type=int,
+                        help="torch.set_num_threads for the whole run (default: torch's choice). On a loaded machine "
+                             "1 can be much faster: every parallel operation waits for all its OpenMP threads")
     args = parser.parse_args(argv)
     if args.model is None and args.config is None:
         args.model = "llama2-7b"
-    if args.steps < 1 or min(args.tokens) < 2 or args.batch < 1:
-        parser.error("--steps and --batch must be >= 1 and --tokens >= 2")
+    if args.steps < 1 or min(args.tokens) < 2 or args.batch < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--steps, --batch and --threads must be >= 1 and --tokens >= 2")
     return args
 
 
@@ -436,6 +440,8 @@ def save_record(record: dict[str, Any], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     config = load_config(args.model, args.config)
     method, bits = METHODS[args.method]
     estimate = check_budget(config, args)

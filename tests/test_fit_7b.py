@@ -59,7 +59,12 @@ def test_tiny_run_measures_what_the_estimator_predicts(tiny_config, tmp_path):
 
 
 def test_without_per_layer_all_gradients_are_alive(tiny_config, tmp_path):
-    record = run(tiny_config, tmp_path, "--method", "adamw32", "--no-per-layer", "--steps", "1")
+    threads = torch.get_num_threads()
+    try:
+        record = run(tiny_config, tmp_path, "--method", "adamw32", "--no-per-layer", "--steps", "1", "--threads", "1")
+    finally:
+        torch.set_num_threads(threads)
+    assert record["threads"] == 1  # --threads is applied before anything runs and recorded
     step = record["steps"][0]
     assert step["grad_bytes"] == record["estimate"]["gradients"] == step["param_bytes"]
     assert step["state_bytes"] == record["estimate"]["optimizer_state"]
