@@ -38,8 +38,7 @@ class UpdateInputs:
 
     ``weight``: the parameter (transposed to (m, n) for ``transposed`` groups), any float dtype;
     ``shape``: (m, n) of the whole weight (a sharded weight's ``weight`` holds some of its rows);
-    ``grad``: its gradient in the weight's dtype (``.float()`` is exact; may hold NaN/Inf: then
-    ``finite`` is False); ``low_rank`` (float32, as all the following):
+    ``grad``: its float32 gradient (may hold NaN/Inf: then ``finite`` is False); ``low_rank``:
     R = P^T G | G Q^T (summed over ranks on the left side); ``direction``: N, the Adam direction
     of R, zero where ``finite`` is False; ``basis``: P (these rows) | Q; ``step``: t >= 1;
     ``finite``: a 0-d bool tensor on the weight's device, False when this step must leave the
@@ -72,7 +71,7 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
     beta1, beta2 = group["betas"]
     previous = state.get("residual_norm", torch.full((), math.inf, device=inputs.grad.device))
     update, norm = norm_scaled_update(
-        inputs.grad.float(), inputs.low_rank, inputs.direction, inputs.basis, inputs.side, previous,
+        inputs.grad, inputs.low_rank, inputs.direction, inputs.basis, inputs.side, previous,
         group["norm_growth_limit"], adam_bias_factor(inputs.step, beta1, beta2),
     )
     state["residual_norm"] = torch.where(inputs.finite, norm, previous)
@@ -90,12 +89,11 @@ def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, An
     beta1, beta2 = group["betas"]
     direction = apollo_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
     previous = state.get("apollo_norm")
-    grad = inputs.grad.float()
-    factor, norm = apollo_factor(grad, inputs.low_rank, direction, inputs.side, group["scale_type"],
+    factor, norm = apollo_factor(inputs.grad, inputs.low_rank, direction, inputs.side, group["scale_type"],
                                  group["scale"], previous)
     kept = previous if previous is not None else torch.full_like(norm, math.inf)
     state["apollo_norm"] = torch.where(inputs.finite, norm, kept)
-    apply_scaled_gradient(inputs.weight, grad, factor, apollo_step_size(group["lr"], inputs.step, beta1, beta2),
+    apply_scaled_gradient(inputs.weight, inputs.grad, factor, apollo_step_size(group["lr"], inputs.step, beta1, beta2),
                           1.0 - group["lr"] * group["weight_decay"], inputs.finite)
 
 UPDATE_RULES: dict[str, UpdateRule] = {"galore": galore_update, "apollo": apollo_rule}

@@ -180,6 +180,15 @@ def step_basis(
     return basis, previous
 
 
+def rule_gradient(grad: Tensor, group: dict[str, Any]) -> Tensor:
+    """The gradient an update rule gets: float32 (:class:`~galore_plus.update_rules.UpdateInputs`), except
+    for GaLore's rule without the full-rank residual, which never reads it, so a bfloat16 gradient is
+    not copied whole for it."""
+    if group["update_rule"] == "galore" and not group["full_rank_residual"]:
+        return grad
+    return grad.float()
+
+
 def step_projected_weight(
     layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext
 ) -> None:
@@ -208,8 +217,8 @@ def step_projected_weight(
     direction = torch.where(finite, direction, 0.0)
     weight = layout.weight()
     residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite)
-    UPDATE_RULES[group["update_rule"]](UpdateInputs(weight, layout.shape, grad, low_rank, direction, local_basis, side, step, finite),
-                                       state, group)
+    UPDATE_RULES[group["update_rule"]](UpdateInputs(weight, layout.shape, rule_gradient(grad, group), low_rank, direction,
+                                                    local_basis, side, step, finite), state, group)
     if residual is not None:
         write_residual(weight, residual)
     context.skipped.add(context.label, finite if residual is None else residual.finite)
