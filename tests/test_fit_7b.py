@@ -49,6 +49,7 @@ def test_tiny_run_measures_what_the_estimator_predicts(tiny_config, tmp_path):
         assert 0 <= step["largest_growth_bytes"] <= step["peak_growth_in_optimizer"]
         assert step["resident_at_start"] + step["peak_growth_in_optimizer"] <= step["peak_resident_bytes"]
     assert record["projection_products_s"] > 0
+    assert record["projection_products"] == "R and U, 4 m n r flops per weight"  # no full-rank residual here
     layer = record["layer_refresh"]
     assert layer["weights"] == layer["svd_refreshes"] == layer["galore_plus_refreshes"] == PROJECTED_PER_LAYER
     saved = json.loads((tmp_path / "out" / "tiny_galore+8.json").read_text())
@@ -105,3 +106,33 @@ def test_built_model_is_bfloat16_and_computes_like_a_normally_built_one():
 def tiny_transformers_config():
     fields = dict(TINY)
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def test_products_count_the_full_rank_residuals_back_projection_where_it_is_on():
+    from collections import Counter
+
+    plain, residual = ((64, 32), (8, 32), False), ((64, 32), (8, 32), True)
+    assert fit_7b.products_label(Counter({plain: 3})) == "R and U, 4 m n r flops per weight"
+    assert fit_7b.products_label(Counter({residual: 3})).endswith("6 m n r flops per weight")
+    assert fit_7b.products_label(Counter({plain: 3, residual: 1})).endswith("(6 m n r) on 1 of 4 weights")
+
+
+@pytest.mark.parametrize("full_rank, products", [(False, 2), (True, 3)])
+def test_product_timing_runs_the_products_the_step_needs(full_rank, products):
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountProducts(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "mm":
+                CountProducts.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    for basis_shape in ((8, 32), (64, 8)):  # right side Q (r, n), left side P (m, r)
+        CountProducts.calls = 0
+        with CountProducts():
+            fit_7b.projection_product_seconds(Counter({((64, 32), basis_shape, full_rank): 5}), repeats=1)
+        assert CountProducts.calls == products
