@@ -313,7 +313,8 @@ LEVERS = {
 
 def _lever_methods() -> list[MethodSpec]:
     """Each lever of docs/levers.md alone and together on GaLore (svd) and on the paper's GaLore+; the levers that are
-    not defaults on default GaLore+ (which has the full-rank residual); cross-head head counts."""
+    not defaults on default GaLore+ (which has the full-rank residual; without it, it is ``galore_plus_res0``);
+    cross-head head counts."""
     specs = []
     for base, description, placement, levers in (
             ("galore", "GaLore (svd)", SVD_PLACEMENT, LEVERS),
@@ -323,8 +324,6 @@ def _lever_methods() -> list[MethodSpec]:
         for suffix, (lever, keys) in levers.items():
             specs.append(galore_plus_method(f"{base}_{suffix}", f"{description} + {lever}", sets=("levers",),
                                             placement=placement, **keys))
-    specs.append(galore_plus_method("galore_plus_no_frr", "GaLore+ (defaults) without the full-rank residual",
-                                    sets=("levers",), full_rank_residual=False))
     for heads in (1, 2, 4):
         specs.append(galore_plus_method(f"galore_plus_heads{heads}", f"GaLore+ (defaults) with cross-head bases from "
                                         f"{heads} head(s)", sets=("heads",), cross_head_heads=heads))
