@@ -271,24 +271,29 @@ def _peer_methods() -> list[MethodSpec]:
                                    placement={**apollo_placement, "rank": APOLLO_MINI["rank"]},
                                    **_preset_keys(APOLLO_MINI)), lr_grids={}),
         galore_plus_method("galore_plus_4bit_bases", "GaLore+ with 4-bit bases and 8-bit moments (Q-GaLore's storage)",
-                           sets=peers, placement=GALORE_PLUS_PLACEMENT, optim_bits=8, residual_mode="exact",
+                           sets=peers, placement=GALORE_PLUS_PAPER_PLACEMENT, optim_bits=8, residual_mode="exact",
                            basis_bits=4),
     ]
 
 
-GALORE_PLUS_PLACEMENT = {"projector": "randomized", "cross_head": True, "residual_ratio": HEADLINE_RESIDUAL}
+# GaLore+ as the paper describes it: cross_head q/k with the sparse residual, randomized elsewhere, none of the levers.
+GALORE_PLUS_PAPER_PLACEMENT = {"projector": "randomized", "cross_head": True, "residual_ratio": HEADLINE_RESIDUAL,
+                               "full_rank_residual": False}
+# GaLore+ as make_param_groups builds it by default (its projectors then default to Fira's full-rank residual).
+GALORE_PLUS_DEFAULT_PLACEMENT: dict[str, Any] = {}
 
 
 def _residual_ablation() -> list[MethodSpec]:
-    """The residual ablation of the paper's Table 8 (``galore_plus`` is its 1.2 % exact point)."""
-    specs = [galore_plus_method("galore_plus_res0", "GaLore+ without residual", sets=("ablation",),
-                                placement=dict(GALORE_PLUS_PLACEMENT, residual_ratio=0.0))]
+    """The residual ablation of the paper's Table 8 (``galore_plus_paper`` is its 1.2 % exact point)."""
+    specs = [galore_plus_method("galore_plus_res0", "GaLore+ (paper) without residual", sets=("ablation",),
+                                placement=dict(GALORE_PLUS_PAPER_PLACEMENT, residual_ratio=0.0))]
     for mode in ("exact", "paper"):
         for ratio in (0.006, 0.012, 0.018):
             if (ratio, mode) == (HEADLINE_RESIDUAL, "exact"):
                 continue
-            specs.append(galore_plus_method(f"galore_plus_res{ratio}_{mode}", f"GaLore+ with residual {ratio:.1%}, {mode} mode",
-                                            sets=("ablation",), placement=dict(GALORE_PLUS_PLACEMENT, residual_ratio=ratio),
+            specs.append(galore_plus_method(f"galore_plus_res{ratio}_{mode}", f"GaLore+ (paper) with residual {ratio:.1%}, "
+                                            f"{mode} mode", sets=("ablation",),
+                                            placement=dict(GALORE_PLUS_PAPER_PLACEMENT, residual_ratio=ratio),
                                             residual_mode=mode))
     return specs
 
@@ -296,25 +301,32 @@ def _residual_ablation() -> list[MethodSpec]:
 SVD_PLACEMENT = {"projector": "svd", "cross_head": False}
 
 
+LEVERS = {
+    "mt": ("moment transfer", {"moment_transfer": True}),
+    "frr": ("Fira's full-rank residual", {"full_rank_residual": True}),
+    "mt_frr": ("moment transfer + full-rank residual", {"moment_transfer": True, "full_rank_residual": True}),
+    "auto": ("scale='auto'", {"scale": "auto"}),
+    "adaptive": ("adaptive refresh gap", {"adaptive_gap": True}),
+    "adaptive_p1": ("adaptive refresh gap, doubling after 1 stable refresh", {"adaptive_gap": True, "gap_patience": 1}),
+}
+
+
 def _lever_methods() -> list[MethodSpec]:
-    """Each lever of docs/levers.md alone and together, on GaLore (svd) and on GaLore+; cross-head head counts."""
-    levers = {
-        "mt": ("moment transfer", {"moment_transfer": True}),
-        "frr": ("norm-scaled full-rank residual", {"full_rank_residual": True}),
-        "mt_frr": ("moment transfer + full-rank residual", {"moment_transfer": True, "full_rank_residual": True}),
-        "auto": ("scale='auto'", {"scale": "auto"}),
-        "adaptive": ("adaptive refresh gap", {"adaptive_gap": True}),
-        "adaptive_p1": ("adaptive refresh gap, doubling after 1 stable refresh", {"adaptive_gap": True, "gap_patience": 1}),
-    }
+    """Each lever of docs/levers.md alone and together on GaLore (svd) and on the paper's GaLore+; the levers that are
+    not defaults on default GaLore+ (which has the full-rank residual; without it, it is ``galore_plus_res0``);
+    cross-head head counts."""
     specs = []
-    for base, description, placement in (("galore", "GaLore (svd)", SVD_PLACEMENT),
-                                          ("galore_plus", "GaLore+", GALORE_PLUS_PLACEMENT)):
+    for base, description, placement, levers in (
+            ("galore", "GaLore (svd)", SVD_PLACEMENT, LEVERS),
+            ("galore_plus_paper", "GaLore+ (paper)", GALORE_PLUS_PAPER_PLACEMENT, LEVERS),
+            ("galore_plus", "GaLore+ (defaults)", GALORE_PLUS_DEFAULT_PLACEMENT,
+             {suffix: LEVERS[suffix] for suffix in ("mt", "auto", "adaptive", "adaptive_p1")})):
         for suffix, (lever, keys) in levers.items():
             specs.append(galore_plus_method(f"{base}_{suffix}", f"{description} + {lever}", sets=("levers",),
                                             placement=placement, **keys))
     for heads in (1, 2, 4):
-        specs.append(galore_plus_method(f"galore_plus_heads{heads}", f"GaLore+ with cross-head bases from {heads} head(s)",
-                                        sets=("heads",), placement=GALORE_PLUS_PLACEMENT, cross_head_heads=heads))
+        specs.append(galore_plus_method(f"galore_plus_heads{heads}", f"GaLore+ (defaults) with cross-head bases from "
+                                        f"{heads} head(s)", sets=("heads",), cross_head_heads=heads))
     return specs
 
 
@@ -328,10 +340,13 @@ METHODS: list[MethodSpec] = [
                lr_grids=PROJECTED_LR_GRIDS),
     MethodSpec("fira", "fira.FiraAdamW on all linear weights (alpha = scale, proj_type std)", _fira,
                requires=("fira", "transformers"), lr_grids=PROJECTED_LR_GRIDS),
-    galore_plus_method("galore_plus", "GaLore+: cross_head q/k with residual, randomized elsewhere",
-                       placement=GALORE_PLUS_PLACEMENT, residual_mode="exact"),
-    galore_plus_method("galore_plus_8bit", "GaLore+ with 8-bit moments", placement=GALORE_PLUS_PLACEMENT,
-                       optim_bits=8, residual_mode="exact", sets=("8bit",)),
+    galore_plus_method("galore_plus", "GaLore+ with make_param_groups' defaults: cross_head q/k, randomized elsewhere, "
+                       "Fira's full-rank residual", placement=GALORE_PLUS_DEFAULT_PLACEMENT),
+    galore_plus_method("galore_plus_paper", "GaLore+ as the paper: cross_head q/k with 1.2 % sparse residual (exact), "
+                       "randomized elsewhere, no full-rank residual", placement=GALORE_PLUS_PAPER_PLACEMENT,
+                       residual_mode="exact"),
+    galore_plus_method("galore_plus_8bit", "GaLore+ (defaults) with 8-bit moments", placement=GALORE_PLUS_DEFAULT_PLACEMENT,
+                       optim_bits=8, sets=("8bit",)),
     adapter_method("lora", "LoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "lora"),
     adapter_method("dora", "DoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "dora"),
     adapter_method("vera", "VeRA adapters (galore_plus.adapters) on all linear layers, AdamW", "vera", sets=("adapters",)),

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .auto_scale import AUTO
 from .projectors import Shape, Side
 
 if dist.is_available():
@@ -104,6 +105,9 @@ class LocalLayout:
     def local(self, moment: Tensor) -> Tensor:
         return moment
 
+    def norm(self, rows: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(rows)
+
 
 class RowShardLayout:
     """A weight sharded by rows over a 1-D mesh (FSDP2 ``fully_shard``); collective over that mesh."""
@@ -157,6 +161,12 @@ class RowShardLayout:
     def local(self, moment: Tensor) -> Tensor:
         return moment.to_local() if is_sharded(moment) else moment
 
+    def norm(self, rows: Tensor) -> Tensor:
+        """sqrt of the sum over ranks of each rank's squared norm (an all-reduce on the device, no host read)."""
+        squares = torch.linalg.vector_norm(rows).square()
+        dist.all_reduce(squares, group=self.process_group)
+        return squares.sqrt()
+
 
 def row_shard_layout(param: DTensor, group: dict[str, Any], label: str, optim_bits: int) -> RowShardLayout:
     """The layout of a sharded weight, or NotImplementedError naming the group key that is not supported."""
@@ -167,10 +177,10 @@ def row_shard_layout(param: DTensor, group: dict[str, Any], label: str, optim_bi
         raise NotImplementedError(f"{label}, key 'update_rule': APOLLO's rule on sharded (DTensor) weights is not "
                                   "implemented (its tensor scale and norm-growth limiter need norms over every rank); "
                                   "use update_rule='galore' with FSDP2, or DDP / per-layer mode for APOLLO")
-    if group["full_rank_residual"]:
-        raise NotImplementedError(f"{label}, key 'full_rank_residual': the full-rank residual of sharded (DTensor) "
-                                  "weights is not implemented (its limiter and scale need norms over every rank); "
-                                  "use full_rank_residual=False with FSDP2")
+    if group["full_rank_residual"] and group["scale"] == AUTO:
+        raise NotImplementedError(f"{label}, key 'scale': scale='auto' with the full-rank residual of sharded (DTensor) "
+                                  "weights is not implemented (it needs the RMS of the direction over every rank); "
+                                  "give a number, or full_rank_residual=False, with FSDP2")
     if group["transposed"]:
         raise NotImplementedError(f"{label}, key 'transposed': a sharded weight stored (in, out) is sharded on its input "
                                   "side; only row-sharded nn.Linear-layout weights are implemented")

@@ -12,8 +12,8 @@ allocates in ``optimizer.state``:
   ``basis_bits=4`` half a byte per value plus a float32 per 64 values, or nothing for the
   ``random`` projector (regenerated every step); two low-rank moments (float32 or 8-bit); with
   ``residual_ratio > 0`` the residual: |I| = ceil(ratio m n) entries of two float32 moments and an
-  int16/int32 column index, plus m + 1 int32 row offsets; with ``update_rule="apollo"`` the
-  limiter's norm (one float32).
+  int16/int32 column index, plus m + 1 int32 row offsets; with ``update_rule="apollo"`` or
+  ``full_rank_residual`` the limiter's norm (one float32).
 
 Gradients are the parameters' dtype; in per-layer mode (:mod:`galore_plus.per_layer`) only one
 parameter's gradient exists at a time, so the largest one is counted. Not counted: activations,
@@ -47,7 +47,7 @@ from .quant import quantized_nbytes, uses_8bit_adamw
 from .residual import residual_count
 
 STEP_BYTES = 4
-APOLLO_NORM_BYTES = 4
+LIMITER_NORM_BYTES = 4
 GIB = 2**30
 
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
@@ -107,7 +107,8 @@ def projected_state_bytes(shape: tuple[int, int], group: dict[str, Any], optim_b
     side = projection_side(shape, group["proj_type"], group["projector"])
     basis_numel, moment_numel = (m * rank, rank * n) if side == "left" else (rank * n, m * rank)
     moment_bytes = quantized_nbytes(moment_numel) if optim_bits == 8 else 4 * moment_numel
-    rule_bytes = APOLLO_NORM_BYTES if group["update_rule"] == "apollo" else 0
+    limited = group["update_rule"] == "apollo" or group["full_rank_residual"]
+    rule_bytes = LIMITER_NORM_BYTES if limited else 0
     return (basis_bytes(basis_numel, group) + 2 * moment_bytes + residual_state_bytes(shape, group["residual_ratio"])
             + rule_bytes)
 

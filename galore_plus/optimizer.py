@@ -36,10 +36,11 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
     6. with ``residual_ratio`` > 0 the update at a fixed sparse index set I is replaced by an exact
        (or, with ``residual_mode="paper"``, Algorithm 2's) one; see :mod:`galore_plus.residual`.
 
-    Optional levers, all off by default (docs/levers.md): ``moment_transfer`` (M, V re-expressed in
-    the new basis at a refresh), ``full_rank_residual`` (Fira's norm-scaled residual added to the
-    update), ``adaptive_gap`` (a per-weight gap doubled while the subspace is stable) and
-    ``scale="auto"`` (the update's per-entry RMS matched to the low-rank Adam direction's).
+    Levers (docs/levers.md): ``full_rank_residual`` (Fira's norm-scaled residual added to the
+    update; on by default for the GaLore+ projectors ``randomized`` and ``cross_head``, off for
+    ``svd`` and ``random``), and, off by default, ``moment_transfer`` (M, V re-expressed in the new
+    basis at a refresh), ``adaptive_gap`` (a per-weight gap doubled while the subspace is stable)
+    and ``scale="auto"`` (the update's per-entry RMS matched to the low-rank Adam direction's).
 
     The order is written once, in :mod:`galore_plus.weight_step`. A step whose values are not
     finite leaves that weight and its moments unchanged, decided on the device (no host read on a

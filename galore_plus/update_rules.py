@@ -9,8 +9,9 @@ is False, without reading it on the host (``torch.where`` on the device: the ste
 synchronise), and must never write a non-finite value.
 
 * ``"galore"``: p <- p (1 - lr wd) - lr scale (P N | N Q), one fused ``addmm_`` (see :mod:`galore_plus.update`);
-  with the group key ``full_rank_residual``, U = P N + S, Fira's norm-scaled residual S
-  (:mod:`galore_plus.full_rank_residual`, the limiter's norm kept as ``state["residual_norm"]``);
+  with the group key ``full_rank_residual``, p <- p (1 - lr wd) - lr (scale P N + S), Fira's
+  norm-scaled residual S (:mod:`galore_plus.full_rank_residual`, the limiter's norm kept as
+  ``state["residual_norm"]``);
   ``scale="auto"`` resolves as in :mod:`galore_plus.auto_scale`.
 * ``"apollo"``: the gradient scaled per channel or per tensor by ||N|| / ||R||, norm-growth limited
   (APOLLO; :mod:`galore_plus.apollo_update`, group key ``scale_type``; ``scale`` enters as its square root).
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from .apollo_update import apollo_direction, apollo_factor, apollo_step_size, apply_scaled_gradient
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
-from .full_rank_residual import adam_bias_factor, norm_scaled_update
+from .full_rank_residual import Norm, adam_bias_factor, norm_scaled_update
 from .projectors import Shape, Side
 from .update import apply_full_update, apply_lowrank_update
 
@@ -42,7 +43,8 @@ class UpdateInputs:
     R = P^T G | G Q^T (summed over ranks on the left side); ``direction``: N, the Adam direction
     of R, zero where ``finite`` is False; ``basis``: P (these rows) | Q; ``step``: t >= 1;
     ``finite``: a 0-d bool tensor on the weight's device, False when this step must leave the
-    weight unchanged.
+    weight unchanged; ``norm``: the Frobenius norm of a weight-shaped tensor of which this process
+    holds ``weight``'s rows, over the whole weight (a sum over ranks for a sharded weight).
     """
 
     weight: Tensor
@@ -54,6 +56,7 @@ class UpdateInputs:
     side: Side
     step: int
     finite: Tensor
+    norm: Norm = torch.linalg.vector_norm
 
 
 UpdateRule = Callable[[UpdateInputs, dict[str, Any], dict[str, Any]], None]
@@ -70,12 +73,13 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
         return
     beta1, beta2 = group["betas"]
     previous = state.get("residual_norm", torch.full((), math.inf, device=inputs.grad.device))
+    auto = group["scale"] == AUTO
     update, norm = norm_scaled_update(
-        inputs.grad, inputs.low_rank, inputs.direction, inputs.basis, inputs.side, previous,
-        group["norm_growth_limit"], adam_bias_factor(inputs.step, beta1, beta2),
+        inputs.grad, inputs.low_rank, inputs.direction, inputs.basis, inputs.side, 1.0 if auto else group["scale"],
+        previous, group["norm_growth_limit"], adam_bias_factor(inputs.step, beta1, beta2), inputs.norm,
     )
     state["residual_norm"] = torch.where(inputs.finite, norm, previous)
-    scale = rms_matching_scale(inputs.direction, update) if group["scale"] == AUTO else group["scale"]
+    scale = rms_matching_scale(inputs.direction, update) if auto else 1.0
     apply_full_update(inputs.weight, update, group["lr"], group["weight_decay"], scale, inputs.finite)
 
 

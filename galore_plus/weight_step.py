@@ -83,6 +83,9 @@ class WeightLayout(Protocol):
     def local(self, moment: Tensor) -> Tensor:
         """This process's part of a moment, a view written in place."""
 
+    def norm(self, rows: Tensor) -> Tensor:
+        """The Frobenius norm of a weight-shaped tensor of which ``rows`` are this process's rows (no host read)."""
+
 
 class SkippedSteps:
     """Device-side counts of skipped weight steps per parameter group; only :meth:`report` reads them."""
@@ -217,8 +220,9 @@ def step_projected_weight(
     direction = torch.where(finite, direction, 0.0)
     weight = layout.weight()
     residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite)
-    UPDATE_RULES[group["update_rule"]](UpdateInputs(weight, layout.shape, rule_gradient(grad, group), low_rank, direction,
-                                                    local_basis, side, step, finite), state, group)
+    inputs = UpdateInputs(weight, layout.shape, rule_gradient(grad, group), low_rank, direction, local_basis, side, step,
+                          finite, layout.norm)
+    UPDATE_RULES[group["update_rule"]](inputs, state, group)
     if residual is not None:
         write_residual(weight, residual)
     context.skipped.add(context.label, finite if residual is None else residual.finite)

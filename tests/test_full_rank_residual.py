@@ -14,30 +14,31 @@ from galore_plus.lowrank_adam import lowrank_adam_direction
 from galore_plus.projectors import project, projection_side, svd_basis
 
 
-def reference_update(grad, low_rank, direction, basis, side):
-    """U = back-projection of N + phi (G - back-projection of R), column by column (output side) or row by row."""
+def reference_update(grad, low_rank, direction, basis, side, alpha):
+    """U = alpha P N + phi (G - alpha P R), column by column (output side) or row by row (input side)."""
     if side == "right":
-        return reference_update(grad.t(), low_rank.t(), direction.t(), basis.t(), "left").t()
+        return reference_update(grad.t(), low_rank.t(), direction.t(), basis.t(), "left", alpha).t()
     update = torch.empty_like(grad)
     for j in range(grad.shape[1]):
         phi = direction[:, j].norm() / (low_rank[:, j].norm() + 1e-8)
-        update[:, j] = basis @ direction[:, j] + phi * (grad[:, j] - basis @ low_rank[:, j])
+        update[:, j] = alpha * basis @ direction[:, j] + phi * (grad[:, j] - alpha * basis @ low_rank[:, j])
     return update
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(m=st.integers(2, 12), n=st.integers(2, 12), data=st.data(), seed=st.integers(0, 2**16),
-       side=st.sampled_from(["left", "right"]))
-def test_update_without_limiter_equals_dense_float64_reference(m, n, data, seed, side):
+       side=st.sampled_from(["left", "right"]), alpha=st.sampled_from([1.0, 0.25, 2.0]))
+def test_update_without_limiter_equals_dense_float64_reference(m, n, data, seed, side, alpha):
     rank = data.draw(st.integers(1, min(m, n)))
     generator = torch.Generator().manual_seed(seed)
     grad = torch.randn(m, n, generator=generator, dtype=torch.float64)
     basis = svd_basis(grad + 0.3 * torch.randn(m, n, generator=generator, dtype=torch.float64), rank, side)
     low_rank = project(grad, basis, side)
     direction = low_rank.sign() * torch.rand(low_rank.shape, generator=generator, dtype=torch.float64)
-    update, norm = norm_scaled_update(grad, low_rank, direction, basis, side, None, 1.01, 0.5)
-    torch.testing.assert_close(update, reference_update(grad, low_rank, direction, basis, side), rtol=1e-10, atol=1e-12)
-    term = scaled_residual(grad, low_rank, direction, basis, side)
+    update, norm = norm_scaled_update(grad, low_rank, direction, basis, side, alpha, None, 1.01, 0.5)
+    torch.testing.assert_close(update, reference_update(grad, low_rank, direction, basis, side, alpha),
+                               rtol=1e-10, atol=1e-12)
+    term = scaled_residual(grad, low_rank, direction, basis, side, alpha)
     torch.testing.assert_close(norm, term.norm() / 0.5, rtol=1e-12, atol=0)
 
 
@@ -89,7 +90,7 @@ def our_weights(weight, grads, rank, gap, lr, limit, betas=(0.9, 0.999)):
         if exp_avg is None:
             exp_avg, exp_avg_sq = torch.zeros_like(low_rank), torch.zeros_like(low_rank)
         direction = lowrank_adam_direction(low_rank, exp_avg, exp_avg_sq, step, *betas, 0.0)
-        update, norm = norm_scaled_update(grad, low_rank, direction, basis, side, norm, limit,
+        update, norm = norm_scaled_update(grad, low_rank, direction, basis, side, 1.0, norm, limit,
                                           adam_bias_factor(step, *betas))
         weight.sub_(update, alpha=lr)
         history.append(weight.clone())

@@ -137,6 +137,7 @@ def test_llama2_7b_table():
 
 
 PEER_GROUPS = {
+    "svd (GaLore: no full-rank residual)": {"projector": "svd"},
     "random": {"projector": "random"},
     "apollo": {**APOLLO, "rank": 8},
     "apollo_mini": dict(APOLLO_MINI),

@@ -116,9 +116,10 @@ def test_svd_projector_is_galore(shape, proj_type, side):
 
 @pytest.mark.parametrize("projector", PROJECTORS)
 def test_every_projector_follows_the_documented_update_with_its_own_basis(projector):
+    """GaLore's update (the full-rank residual, default for the GaLore+ projectors, switched off) with each basis."""
     torch.manual_seed(1)
     weight = torch.nn.Parameter(torch.randn(16, 12))
-    opt = GaLorePlusAdamW([projected_group(weight, projector)], lr=3e-2, weight_decay=0.05)
+    opt = GaLorePlusAdamW([projected_group(weight, projector, full_rank_residual=False)], lr=3e-2, weight_decay=0.05)
     side = "right"
     reference = ReferenceGaLore(weight.detach(), 4, 3, 0.5, 3e-2, (0.9, 0.999), 1e-8, 0.05, side,
                                 basis_of=lambda grad, t: opt.state[weight]["projector"].clone())
@@ -439,7 +440,8 @@ def test_bad_hyperparameters_raise(kwargs):
 
 def test_galore_torch_style_groups_work_unchanged():
     """A group written for galore_torch (rank, update_proj_gap, scale, proj_type) gets the default projector,
-    projects the side galore_torch projects, finds the gradient's top-r subspace and follows the documented update."""
+    projects the side galore_torch projects, finds the gradient's top-r subspace and follows the documented update:
+    the default projector's, Fira's, U = scale N Q + phi (G - scale R Q), written out here in float64."""
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(12, 8))
     start = weight.detach().clone()
@@ -453,11 +455,16 @@ def test_galore_torch_style_groups_work_unchanged():
     assert basis.shape == (4, 8)  # "std" on a tall weight: the input side, galore_torch's "right"
     top = torch.linalg.svd(grad.double(), full_matrices=False)[2][:4]
     torch.testing.assert_close(basis.double().t() @ basis.double(), top.t() @ top, atol=1e-5, rtol=0)
-    reference = ReferenceGaLore(start, 4, 200, 0.25, 1e-3, (0.9, 0.999), 1e-8, 1e-2, "right", lambda g, t: basis)
-    reference.step(grad)
+    assert opt.param_groups[0]["full_rank_residual"] is True
+    g, q = grad.double(), basis.double()
+    low_rank = g @ q.t()                                                     # R (12, 4)
+    direction = low_rank / (low_rank.abs() + 1e-8)                         # Adam's N at t = 1
+    phi = direction.norm(dim=1, keepdim=True) / (low_rank.norm(dim=1, keepdim=True) + 1e-8)
+    update = 0.25 * direction @ q + phi * (g - 0.25 * low_rank @ q)
+    expected = start.double() * (1 - 1e-3 * 1e-2) - 1e-3 * update
     one_step = 1e-3 * 0.25
     assert (weight.detach() - start).abs().mean() > one_step / 10
-    torch.testing.assert_close(weight.detach(), reference.weight, atol=one_step * 1e-3, rtol=0)
+    torch.testing.assert_close(weight.detach().double(), expected, atol=one_step * 1e-3, rtol=0)
 
 
 def test_svd_groups_equal_galore_torch_over_several_refreshes():

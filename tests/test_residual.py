@@ -78,7 +78,7 @@ def gradient_sequence(shape: tuple[int, int], steps: int, seed: int) -> list[tor
 
 
 def make_optimizer(weight: torch.nn.Parameter, **group) -> GaLorePlusAdamW:
-    options = dict(rank=4, update_proj_gap=3, scale=SCALE, projector="randomized")
+    options = dict(rank=4, update_proj_gap=3, scale=SCALE, projector="randomized", full_rank_residual=False)
     options.update(group)
     return GaLorePlusAdamW([dict(params=[weight], **options)], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, seed=1)
 
