@@ -37,18 +37,22 @@ def apply_lowrank_update(
 
 
 def apply_full_update(
-    param: Tensor, update: Tensor, lr: float, weight_decay: float, scale: float | Tensor, finite: Tensor
+    param: Tensor, update: Tensor, lr: float, weight_decay: float, scale: float | Tensor, finite: Tensor,
+    block_values: int | None = None,
 ) -> None:
     """p <- p (1 - lr wd) - lr scale U for a full-size float32 ``update``; unchanged where ``finite`` is False.
 
     ``scale`` may be a 0-d tensor. ``update`` is overwritten; where ``finite`` is False it may hold
-    NaN/Inf and is replaced by zeros on the device (nothing is read on the host). Weights that are not
-    float32 are updated in a float32 copy and written back in their own dtype.
+    NaN/Inf and is replaced by zeros on the device (nothing is read on the host). A weight that is not
+    float32 is updated a block of rows at a time through a small float32 buffer, as in
+    :func:`apply_lowrank_update`, and written back in its own dtype.
     """
-    step = torch.where(finite, update.mul_(scale), 0.0)
-    target = param if param.dtype == torch.float32 else param.float()
-    if weight_decay != 0.0:
-        target.mul_(torch.where(finite, 1.0 - lr * weight_decay, 1.0))
-    target.sub_(step, alpha=lr)
-    if target is not param:
-        param.copy_(target)
+    update.mul_(scale)
+    factor = torch.where(finite, 1.0 - lr * weight_decay, 1.0) if weight_decay != 0.0 else None
+    blocks = [(slice(None), param)] if param.dtype == torch.float32 else float32_row_blocks(param, block_values)
+    for rows, target in blocks:
+        if factor is not None:
+            target.mul_(factor)
+        target.sub_(torch.where(finite, update[rows], 0.0), alpha=lr)
+        if target is not param:
+            param[rows].copy_(target)

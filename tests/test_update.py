@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from galore_plus.update import apply_lowrank_update
+from galore_plus.update import apply_full_update, apply_lowrank_update
 
 TRUE, FALSE = torch.tensor(True), torch.tensor(False)
 
@@ -69,3 +69,26 @@ def test_a_transposed_bfloat16_weight_is_updated_through_its_view():
     apply_lowrank_update(stored.t(), direction, basis, "right", 0.5, 0.2, 1.0, TRUE, block_values=3 * 16)
     exact = exact_update(start, direction, basis, 0.9, -0.5)
     assert ((stored.t().double() - exact).abs() <= rounding_bound(start, direction, basis, exact, -0.5)).all()
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(m=st.integers(1, 60), n=st.integers(1, 30), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       block_values=st.sampled_from([None, 1, 50, 300]), weight_decay=st.sampled_from([0.0, 0.2]),
+       seed=st.integers(0, 2**16))
+def test_full_size_update_in_row_blocks_matches_the_float64_update(m, n, dtype, block_values, weight_decay, seed):
+    """p (1 - lr wd) - lr scale U (Fira's full-size update) within one rounding of float64; a step that is not
+    finite (NaN in U) leaves p unchanged bit for bit."""
+    generator = torch.Generator().manual_seed(seed)
+    param = torch.randn(m, n, generator=generator).to(dtype)
+    update = torch.randn(m, n, generator=generator)
+    start = param.clone()
+    lr, scale = 0.5, torch.tensor(0.8)
+    exact = start.double() * (1 - lr * weight_decay) - lr * 0.8 * update.double()
+    terms = start.double().abs() + lr * 0.8 * update.double().abs()
+    apply_full_update(param, update.clone(), lr, weight_decay, scale, TRUE, block_values=block_values)
+    assert param.dtype == dtype and not torch.equal(param, start)
+    assert ((param.double() - exact).abs() <= torch.finfo(dtype).eps * exact.abs() + 1e-6 * terms).all()
+    skipped = start.clone()
+    update[0, 0] = float("nan")
+    apply_full_update(skipped, update, lr, weight_decay, scale, FALSE, block_values=block_values)
+    assert torch.equal(skipped, start)
