@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--residual-warmup", type=int, default=1,
                         help="steps before the residual index set is chosen (default 1, so that steps 2+ hold the "
                              "steady-state optimizer state the estimator counts; training default is 10)")
+    parser.add_argument("--full-rank-residual", choices=["on", "off"],
+                        help="Fira's full-rank residual on projected groups (default: the groups' own default, "
+                             "on for GaLore+'s cross_head/randomized projectors)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--budget-gib", type=float, default=total / GIB,
                         help=f"refuse methods whose estimate exceeds this (default: this machine, {total / GIB:.1f})")
@@ -90,6 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="torch.set_num_threads for the whole run (default: torch's choice). On a loaded machine "
                              "1 can be much faster: every parallel operation waits for all its OpenMP threads")
     args = parser.parse_args(argv)
+    args.full_rank_residual = {None: None, "on": True, "off": False}[args.full_rank_residual]
     if args.model is None and args.config is None:
         args.model = "llama2-7b"
     if args.steps < 1 or min(args.tokens) < 2 or args.batch < 1 or (args.threads is not None and args.threads < 1):
@@ -97,12 +101,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def training_groups(model: nn.Module, method: str, rank: int, residual_ratio: float, residual_warmup: int) -> list[dict]:
-    """``galore_plus.memory``'s parameter groups of a method, with the residual warmup set on projected groups."""
+def training_groups(model: nn.Module, method: str, rank: int, residual_ratio: float, residual_warmup: int,
+                    full_rank_residual: bool | None = None) -> list[dict]:
+    """``galore_plus.memory``'s parameter groups of a method, with the residual warmup set on projected groups
+    and, unless None (the groups' default: on for GaLore+'s projectors), ``full_rank_residual``."""
     groups = method_groups(model, method, rank, residual_ratio)
     for group in groups:
         if "rank" in group:
             group["residual_warmup"] = residual_warmup
+            if full_rank_residual is not None:
+                group["full_rank_residual"] = full_rank_residual
     return groups
 
 
@@ -117,7 +125,8 @@ def check_budget(config: Any, args: argparse.Namespace) -> MemoryEstimate:
     """The estimate of the chosen method on a meta-device model; raises SystemExit when it exceeds the budget."""
     method, bits = METHODS[args.method]
     meta = build_meta_model(config, DTYPE)
-    estimate = estimate_memory(training_groups(meta, method, args.rank, args.residual_ratio, args.residual_warmup),
+    estimate = estimate_memory(training_groups(meta, method, args.rank, args.residual_ratio, args.residual_warmup,
+                                               args.full_rank_residual),
                                bits, per_layer=not args.no_per_layer)
     if estimate.total > args.budget_gib * GIB:
         raise SystemExit(
@@ -487,7 +496,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        groups = training_groups(model, method, args.rank, args.residual_ratio, args.residual_warmup)
+        groups = training_groups(model, method, args.rank, args.residual_ratio, args.residual_warmup,
+                                 args.full_rank_residual)
     optimizer = GaLorePlusAdamW(groups, lr=args.lr, optim_bits=bits, seed=args.seed)
     clock = OptimizerClock([p for p in model.parameters() if p.requires_grad],
                            [p for group in groups if "rank" in group for p in group["params"]])

@@ -137,3 +137,8 @@ def test_product_timing_runs_the_products_the_step_needs(full_rank, products):
         with CountProducts():
             fit_7b.projection_product_seconds(Counter({((64, 32), basis_shape, full_rank): 5}), repeats=1)
         assert CountProducts.calls == products
+
+
+def test_full_rank_residual_can_be_switched_off_and_the_products_follow(tiny_config, tmp_path):
+    record = run(tiny_config, tmp_path, "--steps", "1", "--full-rank-residual", "off", "--skip-refresh-comparison")
+    assert record["projection_products"] == "R and U, 4 m n r flops per weight"
