@@ -23,7 +23,8 @@ deliberate: weight decay is applied in ``torch.optim.AdamW``'s order (the old we
 so ``proj_type="reverse_std"`` works (``apollo_torch`` picks the axis from the shape alone and then
 fails to broadcast).
 
-Registered as ``UPDATE_RULES["apollo"]`` (``update_rules.apollo_rule``; group keys ``update_rule="apollo"``,
+Registered as ``UPDATE_RULES["apollo"]`` (direction :func:`apollo_moments_direction`, rule
+``update_rules.apollo_rule``; group keys ``update_rule="apollo"``,
 ``scale_type``, ``scale``). Presets: :data:`galore_plus.presets.APOLLO` and ``APOLLO_MINI``.
 Everything here stays on the device: no value is read back to the host.
 """
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .full_rank_residual import adam_bias_factor, residual_scaling
+from .lowrank_adam import update_moments
 from .projectors import Side
 
 SCALE_TYPES = ("channel", "tensor")
@@ -46,6 +48,15 @@ NORM_EPS = 1e-8
 def apollo_direction(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float) -> Tensor:
     """N = M / (sqrt(V) + eps), from moments already updated with this step's low-rank gradient."""
     return exp_avg / exp_avg_sq.sqrt().add_(eps)
+
+
+def apollo_moments_direction(
+    low_rank_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: float, beta2: float, eps: float
+) -> Tensor:
+    """Steps 1-2: update the moments in place with R and return :func:`apollo_direction` (``step`` is not used:
+    the bias corrections go into :func:`apollo_step_size`). The direction of ``UPDATE_RULES["apollo"]``."""
+    update_moments(low_rank_grad, exp_avg, exp_avg_sq, beta1, beta2)
+    return apollo_direction(exp_avg, exp_avg_sq, eps)
 
 
 def apollo_step_size(lr: float, step: int, beta1: float, beta2: float) -> float:

@@ -7,8 +7,8 @@ which rows are local, how the rows a refresh reads are gathered, the sum of the 
 gradient over ranks, the cross-rank agreement on finiteness, and how moment zeros are made.
 
 Order of a step: schedule -> refresh (or the stored basis) -> R = P^T G | G Q^T -> moments (8-bit:
-dequantised) -> refresh hooks -> Adam direction N -> finiteness -> sparse residual at I -> update
-rule -> residual written -> moments stored (8-bit: quantised).
+dequantised) -> refresh hooks -> moments updated and the update rule's direction N -> finiteness ->
+sparse residual at I -> update rule -> residual written -> moments stored (8-bit: quantised).
 
 A step without a refresh reads nothing on the host: finiteness is a 0-d bool tensor on the device.
 When R, N or V is not finite, ``torch.where`` keeps the old moments, N is zeroed and the update
@@ -21,7 +21,8 @@ Extension points (plain dicts, lists and functions):
 
 * a projector: an entry of ``projectors.PROJECTORS`` (a :class:`~galore_plus.projectors.Projector`:
   basis function, the gradient rows it reads, fixed side, whether the basis is stored);
-* an update rule: an entry of ``update_rules.UPDATE_RULES``, chosen by the group's ``update_rule``;
+* an update rule: an entry of ``update_rules.UPDATE_RULES`` (an :class:`~galore_plus.update_rules.UpdateRule`:
+  the direction N it reads and how it writes the weight), chosen by the group's ``update_rule``;
 * a refresh hook: a function listed in :data:`REFRESH_HOOKS` (moment transfer is one),
   ``hook(exp_avg, exp_avg_sq, previous, basis, side, state, group)``, called at every refresh that
   replaces a basis, with this process's float32 moments (written in place, e.g. a change of
@@ -39,7 +40,6 @@ from torch import Tensor
 
 from . import quant
 from .basis_quant import basis_shape, store_basis, stored_basis
-from .dispatch import lowrank_adam_direction
 from .finite import all_finite
 from .moment_transfer import transfer_moments_at_refresh
 from .projectors import PROJECTORS, Shape, Side, basis_generator, project, projection_side
@@ -201,15 +201,16 @@ def step_projected_weight(
     before = [moment.clone() for moment in moments]
     state["step"] = step
     beta1, beta2 = group["betas"]
-    direction = lowrank_adam_direction(low_rank, *moments, step, beta1, beta2, group["eps"])
-    finite = layout.all_ranks(all_finite(low_rank, direction, moments[1]))
+    rule = UPDATE_RULES[group["update_rule"]]
+    direction = rule.direction(low_rank, *moments, step, beta1, beta2, group["eps"])
+    # R need not be checked: beta2 < 1, so a non-finite R makes V = b2 V + (1 - b2) R^2 non-finite
+    finite = layout.all_ranks(all_finite(direction, moments[1]))
     for moment, old in zip(moments, before):
-        moment.copy_(torch.where(finite, moment, old))
+        torch.where(finite, moment, old, out=moment)
     direction = torch.where(finite, direction, 0.0)
     weight = layout.weight()
     residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite)
-    UPDATE_RULES[group["update_rule"]](UpdateInputs(weight, layout.shape, grad, low_rank, direction, local_basis, side, step, finite),
-                                       state, group)
+    rule.apply(UpdateInputs(weight, layout.shape, grad, low_rank, direction, local_basis, side, step, finite), state, group)
     if residual is not None:
         write_residual(weight, residual)
     context.skipped.add(context.label, finite if residual is None else residual.finite)

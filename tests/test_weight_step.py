@@ -104,7 +104,7 @@ def test_a_registered_update_rule_gets_the_step_and_replaces_the_galore_update(m
         state["rule_calls"] = state.get("rule_calls", 0) + 1
         inputs.weight.sub_(group["lr"] * inputs.grad.sign())
 
-    monkeypatch.setitem(update_rules.UPDATE_RULES, "sign", sign_descent)
+    monkeypatch.setitem(update_rules.UPDATE_RULES, "sign", update_rules.UpdateRule(sign_descent))
     weight = torch.nn.Parameter(torch.randn(10, 6))
     start = weight.detach().clone()
     opt = GaLorePlusAdamW([{"params": [weight], "rank": 3, "update_rule": "sign", "projector": "svd"}], lr=0.1)
