@@ -11,8 +11,8 @@ dequantised) -> refresh hooks -> moments updated and the update rule's direction
 sparse residual at I -> update rule -> residual written -> moments stored (8-bit: quantised).
 
 A step without a refresh reads nothing on the host: finiteness is a 0-d bool tensor on the device.
-When R, N or V is not finite, ``torch.where`` keeps the old moments, N is zeroed and the update
-rule leaves the weight unchanged (the residual likewise keeps its moments and p at I). The step
+When R, N or V is not finite, ``torch.where`` keeps the old moments and the update rule leaves
+the weight unchanged (masking N, which may then be non-finite, where it multiplies it in) (the residual likewise keeps its moments and p at I). The step
 still counts in t (the schedule and bias corrections are host ints), and each skip adds one to a
 device-side counter (:class:`SkippedSteps`) that is read, with one warning per optimizer, at the
 next refresh or ``state_dict()``.
@@ -207,7 +207,6 @@ def step_projected_weight(
     finite = layout.all_ranks(all_finite(direction, moments[1]))
     for moment, old in zip(moments, before):
         torch.where(finite, moment, old, out=moment)
-    direction = torch.where(finite, direction, 0.0)
     weight = layout.weight()
     residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite)
     rule.apply(UpdateInputs(weight, layout.shape, grad, low_rank, direction, local_basis, side, step, finite), state, group)
