@@ -88,22 +88,28 @@ class SkippedSteps:
     """Device-side counts of skipped weight steps per parameter group; only :meth:`report` reads them."""
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[str, torch.device], Tensor] = {}
+        self.kept: dict[tuple[str, torch.device], Tensor] = {}
+        self.steps: dict[tuple[str, torch.device], int] = {}
 
     def add(self, label: str, kept: Tensor) -> None:
-        """Count one skipped step of a weight of group ``label`` when the 0-d bool ``kept`` is False."""
+        """Count one weight step of group ``label``, skipped when the 0-d bool ``kept`` is False.
+
+        Steps are counted on the host and kept ones on the device (one addition, no host read).
+        """
         key = (label, kept.device)
-        if key in self.counts:
-            self.counts[key].add_(~kept)
+        if key in self.kept:
+            self.kept[key].add_(kept)
         else:
-            self.counts[key] = (~kept).to(torch.int64)
+            self.kept[key] = kept.to(torch.int64)
+        self.steps[key] = self.steps.get(key, 0) + 1
 
     def report(self, warn: Warn) -> None:
         """Read the counts (a host synchronisation), warn if any step was skipped, and reset them."""
         skipped = {}
-        for (label, _), count in self.counts.items():
-            skipped[label] = skipped.get(label, 0) + int(count)
-        self.counts.clear()
+        for (label, device), kept in self.kept.items():
+            skipped[label] = skipped.get(label, 0) + self.steps[label, device] - int(kept)
+        self.kept.clear()
+        self.steps.clear()
         skipped = {label: count for label, count in skipped.items() if count}
         if skipped:
             where = ", ".join(f"{label} ({count})" for label, count in skipped.items())
