@@ -100,9 +100,14 @@ def apollo_factor(
     scaling = gradient_scaling(direction, low_rank_grad, side, scale_type)
     norm = scaled_norm(grad, scaling)
     if previous_norm is None:
-        return scaling * math.sqrt(scale), norm
+        return times(scaling, math.sqrt(scale)), norm
     divisor = norm_growth_divisor(norm, previous_norm)
-    return scaling * (math.sqrt(scale) / divisor), norm / divisor
+    return scaling * times(divisor.reciprocal(), math.sqrt(scale)), norm / divisor
+
+
+def times(tensor: Tensor, number: float) -> Tensor:
+    """``tensor * number``, or ``tensor`` itself when ``number`` is 1 (the same values: x * 1 is exact)."""
+    return tensor if number == 1.0 else tensor * number
 
 
 def apply_scaled_gradient(
