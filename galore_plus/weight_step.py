@@ -44,7 +44,9 @@ from .finite import all_finite
 from .moment_transfer import transfer_moments_at_refresh
 from .projectors import PROJECTORS, Shape, Side, basis_generator, project, projection_side
 from .refresh import Warn, refreshed_basis
-from .refresh_schedule import after_refresh, max_gap, overlap_value, schedule_from_state, store_schedule
+from .refresh_schedule import (
+    after_refresh, fixed_refresh_count, max_gap, overlap_value, schedule_from_state, store_schedule,
+)
 from .residual_state import residual_update, write_residual
 from .update_rules import UPDATE_RULES, UpdateInputs
 
@@ -132,7 +134,8 @@ class StepContext:
 def basis_schedule(state: dict[str, Any], group: dict[str, Any], step: int) -> tuple[int, bool]:
     """(refresh count of the basis used at step t >= 1, whether step t computes it).
 
-    Fixed gap: t - 1 = count * gap + 0. Adaptive gap (``adaptive_gap``): the weight's own
+    Fixed gap: from :func:`~galore_plus.refresh_schedule.fixed_refresh_count` (refreshes done by the
+    end of steps t and t - 1). Adaptive gap (``adaptive_gap``): the weight's own
     :class:`~galore_plus.refresh_schedule.RefreshSchedule` in ``state`` says when.
     """
     if group["adaptive_gap"]:
@@ -140,7 +143,8 @@ def basis_schedule(state: dict[str, Any], group: dict[str, Any], step: int) -> t
         refresh = step >= schedule.next_step
         return (schedule.count if refresh else schedule.count - 1), refresh
     gap = group["update_proj_gap"]
-    return (step - 1) // gap, (step - 1) % gap == 0
+    done = fixed_refresh_count(step, gap)
+    return done - 1, done > fixed_refresh_count(step - 1, gap)
 
 
 def record_refresh(state: dict[str, Any], group: dict[str, Any], step: int, previous: Tensor | None, basis: Tensor | None,
