@@ -80,26 +80,22 @@ class UpdateRule:
 
 
 def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """GaLore's rule: decoupled weight decay, then lr * scale times P N, or P N + S with the full-rank residual.
-
-    N is zeroed first where ``inputs.finite`` is False (``apply_lowrank_update`` multiplies it in unmasked).
-    """
-    direction = torch.where(inputs.finite, inputs.direction, 0.0)
+    """GaLore's rule: decoupled weight decay, then lr * scale times P N, or P N + S with the full-rank residual."""
     if not group["full_rank_residual"]:
         scale = group["scale"]
         if scale == AUTO:
             scale = lowrank_auto_scale(inputs.shape, group["rank"], inputs.side)
-        apply_lowrank_update(inputs.weight, direction, inputs.basis, inputs.side, group["lr"],
+        apply_lowrank_update(inputs.weight, inputs.direction, inputs.basis, inputs.side, group["lr"],
                              group["weight_decay"], scale, inputs.finite)
         return
     beta1, beta2 = group["betas"]
     previous = state.get("residual_norm", torch.full((), math.inf, device=inputs.grad.device))
     update, norm = norm_scaled_update(
-        inputs.grad, inputs.low_rank, direction, inputs.basis, inputs.side, previous,
+        inputs.grad, inputs.low_rank, inputs.direction, inputs.basis, inputs.side, previous,
         group["norm_growth_limit"], adam_bias_factor(inputs.step, beta1, beta2),
     )
     state["residual_norm"] = torch.where(inputs.finite, norm, previous)
-    scale = rms_matching_scale(direction, update) if group["scale"] == AUTO else group["scale"]
+    scale = rms_matching_scale(inputs.direction, update) if group["scale"] == AUTO else group["scale"]
     apply_full_update(inputs.weight, update, group["lr"], group["weight_decay"], scale, inputs.finite)
 
 
