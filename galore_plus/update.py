@@ -16,11 +16,12 @@ def apply_lowrank_update(
 
     The full-size update U = scale * (P N or N Q) is never stored: ``addmm_`` computes
     ``beta * p + alpha * (a @ b)`` in one BLAS call. ``finite`` is a 0-d bool tensor on the
-    weight's device and ``direction`` is zero where it is False; the weight decay factor is then
-    masked on the device (one extra elementwise pass, only when ``weight_decay`` is non-zero), so
-    nothing is read on the host. Weights that are not float32 are updated in a float32 copy and
-    written back in their own dtype.
+    weight's device; where it is False ``direction`` (which may then hold NaN/Inf) is replaced by
+    zeros and the weight decay factor is masked (one extra elementwise pass, only when
+    ``weight_decay`` is non-zero), on the device, so nothing is read on the host. Weights that are
+    not float32 are updated in a float32 copy and written back in their own dtype.
     """
+    direction = torch.where(finite, direction, 0.0)
     a, b = (basis, direction) if side == "left" else (direction, basis)
     decay, alpha = 1.0 - lr * weight_decay, -lr * scale
     target = param if param.dtype == torch.float32 else param.float()
