@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 
 from galore_plus.basis_quant import dequantize_basis, quantize_basis
-from galore_plus.projectors import basis_generator, cross_head_basis, project, randomized_basis, svd_basis
+from galore_plus.group_options import PROJECTED_GROUP_DEFAULTS
+from galore_plus.projectors import PROJECTORS, basis_generator, project, randomized_basis, svd_basis
 
 SHAPES = {
     "7b": [("q_proj", 4096, 4096, 32), ("up_proj", 11008, 4096, None)],
@@ -54,6 +55,14 @@ def svd_lowrank_basis(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     """torch.svd_lowrank with the same oversampling and power iterations as our default randomized."""
     u, _, v = torch.svd_lowrank(grad, q=rank + 8, niter=2)
     return u[:, :rank] if side == "left" else v[:, :rank].t()
+
+
+def cross_head_basis(grad: torch.Tensor, rank: int, heads: int, generator: torch.Generator) -> torch.Tensor:
+    """The optimizer's ``cross_head`` basis of ``grad`` (rows of the chosen heads, then their SVD), through the registry."""
+    group = {**PROJECTED_GROUP_DEFAULTS, "rank": rank, "num_heads": heads}
+    projector, shape = PROJECTORS["cross_head"], tuple(grad.shape)
+    rows = projector.rows(group, shape, generator)
+    return projector.basis(grad.index_select(0, rows), shape, group, "right", generator, None)
 
 
 def energy(grad: torch.Tensor, basis: torch.Tensor, side: str) -> float:

@@ -52,6 +52,7 @@ LAYERS = {
     "llama-7b": (4096, 11008, 32, 32),
     "llama-130m": (768, 2048, 12, 12),
     "tiny": (64, 176, 4, 2),
+    "finetune-small": (128, 352, 4, 4),  # a layer of the main job's default model (benchmarks/models.py "small")
 }
 
 LEVERS = {
@@ -140,8 +141,9 @@ def optimizers(weights, rank, gap, heads, kv_heads):
             galore_plus_groups(weights, rank, gap, heads, kv_heads, projector), lr=1e-5)
     yield RANDOM_LABEL, lambda: GaLorePlusAdamW(
         [{"params": params, "rank": rank, "update_proj_gap": gap, "projector": "random"}], lr=1e-5)
+    # weight_decay=0 as apollo_torch's default (ours is 0.01: one more full-size pass, not a like-for-like comparison)
     yield "GaLorePlusAdamW APOLLO", lambda: GaLorePlusAdamW(
-        [{"params": params, "rank": rank, **APOLLO, "update_proj_gap": gap}], lr=1e-5)
+        [{"params": params, "rank": rank, **APOLLO, "update_proj_gap": gap}], lr=1e-5, weight_decay=0.0)
     try:
         from apollo_torch import APOLLOAdamW
     except ImportError:

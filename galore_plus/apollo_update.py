@@ -23,7 +23,8 @@ deliberate: weight decay is applied in ``torch.optim.AdamW``'s order (the old we
 so ``proj_type="reverse_std"`` works (``apollo_torch`` picks the axis from the shape alone and then
 fails to broadcast).
 
-Registered as ``UPDATE_RULES["apollo"]`` (``update_rules.apollo_rule``; group keys ``update_rule="apollo"``,
+Registered as ``UPDATE_RULES["apollo"]`` (direction :func:`apollo_moments_direction`, rule
+``update_rules.apollo_rule``; group keys ``update_rule="apollo"``,
 ``scale_type``, ``scale``). Presets: :data:`galore_plus.presets.APOLLO` and ``APOLLO_MINI``.
 Everything here stays on the device: no value is read back to the host.
 """
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .full_rank_residual import adam_bias_factor, residual_scaling
+from .lowrank_adam import update_moments
 from .projectors import Side
 
 SCALE_TYPES = ("channel", "tensor")
@@ -46,6 +48,15 @@ NORM_EPS = 1e-8
 def apollo_direction(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float) -> Tensor:
     """N = M / (sqrt(V) + eps), from moments already updated with this step's low-rank gradient."""
     return exp_avg / exp_avg_sq.sqrt().add_(eps)
+
+
+def apollo_moments_direction(
+    low_rank_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: float, beta2: float, eps: float
+) -> Tensor:
+    """Steps 1-2: update the moments in place with R and return :func:`apollo_direction` (``step`` is not used:
+    the bias corrections go into :func:`apollo_step_size`). The direction of ``UPDATE_RULES["apollo"]``."""
+    update_moments(low_rank_grad, exp_avg, exp_avg_sq, beta1, beta2)
+    return apollo_direction(exp_avg, exp_avg_sq, eps)
 
 
 def apollo_step_size(lr: float, step: int, beta1: float, beta2: float) -> float:
@@ -89,9 +100,14 @@ def apollo_factor(
     scaling = gradient_scaling(direction, low_rank_grad, side, scale_type)
     norm = scaled_norm(grad, scaling)
     if previous_norm is None:
-        return scaling * math.sqrt(scale), norm
+        return times(scaling, math.sqrt(scale)), norm
     divisor = norm_growth_divisor(norm, previous_norm)
-    return scaling * (math.sqrt(scale) / divisor), norm / divisor
+    return scaling * times(divisor.reciprocal(), math.sqrt(scale)), norm / divisor
+
+
+def times(tensor: Tensor, number: float) -> Tensor:
+    """``tensor * number``, or ``tensor`` itself when ``number`` is 1 (the same values: x * 1 is exact)."""
+    return tensor if number == 1.0 else tensor * number
 
 
 def apply_scaled_gradient(
@@ -99,13 +115,14 @@ def apply_scaled_gradient(
 ) -> None:
     """p <- p * weight_decay_factor - step_size * f G in place, or p unchanged when the 0-d bool ``finite`` is False.
 
-    Float32 arithmetic for any weight dtype; a non-finite G or f of a skipped step is never multiplied in.
+    Float32 arithmetic for any weight dtype. A skipped step multiplies by f = 0 and by G with its
+    non-finite entries replaced by 0 (``nan_to_num``, the identity on a finite G: a full-size pass
+    several times cheaper on a CPU than ``torch.where`` with a 0-d condition), so it adds exactly zero.
     """
-    masked_grad, masked_factor = torch.where(finite, grad, 0.0), torch.where(finite, factor, 0.0)
-    decay = torch.where(finite, weight_decay_factor, 1.0)
     target = param if param.dtype == torch.float32 else param.float()
     if weight_decay_factor != 1.0:
-        target.mul_(decay)
-    target.addcmul_(masked_grad, masked_factor, value=-step_size)
+        target.mul_(torch.where(finite, weight_decay_factor, 1.0))
+    target.addcmul_(torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), torch.where(finite, factor, 0.0),
+                    value=-step_size)
     if target is not param:
         param.copy_(target)

@@ -200,23 +200,6 @@ def shared_head_basis(
     return randomized_basis(rows, rank, "right", generator, oversample, power_iters, previous)
 
 
-def cross_head_basis(
-    grad: Tensor,
-    rank: int,
-    num_heads: int,
-    generator: torch.Generator,
-    head_projector: str = "svd",
-    oversample: int = 8,
-    power_iters: int = 2,
-    previous: Tensor | None = None,
-) -> Tensor:
-    """Input-side basis (rank, n) shared by all heads, from ceil(rank / head_dim) chosen heads' rows."""
-    head_dim = grad.shape[0] // num_heads
-    heads = cross_head_choice(num_heads, head_dim, rank, generator)
-    rows = head_rows(grad, num_heads, heads)
-    return shared_head_basis(rows, rank, generator, head_projector, oversample, power_iters, previous)
-
-
 def random_orthonormal_basis(shape: tuple[int, int], rank: int, side: Side, generator: torch.Generator, device: torch.device) -> Tensor:
     """A random orthonormal basis: the fallback when no decomposition of the gradient is usable."""
     m, n = shape

@@ -17,13 +17,15 @@ def apply_lowrank_update(
 
     The full-size update U = scale * (P N or N Q) is never stored: ``addmm_`` computes
     ``p + alpha * (a @ b)`` in one BLAS call. ``finite`` is a 0-d bool tensor on the
-    weight's device and ``direction`` is zero where it is False; the weight decay factor is then
-    masked on the device (one extra elementwise pass, only when ``weight_decay`` is non-zero), so
-    nothing is read on the host. A weight that is not float32 is updated a block of rows at a time
-    (:func:`~galore_plus.row_blocks.float32_row_blocks`, about ``block_values`` values): the rows are
-    decayed and updated in a small float32 buffer and written back in the weight's dtype, so no float32
-    copy of the whole weight is made. Rows of U are rows of ``a`` times ``b`` on both sides.
+    weight's device; where it is False ``direction`` (which may then hold NaN/Inf) is replaced by
+    zeros and the weight decay factor is masked (one extra elementwise pass, only when
+    ``weight_decay`` is non-zero), on the device, so nothing is read on the host. A weight that is
+    not float32 is updated a block of rows at a time (:func:`~galore_plus.row_blocks.float32_row_blocks`,
+    about ``block_values`` values): the rows are decayed and updated in a small float32 buffer and
+    written back in the weight's dtype, so no float32 copy of the whole weight is made. Rows of U are
+    rows of ``a`` times ``b`` on both sides.
     """
+    direction = torch.where(finite, direction, 0.0)
     a, b = (basis, direction) if side == "left" else (direction, basis)
     decay, alpha = 1.0 - lr * weight_decay, -lr * scale
     factor = torch.where(finite, decay, 1.0) if decay != 1.0 else None

@@ -1,10 +1,11 @@
 """Update rules: how a weight is changed from its low-rank Adam direction (a group's ``update_rule`` key).
 
-A rule is a function ``rule(inputs, state, group) -> None`` that writes ``inputs.weight`` in place.
-It sees everything one weight's step has computed (:class:`UpdateInputs`, all local to this
+A rule is an :class:`UpdateRule`: the Adam direction N it reads, and a function
+``apply(inputs, state, group) -> None`` that writes ``inputs.weight`` in place.
+``apply`` sees everything one weight's step has computed (:class:`UpdateInputs`, all local to this
 process's rows of a sharded weight), the weight's optimizer state (a rule may keep tensors or
 plain values of its own there; they are checkpointed with the rest) and the parameter group.
-A rule must leave the weight unchanged when ``inputs.finite`` (a 0-d bool tensor on the device)
+It must leave the weight unchanged when ``inputs.finite`` (a 0-d bool tensor on the device)
 is False, without reading it on the host (``torch.where`` on the device: the step must not
 synchronise), and must never write a non-finite value.
 
@@ -13,8 +14,10 @@ synchronise), and must never write a non-finite value.
   norm-scaled residual S (:mod:`galore_plus.full_rank_residual`, the limiter's norm kept as
   ``state["residual_norm"]``);
   ``scale="auto"`` resolves as in :mod:`galore_plus.auto_scale`.
+  N is Adam's bias-corrected direction (:func:`galore_plus.dispatch.lowrank_adam_direction`).
 * ``"apollo"``: the gradient scaled per channel or per tensor by ||N|| / ||R||, norm-growth limited
   (APOLLO; :mod:`galore_plus.apollo_update`, group key ``scale_type``; ``scale`` enters as its square root).
+  N = M / (sqrt(V) + eps), without bias correction (:func:`galore_plus.apollo_update.apollo_moments_direction`).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .apollo_update import apollo_direction, apollo_factor, apollo_step_size, apply_scaled_gradient
+from .apollo_update import apollo_factor, apollo_moments_direction, apollo_step_size, apply_scaled_gradient
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
+from .dispatch import lowrank_adam_direction
 from .full_rank_residual import Norm, adam_bias_factor, norm_scaled_update
 from .projectors import Shape, Side
 from .update import apply_full_update, apply_lowrank_update
@@ -40,8 +44,9 @@ class UpdateInputs:
     ``weight``: the parameter (transposed to (m, n) for ``transposed`` groups), any float dtype;
     ``shape``: (m, n) of the whole weight (a sharded weight's ``weight`` holds some of its rows);
     ``grad``: its float32 gradient (may hold NaN/Inf: then ``finite`` is False); ``low_rank``:
-    R = P^T G | G Q^T (summed over ranks on the left side); ``direction``: N, the Adam direction
-    of R, zero where ``finite`` is False; ``basis``: P (these rows) | Q; ``step``: t >= 1;
+    R = P^T G | G Q^T (summed over ranks on the left side); ``direction``: N, the rule's Adam
+    direction of R (when ``finite`` is False it may hold NaN/Inf: a rule masks what it multiplies
+    in); ``basis``: P (these rows) | Q; ``step``: t >= 1;
     ``finite``: a 0-d bool tensor on the weight's device, False when this step must leave the
     weight unchanged; ``norm``: the Frobenius norm of a weight-shaped tensor of which this process
     holds ``weight``'s rows, over the whole weight (a sum over ranks for a sharded weight).
@@ -59,7 +64,22 @@ class UpdateInputs:
     norm: Norm = torch.linalg.vector_norm
 
 
-UpdateRule = Callable[[UpdateInputs, dict[str, Any], dict[str, Any]], None]
+ApplyFunction = Callable[[UpdateInputs, dict[str, Any], dict[str, Any]], None]
+DirectionFunction = Callable[[Tensor, Tensor, Tensor, int, float, float, float], Tensor]
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """One entry of :data:`UPDATE_RULES`.
+
+    * ``apply(inputs, state, group)``: writes ``inputs.weight`` (see the module docstring);
+    * ``direction(low_rank, exp_avg, exp_avg_sq, step, beta1, beta2, eps)``: updates the two
+      moments in place with this step's low-rank gradient R and returns the direction N that
+      ``apply`` reads as ``inputs.direction`` (the step also checks that N is finite).
+    """
+
+    apply: ApplyFunction
+    direction: DirectionFunction = lowrank_adam_direction
 
 
 def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -84,20 +104,22 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
 
 
 def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """APOLLO's rule: steps 2-5 of :mod:`galore_plus.apollo_update`'s docstring on one weight.
+    """APOLLO's rule: steps 3-5 of :mod:`galore_plus.apollo_update`'s docstring on one weight.
 
-    Reads the moments this step has already updated (``state["exp_avg"]``, ``state["exp_avg_sq"]``)
-    and keeps the limiter's norm as ``state["apollo_norm"]``. When ``inputs.finite`` is False the
+    ``inputs.direction`` is APOLLO's N (:func:`~galore_plus.apollo_update.apollo_moments_direction`);
+    the limiter's norm is kept as ``state["apollo_norm"]``. When ``inputs.finite`` is False the
     weight and the stored norm are left as they were (``inf`` stands for "no norm yet": it limits nothing).
     """
     beta1, beta2 = group["betas"]
-    direction = apollo_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
     previous = state.get("apollo_norm")
-    factor, norm = apollo_factor(inputs.grad, inputs.low_rank, direction, inputs.side, group["scale_type"],
+    factor, norm = apollo_factor(inputs.grad, inputs.low_rank, inputs.direction, inputs.side, group["scale_type"],
                                  group["scale"], previous)
     kept = previous if previous is not None else torch.full_like(norm, math.inf)
     state["apollo_norm"] = torch.where(inputs.finite, norm, kept)
     apply_scaled_gradient(inputs.weight, inputs.grad, factor, apollo_step_size(group["lr"], inputs.step, beta1, beta2),
                           1.0 - group["lr"] * group["weight_decay"], inputs.finite)
 
-UPDATE_RULES: dict[str, UpdateRule] = {"galore": galore_update, "apollo": apollo_rule}
+UPDATE_RULES: dict[str, UpdateRule] = {
+    "galore": UpdateRule(galore_update),
+    "apollo": UpdateRule(apollo_rule, direction=apollo_moments_direction),
+}

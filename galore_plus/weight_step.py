@@ -7,12 +7,12 @@ which rows are local, how the rows a refresh reads are gathered, the sum of the 
 gradient over ranks, the cross-rank agreement on finiteness, and how moment zeros are made.
 
 Order of a step: schedule -> refresh (or the stored basis) -> R = P^T G | G Q^T -> moments (8-bit:
-dequantised) -> refresh hooks -> Adam direction N -> finiteness -> sparse residual at I -> update
-rule -> residual written -> moments stored (8-bit: quantised).
+dequantised) -> refresh hooks -> moments updated and the update rule's direction N -> finiteness ->
+sparse residual at I -> update rule -> residual written -> moments stored (8-bit: quantised).
 
 A step without a refresh reads nothing on the host: finiteness is a 0-d bool tensor on the device.
-When R, N or V is not finite, ``torch.where`` keeps the old moments, N is zeroed and the update
-rule leaves the weight unchanged (the residual likewise keeps its moments and p at I). The step
+When R, N or V is not finite, ``torch.where`` keeps the old moments and the update rule leaves
+the weight unchanged (masking N, which may then be non-finite, where it multiplies it in) (the residual likewise keeps its moments and p at I). The step
 still counts in t (the schedule and bias corrections are host ints), and each skip adds one to a
 device-side counter (:class:`SkippedSteps`) that is read, with one warning per optimizer, at the
 next refresh or ``state_dict()``.
@@ -21,7 +21,8 @@ Extension points (plain dicts, lists and functions):
 
 * a projector: an entry of ``projectors.PROJECTORS`` (a :class:`~galore_plus.projectors.Projector`:
   basis function, the gradient rows it reads, fixed side, whether the basis is stored);
-* an update rule: an entry of ``update_rules.UPDATE_RULES``, chosen by the group's ``update_rule``;
+* an update rule: an entry of ``update_rules.UPDATE_RULES`` (an :class:`~galore_plus.update_rules.UpdateRule`:
+  the direction N it reads and how it writes the weight), chosen by the group's ``update_rule``;
 * a refresh hook: a function listed in :data:`REFRESH_HOOKS` (moment transfer is one),
   ``hook(exp_avg, exp_avg_sq, previous, basis, side, state, group)``, called at every refresh that
   replaces a basis, with this process's float32 moments (written in place, e.g. a change of
@@ -39,12 +40,13 @@ from torch import Tensor
 
 from . import quant
 from .basis_quant import basis_shape, store_basis, stored_basis
-from .dispatch import lowrank_adam_direction
 from .finite import all_finite
 from .moment_transfer import transfer_moments_at_refresh
 from .projectors import PROJECTORS, Shape, Side, basis_generator, project, projection_side
 from .refresh import Warn, refreshed_basis
-from .refresh_schedule import after_refresh, max_gap, overlap_value, schedule_from_state, store_schedule
+from .refresh_schedule import (
+    after_refresh, fixed_refresh_count, max_gap, overlap_value, schedule_from_state, store_schedule,
+)
 from .residual_state import residual_update, write_residual
 from .update_rules import UPDATE_RULES, UpdateInputs
 
@@ -91,22 +93,28 @@ class SkippedSteps:
     """Device-side counts of skipped weight steps per parameter group; only :meth:`report` reads them."""
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[str, torch.device], Tensor] = {}
+        self.kept: dict[tuple[str, torch.device], Tensor] = {}
+        self.steps: dict[tuple[str, torch.device], int] = {}
 
     def add(self, label: str, kept: Tensor) -> None:
-        """Count one skipped step of a weight of group ``label`` when the 0-d bool ``kept`` is False."""
+        """Count one weight step of group ``label``, skipped when the 0-d bool ``kept`` is False.
+
+        Steps are counted on the host and kept ones on the device (one addition, no host read).
+        """
         key = (label, kept.device)
-        if key in self.counts:
-            self.counts[key].add_(~kept)
+        if key in self.kept:
+            self.kept[key].add_(kept)
         else:
-            self.counts[key] = (~kept).to(torch.int64)
+            self.kept[key] = kept.to(torch.int64)
+        self.steps[key] = self.steps.get(key, 0) + 1
 
     def report(self, warn: Warn) -> None:
         """Read the counts (a host synchronisation), warn if any step was skipped, and reset them."""
         skipped = {}
-        for (label, _), count in self.counts.items():
-            skipped[label] = skipped.get(label, 0) + int(count)
-        self.counts.clear()
+        for (label, device), kept in self.kept.items():
+            skipped[label] = skipped.get(label, 0) + self.steps[label, device] - int(kept)
+        self.kept.clear()
+        self.steps.clear()
         skipped = {label: count for label, count in skipped.items() if count}
         if skipped:
             where = ", ".join(f"{label} ({count})" for label, count in skipped.items())
@@ -129,7 +137,8 @@ class StepContext:
 def basis_schedule(state: dict[str, Any], group: dict[str, Any], step: int) -> tuple[int, bool]:
     """(refresh count of the basis used at step t >= 1, whether step t computes it).
 
-    Fixed gap: t - 1 = count * gap + 0. Adaptive gap (``adaptive_gap``): the weight's own
+    Fixed gap: from :func:`~galore_plus.refresh_schedule.fixed_refresh_count` (refreshes done by the
+    end of steps t and t - 1). Adaptive gap (``adaptive_gap``): the weight's own
     :class:`~galore_plus.refresh_schedule.RefreshSchedule` in ``state`` says when.
     """
     if group["adaptive_gap"]:
@@ -137,7 +146,8 @@ def basis_schedule(state: dict[str, Any], group: dict[str, Any], step: int) -> t
         refresh = step >= schedule.next_step
         return (schedule.count if refresh else schedule.count - 1), refresh
     gap = group["update_proj_gap"]
-    return (step - 1) // gap, (step - 1) % gap == 0
+    done = fixed_refresh_count(step, gap)
+    return done - 1, done > fixed_refresh_count(step - 1, gap)
 
 
 def record_refresh(state: dict[str, Any], group: dict[str, Any], step: int, previous: Tensor | None, basis: Tensor | None,
@@ -213,16 +223,17 @@ def step_projected_weight(
     before = [moment.clone() for moment in moments]
     state["step"] = step
     beta1, beta2 = group["betas"]
-    direction = lowrank_adam_direction(low_rank, *moments, step, beta1, beta2, group["eps"])
-    finite = layout.all_ranks(all_finite(low_rank, direction, moments[1]))
+    rule = UPDATE_RULES[group["update_rule"]]
+    direction = rule.direction(low_rank, *moments, step, beta1, beta2, group["eps"])
+    # R need not be checked: beta2 < 1, so a non-finite R makes V = b2 V + (1 - b2) R^2 non-finite
+    finite = layout.all_ranks(all_finite(direction, moments[1]))
     for moment, old in zip(moments, before):
-        moment.copy_(torch.where(finite, moment, old))
-    direction = torch.where(finite, direction, 0.0)
+        torch.where(finite, moment, old, out=moment)
     weight = layout.weight()
     residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite)
     inputs = UpdateInputs(weight, layout.shape, rule_gradient(grad, group), low_rank, direction, local_basis, side, step,
                           finite, layout.norm)
-    UPDATE_RULES[group["update_rule"]](inputs, state, group)
+    rule.apply(inputs, state, group)
     if residual is not None:
         write_residual(weight, residual)
     context.skipped.add(context.label, finite if residual is None else residual.finite)

@@ -193,9 +193,18 @@ def test_single_lr_keeps_the_one_lr_behaviour(tmp_path):
 
 
 def test_pretrain_regime_trains_from_scratch_without_the_cache(tmp_path):
+    from benchmarks.finetune import HELDOUT_BYTES
+    from benchmarks.models import build_model, heldout_loss
+    from benchmarks.text_data import eval_windows, stdlib_source_splits
+
     result = main(tiny_args(tmp_path, "--methods", "adamw", "galore", "--regime", "pretrain"))
+    # Independently: the seed-0 random initialisation on the stdlib sources' validation windows. A tiny model
+    # "pre-trained" for 4 steps also starts near log(257), so only this tells from scratch from the cache.
+    validation = stdlib_source_splits(20000, HELDOUT_BYTES)[1]
+    from_scratch = heldout_loss(build_model("tiny", 16, seed=0), eval_windows(validation, 16, 4), 32)
     for run in result["runs"]:
         start = run["curve"][0][1]
+        assert start == pytest.approx(from_scratch, rel=1e-6), start
         assert abs(start - math.log(257)) < 0.3, start  # a random byte model starts near uniform
         assert run["validation_loss"] < start
     assert not os.listdir(tmp_path / "cache")

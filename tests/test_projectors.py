@@ -7,10 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from galore_plus.group_options import PROJECTED_GROUP_DEFAULTS
 from galore_plus.projectors import (
+    PROJECTORS,
     basis_generator,
     chosen_heads,
-    cross_head_basis,
     head_rows,
     project,
     project_back,
@@ -19,6 +20,14 @@ from galore_plus.projectors import (
     randomized_basis,
     svd_basis,
 )
+
+
+def cross_head_basis(grad, rank, num_heads, generator, head_projector="svd"):
+    """The ``cross_head`` projector's basis of a whole gradient, through the registry as the optimizer gets it."""
+    group = {**PROJECTED_GROUP_DEFAULTS, "rank": rank, "num_heads": num_heads, "head_projector": head_projector}
+    projector, shape = PROJECTORS["cross_head"], tuple(grad.shape)
+    rows = projector.rows(group, shape, generator)
+    return projector.basis(grad.index_select(0, rows), shape, group, "right", generator, None)
 
 
 def captured_energy(grad: torch.Tensor, basis: torch.Tensor, side: str) -> float:
