@@ -39,6 +39,7 @@ from torch import Tensor
 from .full_rank_residual import adam_bias_factor, residual_scaling
 from .lowrank_adam import update_moments
 from .projectors import Side
+from .update import decayed_rows
 
 SCALE_TYPES = ("channel", "tensor")
 NORM_GROWTH_LIMIT = 1.01
@@ -111,18 +112,19 @@ def times(tensor: Tensor, number: float) -> Tensor:
 
 
 def apply_scaled_gradient(
-    param: Tensor, grad: Tensor, factor: Tensor, step_size: float, weight_decay_factor: float, finite: Tensor
+    param: Tensor, grad: Tensor, factor: Tensor, step_size: float, weight_decay_factor: float, finite: Tensor,
+    block_values: int | None = None,
 ) -> None:
     """p <- p * weight_decay_factor - step_size * f G in place, or p unchanged when the 0-d bool ``finite`` is False.
 
-    Float32 arithmetic for any weight dtype. A skipped step multiplies by f = 0 and by G with its
+    Float32 arithmetic for any weight dtype, a block of rows at a time for a weight that is not float32
+    (:func:`~galore_plus.update.decayed_rows`, about ``block_values`` values). A skipped step multiplies by f = 0 and by G with its
     non-finite entries replaced by 0 (``nan_to_num``, the identity on a finite G: a full-size pass
     several times cheaper on a CPU than ``torch.where`` with a 0-d condition), so it adds exactly zero.
     """
-    target = param if param.dtype == torch.float32 else param.float()
-    if weight_decay_factor != 1.0:
-        target.mul_(torch.where(finite, weight_decay_factor, 1.0))
-    target.addcmul_(torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), torch.where(finite, factor, 0.0),
-                    value=-step_size)
-    if target is not param:
-        param.copy_(target)
+    decay = torch.where(finite, weight_decay_factor, 1.0) if weight_decay_factor != 1.0 else None
+    factor = torch.where(finite, factor, 0.0)
+    per_row = factor.dim() == 2 and factor.shape[0] != 1
+    for rows, target in decayed_rows(param, decay, block_values):
+        grad_rows = torch.nan_to_num(grad[rows], nan=0.0, posinf=0.0, neginf=0.0)
+        target.addcmul_(grad_rows, factor[rows] if per_row else factor, value=-step_size)

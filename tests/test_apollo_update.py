@@ -272,3 +272,20 @@ def test_fsdp2_row_shards_refuse_the_apollo_rule_naming_the_key():
     group = {"residual_ratio": 0.0, "transposed": False, "update_rule": "apollo"}
     with pytest.raises(NotImplementedError, match="param group 1, key 'update_rule': APOLLO's rule on sharded"):
         row_shard_layout(None, group, "param group 1", 32)
+
+
+@pytest.mark.parametrize("factor_shape", [(8, 1), (1, 6), ()], ids=["per-row", "per-column", "tensor"])
+def test_scaled_gradient_on_a_bfloat16_weight_in_row_blocks_equals_a_float64_update(factor_shape):
+    """Blocks of 2 rows (block_values 12 on 6 columns): each block gets its own rows of G and of a per-row factor."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(8, 6, generator=generator).bfloat16()
+    grad = torch.randn(8, 6, generator=generator)
+    factor = torch.rand(factor_shape, generator=generator) + 0.5
+    expected = (weight.double() * 0.99 - 0.1 * factor.double() * grad.double()).bfloat16()
+    updated = weight.clone()
+    apply_scaled_gradient(updated, grad, factor, 0.1, 0.99, torch.tensor(True), block_values=12)
+    assert not torch.equal(updated, weight)
+    torch.testing.assert_close(updated, expected, rtol=0, atol=0)
+    skipped = weight.clone()
+    apply_scaled_gradient(skipped, grad * float("nan"), factor, 0.1, 0.99, torch.tensor(False), block_values=12)
+    assert torch.equal(skipped, weight)
