@@ -12,7 +12,7 @@ For a projected weight with float32 gradient G (m, n), low-rank gradient R = P^T
    step's (limited) norm, U is scaled down to exactly that; the limited norm is kept for the next
    step (a 0-d float32 tensor, the only state besides the two moments). ||U|| is computed from G's
    per-channel norms and U is never formed: the weight is updated with one ``addcmul_`` of G and
-   the per-channel factor;
+   the per-channel factor per block of rows (:func:`galore_plus.update.apply_update`);
 5. p <- p (1 - lr wd) - lr sqrt(1 - b2^t) / (1 - b1^t) sqrt(scale) U.
 
 The conventions are those of ``apollo_torch.APOLLOAdamW`` 1.0.3 with its defaults
@@ -36,14 +36,12 @@ import math
 import torch
 from torch import Tensor
 
-from .full_rank_residual import adam_bias_factor, residual_scaling
+from .full_rank_residual import NORM_FLOOR, adam_bias_factor, channel_norms, norm_growth_divisor, residual_scaling
 from .lowrank_adam import update_moments
 from .projectors import Side
-from .update import decayed_rows
 
 SCALE_TYPES = ("channel", "tensor")
 NORM_GROWTH_LIMIT = 1.01
-NORM_EPS = 1e-8
 
 
 def apollo_direction(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float) -> Tensor:
@@ -72,21 +70,14 @@ def gradient_scaling(direction: Tensor, low_rank_grad: Tensor, side: Side, scale
     its columns in R (r, n), so channels are columns.
     """
     if scale_type == "tensor":
-        return torch.linalg.vector_norm(direction) / (torch.linalg.vector_norm(low_rank_grad) + NORM_EPS)
+        return torch.linalg.vector_norm(direction) / (torch.linalg.vector_norm(low_rank_grad) + NORM_FLOOR)
     return residual_scaling(direction, low_rank_grad, side)  # Fira's per-channel phi is the same ratio
 
 
-def scaled_norm(grad: Tensor, scaling: Tensor) -> Tensor:
-    """||s G|| without forming s G: s ||G|| for a 0-d s, else the norm of s times G's per-channel norms."""
-    if scaling.dim() == 0:
-        return scaling * torch.linalg.vector_norm(grad)
-    dim = 1 if scaling.shape[1] == 1 else 0
-    return torch.linalg.vector_norm(scaling * torch.linalg.vector_norm(grad, dim=dim, keepdim=True))
-
-
-def norm_growth_divisor(norm: Tensor, previous_norm: Tensor) -> Tensor:
-    """max(norm / (previous + 1e-8), 1.01) / 1.01: dividing by it caps the growth over the last step's norm at 1.01x."""
-    return (norm / (previous_norm + NORM_EPS)).clamp_(min=NORM_GROWTH_LIMIT) / NORM_GROWTH_LIMIT
+def scaled_norm(grad: Tensor, scaling: Tensor, side: Side) -> Tensor:
+    """||s G|| without forming s G: the norm of s times G's per-channel norms (G a block of rows at a time,
+    any dtype; for a 0-d s, channels along ``side`` as for a per-channel one)."""
+    return torch.linalg.vector_norm(scaling * channel_norms(grad, side))
 
 
 def apollo_factor(
@@ -99,32 +90,13 @@ def apollo_factor(
     first step (``previous_norm`` None) nothing is limited. ``direction`` is :func:`apollo_direction`.
     """
     scaling = gradient_scaling(direction, low_rank_grad, side, scale_type)
-    norm = scaled_norm(grad, scaling)
+    norm = scaled_norm(grad, scaling, side)
     if previous_norm is None:
         return times(scaling, math.sqrt(scale)), norm
-    divisor = norm_growth_divisor(norm, previous_norm)
+    divisor = norm_growth_divisor(norm, previous_norm, NORM_GROWTH_LIMIT)
     return scaling * times(divisor.reciprocal(), math.sqrt(scale)), norm / divisor
 
 
 def times(tensor: Tensor, number: float) -> Tensor:
     """``tensor * number``, or ``tensor`` itself when ``number`` is 1 (the same values: x * 1 is exact)."""
     return tensor if number == 1.0 else tensor * number
-
-
-def apply_scaled_gradient(
-    param: Tensor, grad: Tensor, factor: Tensor, step_size: float, weight_decay_factor: float, finite: Tensor,
-    block_values: int | None = None,
-) -> None:
-    """p <- p * weight_decay_factor - step_size * f G in place, or p unchanged when the 0-d bool ``finite`` is False.
-
-    Float32 arithmetic for any weight dtype, a block of rows at a time for a weight that is not float32
-    (:func:`~galore_plus.update.decayed_rows`, about ``block_values`` values). A skipped step multiplies by f = 0 and by G with its
-    non-finite entries replaced by 0 (``nan_to_num``, the identity on a finite G: a full-size pass
-    several times cheaper on a CPU than ``torch.where`` with a 0-d condition), so it adds exactly zero.
-    """
-    decay = torch.where(finite, weight_decay_factor, 1.0) if weight_decay_factor != 1.0 else None
-    factor = torch.where(finite, factor, 0.0)
-    per_row = factor.dim() == 2 and factor.shape[0] != 1
-    for rows, target in decayed_rows(param, decay, block_values):
-        grad_rows = torch.nan_to_num(grad[rows], nan=0.0, posinf=0.0, neginf=0.0)
-        target.addcmul_(grad_rows, factor[rows] if per_row else factor, value=-step_size)

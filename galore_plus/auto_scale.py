@@ -8,6 +8,8 @@ automatic scale makes the per-entry RMS of the whole update equal to N's:
 
 * GaLore update U = P N:                        scale = sqrt(d / r) (a constant of the shape);
 * with the full-rank residual, U = P N + S:     scale = RMS(N) / RMS(U), computed every step on the device.
+  U is never formed whole: its norm is measured a block of rows at a time
+  (:func:`galore_plus.full_rank_residual.channel_norms`), one rank-r product more per step.
 
 The entries of the sparse residual (``residual_ratio``) are Adam updates of the full gradient
 already, so with ``scale="auto"`` they use scale 1.
@@ -36,13 +38,14 @@ def rms(tensor: Tensor) -> Tensor:
     return torch.linalg.vector_norm(tensor) / math.sqrt(tensor.numel())
 
 
-def rms_matching_scale(direction: Tensor, update: Tensor) -> Tensor:
-    """RMS(N) / RMS(U): the scale that gives the full-size update U the per-entry RMS of the direction N.
+def rms_matching_scale(direction: Tensor, update_rms: Tensor) -> Tensor:
+    """RMS(N) / RMS(U): the scale that gives a full-size update U of per-entry RMS ``update_rms`` the per-entry RMS
+    of the direction N.
 
     A zero update gets scale 0 (nothing to scale) instead of a division by zero.
     """
-    update_rms = rms(update)
-    return torch.where(update_rms > 0, rms(direction) / update_rms.clamp(min=torch.finfo(update_rms.dtype).tiny), 0.0)
+    tiny = torch.finfo(update_rms.dtype).tiny
+    return torch.where(update_rms > 0, rms(direction) / update_rms.clamp(min=tiny), 0.0)
 
 
 def residual_scale(scale: float | str) -> float:

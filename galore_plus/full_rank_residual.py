@@ -24,6 +24,17 @@ max(s_t / (s_{t-1} + 1e-8), gamma) / gamma, and the stored s_t is the limited no
 stores s_1 without limiting. The state is that one float per weight. For a weight sharded by rows
 (FSDP2) the norm is the whole weight's: ``norm`` sums the squares over every rank.
 
+How it is computed (no full-size tensor is formed; every full-size pass goes a block of rows of G at a
+time through a float32 buffer, :mod:`galore_plus.row_blocks`, so G may be bfloat16):
+
+    c = phi / divisor,  X = alpha (N - c R)   gives   U = c G + P X   (input side: c G + X Q)
+
+because P (c R) = c (P R) when c scales columns (and (c R) Q = c (R Q) when it scales rows). The
+limiter's norm ||S|| = ||phi s||, s the per-column (per-row) norms of G - alpha P R, is measured in one
+blocked pass before U is applied in another (:func:`galore_plus.update.apply_update`, one ``addcmul_``
+and one ``addmm_`` per block). That is three rank-r products per step (R, the residual's P R, P X),
+the same as forming U, without its full-size temporaries.
+
 Remaining differences from ``FiraAdamW``, all conventions: it adds eps to sqrt(V) before bias
 correction and decays weights after the update, not before. With eps = 0 and no weight decay the
 updates are equal at any alpha (``tests/test_full_rank_residual.py``, ``tests/test_levers.py``).
@@ -36,9 +47,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .projectors import Side, project_back
+from .projectors import Side
+from .row_blocks import widened_dtype, widened_row_blocks
+from .update import LowRankTerm, factor_rows
 
 NORM_FLOOR = 1e-8
+
+Norm = Callable[[Tensor], Tensor]
 
 
 def adam_bias_factor(step: int, beta1: float, beta2: float) -> float:
@@ -57,39 +72,56 @@ def residual_scaling(direction: Tensor, low_rank: Tensor, side: Side) -> Tensor:
     return direction_norm / torch.linalg.vector_norm(low_rank, dim=dim, keepdim=True).add_(NORM_FLOOR)
 
 
-Norm = Callable[[Tensor], Tensor]
+def channel_norms(
+    grad: Tensor, side: Side, factor: Tensor | None = None, low_rank: LowRankTerm | None = None,
+    block_values: int | None = None,
+) -> Tensor:
+    """Norms of the channels of f G + (P X | X Q) (f 1 and no low-rank term when None): per column,
+    shape (1, n), for the ``side`` "left", per row, shape (m, 1), for "right".
 
-
-def scaled_residual(grad: Tensor, low_rank: Tensor, direction: Tensor, basis: Tensor, side: Side, alpha: float) -> Tensor:
-    """S = phi * (G - alpha * back-projection of R), a new full-size tensor."""
-    residual = grad - alpha * project_back(low_rank, basis, side)
-    return residual.mul_(residual_scaling(direction, low_rank, side))
-
-
-def limit_norm_growth(
-    term: Tensor, previous_norm: Tensor | None, limit: float | None, bias_factor: float,
-    norm: Norm = torch.linalg.vector_norm,
-) -> tuple[Tensor, Tensor]:
-    """(S limited in place, the norm to store) for the limiter of the module docstring.
-
-    ``previous_norm`` is the stored norm of the last step (None or +inf on the first: no limiting);
-    ``bias_factor`` is :func:`adam_bias_factor` of this step; ``norm`` measures the whole term (of
-    every rank's rows for a sharded weight). Runs on the device: no value is read to the host.
+    G (any dtype) goes a block of rows at a time through a float32 (float64 for float64) buffer; the sum is formed block by
+    block, never whole.
     """
-    measured = norm(term) / bias_factor
+    per_column = side == "left"
+    squares = torch.zeros((1, grad.shape[1]) if per_column else (grad.shape[0], 1),
+                          dtype=widened_dtype(grad.dtype), device=grad.device)
+    for rows, block in widened_row_blocks(grad, block_values):
+        if factor is not None:
+            block.mul_(factor_rows(factor, rows))
+        if low_rank is not None:
+            block.addmm_(*low_rank.rows(rows))
+        if per_column:
+            squares.add_(torch.linalg.vector_norm(block, dim=0, keepdim=True).square_())
+        else:
+            squares[rows] = torch.linalg.vector_norm(block, dim=1, keepdim=True).square_()
+    return squares.sqrt_()
+
+
+def norm_growth_divisor(measured: Tensor, previous_norm: Tensor | None, limit: float | None) -> Tensor | float:
+    """max(s_t / (s_{t-1} + 1e-8), gamma) / gamma: dividing by it caps the growth of a norm over the last
+    step's at gamma = ``limit``; 1 on the first step (``previous_norm`` None or +inf) or without a limit."""
     if previous_norm is None or limit is None:
-        return term, measured
-    divisor = (measured / (previous_norm + NORM_FLOOR)).clamp_(min=limit) / limit
-    return term.div_(divisor), measured / divisor
+        return 1.0
+    return (measured / (previous_norm + NORM_FLOOR)).clamp_(min=limit) / limit
 
 
-def norm_scaled_update(
+def fira_update(
     grad: Tensor, low_rank: Tensor, direction: Tensor, basis: Tensor, side: Side, alpha: float,
     previous_norm: Tensor | None, limit: float | None, bias_factor: float, norm: Norm = torch.linalg.vector_norm,
-) -> tuple[Tensor, Tensor]:
-    """(U = alpha * back-projection of N + limited S, the norm to store): the whole update before lr."""
-    term, stored = limit_norm_growth(scaled_residual(grad, low_rank, direction, basis, side, alpha), previous_norm,
-                                     limit, bias_factor, norm)
-    if side == "left":
-        return term.addmm_(basis, direction, alpha=alpha), stored
-    return term.addmm_(direction, basis, alpha=alpha), stored
+    block_values: int | None = None,
+) -> tuple[Tensor, LowRankTerm, Tensor]:
+    """(c, X as a :class:`~galore_plus.update.LowRankTerm`, the norm to store): U = c G + (P X | X Q) is
+    the whole update before lr, S limited (module docstring).
+
+    ``previous_norm`` is the stored norm of the last step (None or +inf on the first: no limiting);
+    ``bias_factor`` is :func:`adam_bias_factor` of this step; ``norm`` measures a tensor of this
+    process's channels over the whole weight (a sum over ranks for a sharded one). Runs on the
+    device: no value is read to the host.
+    """
+    phi = residual_scaling(direction, low_rank, side)
+    residual = channel_norms(grad, side, low_rank=LowRankTerm(-alpha * low_rank, basis, side),
+                             block_values=block_values)
+    measured = norm(phi * residual) / bias_factor
+    divisor = norm_growth_divisor(measured, previous_norm, limit)
+    factor = phi / divisor
+    return factor, LowRankTerm(alpha * (direction - factor * low_rank), basis, side), measured / divisor

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .random_basis import gaussian_basis
-from .row_blocks import float32_row_blocks
+from .row_blocks import widened_row_blocks
 
 Side = Literal["left", "right"]
 
@@ -76,7 +76,7 @@ def project(grad: Tensor, basis: Tensor, side: Side, block_values: int | None = 
     """Low-rank gradient: P^T G for the left side, G Q^T for the right side.
 
     A half-precision (bfloat16, float16) gradient is converted to float32 a block of rows at a time
-    (:func:`~galore_plus.row_blocks.float32_row_blocks`, about ``block_values`` values), never as a
+    (:func:`~galore_plus.row_blocks.widened_row_blocks`, about ``block_values`` values), never as a
     whole, and multiplied with the float32 basis: right side, rows of G Q^T; left side, rows of
     (P^T G)^T = G^T P, from rows of G^T.
     """
@@ -84,7 +84,7 @@ def project(grad: Tensor, basis: Tensor, side: Side, block_values: int | None = 
         return basis.t() @ grad if side == "left" else grad @ basis.t()
     rows_of, factor = (grad.t(), basis) if side == "left" else (grad, basis.t())
     low_rank = torch.empty(rows_of.shape[0], factor.shape[1], dtype=torch.float32, device=grad.device)
-    for rows, block in float32_row_blocks(rows_of, block_values):
+    for rows, block in widened_row_blocks(rows_of, block_values):
         torch.mm(block, factor, out=low_rank[rows])
     return low_rank.t().contiguous() if side == "left" else low_rank
 

@@ -20,18 +20,33 @@ from torch import Tensor
 ROW_BLOCK_VALUES = 1 << 22
 
 
-def float32_row_blocks(matrix: Tensor, block_values: int | None = None) -> Iterator[tuple[slice, Tensor]]:
-    """(rows, float32 copy of ``matrix[rows]``) for consecutive blocks of rows of a 2-D ``matrix``.
-
-    A block has about ``block_values`` (default :data:`ROW_BLOCK_VALUES`) values and at least one
-    row. The copy lives in one buffer that the next block overwrites: use it (or write it back into
-    ``matrix[rows]``) before asking for the next block.
-    """
+def row_slices(shape: tuple[int, int], block_values: int | None = None) -> list[slice]:
+    """Consecutive blocks of rows of an (m, n) matrix, each of about ``block_values`` (default
+    :data:`ROW_BLOCK_VALUES`) values and at least one row. Two matrices with the same number of
+    columns get the same blocks, so their row blocks can be walked side by side."""
     values = ROW_BLOCK_VALUES if block_values is None else block_values
-    rows = max(1, values // max(1, matrix.shape[1]))
-    buffer = torch.empty(min(rows, matrix.shape[0]), matrix.shape[1], dtype=torch.float32, device=matrix.device)
-    for start in range(0, matrix.shape[0], rows):
-        block = slice(start, min(start + rows, matrix.shape[0]))
-        target = buffer[: block.stop - start]
+    rows = max(1, values // max(1, shape[1]))
+    return [slice(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)]
+
+
+def widened_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic on a matrix of ``dtype`` is done in: float32, or float64 for a float64 matrix."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def widened_row_blocks(matrix: Tensor, block_values: int | None = None) -> Iterator[tuple[slice, Tensor]]:
+    """(rows, copy of ``matrix[rows]`` in :func:`widened_dtype`) for the blocks of :func:`row_slices`, of a 2-D
+    ``matrix`` of any dtype.
+
+    The copy lives in one buffer that the next block overwrites: use it (or write it back into
+    ``matrix[rows]``) before asking for the next block. It is a copy even for a float32 ``matrix``,
+    so it may be changed in place.
+    """
+    blocks = row_slices(tuple(matrix.shape), block_values)
+    if not blocks:
+        return
+    buffer = torch.empty(blocks[0].stop, matrix.shape[1], dtype=widened_dtype(matrix.dtype), device=matrix.device)
+    for block in blocks:
+        target = buffer[: block.stop - block.start]
         target.copy_(matrix[block])
         yield block, target

@@ -1,68 +1,104 @@
-"""Applying an update to a weight: p <- p (1 - lr wd) - lr scale U, U = P N | N Q (fused) or a full-size U."""
+"""Applying an update to a weight, a block of rows at a time: p <- p d - step_size (f G + P X | f G + X Q).
+
+Every update rule writes the weight through :func:`apply_update`, with one or both of two terms:
+
+* :class:`LowRankTerm`, the back-projection P X (left side) or X Q (right side) of a low-rank
+  matrix X: GaLore's P N;
+* :class:`ScaledGradient`, the gradient G times a factor f that is a 0-d tensor, one value per
+  row (m, 1) or one per column (1, n): APOLLO's update;
+* both: Fira's update with the full-rank residual (:mod:`galore_plus.full_rank_residual`).
+
+No full-size update is formed: each block of rows of the weight (the rows themselves of a float32
+weight, else a float32 copy, :mod:`galore_plus.row_blocks`) gets its rows of f G (from a float32 copy
+of those rows of G, in any dtype; float64 stays float64) with one ``addcmul_`` and its rows of P X | X Q with one ``addmm_``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from .projectors import Side
-from .row_blocks import float32_row_blocks
+from .row_blocks import row_slices, widened_dtype, widened_row_blocks
 
 
-def decay_factor(lr: float, weight_decay: float, finite: Tensor) -> Tensor | None:
-    """1 - lr wd as a 0-d tensor that is 1 where ``finite`` is False, or None when there is no decay."""
-    return torch.where(finite, 1.0 - lr * weight_decay, 1.0) if weight_decay != 0.0 else None
+@dataclass(frozen=True)
+class LowRankTerm:
+    """P X (``side`` "left": basis P (m, r), X (r, n)) or X Q ("right": X (m, r), basis Q (r, n))."""
+
+    low_rank: Tensor
+    basis: Tensor
+    side: Side
+
+    def rows(self, rows: slice) -> tuple[Tensor, Tensor]:
+        """(a, b) with a @ b the rows ``rows`` of the back-projection."""
+        if self.side == "left":
+            return self.basis[rows], self.low_rank
+        return self.low_rank[rows], self.basis
+
+
+@dataclass(frozen=True)
+class ScaledGradient:
+    """f G: the gradient ``grad`` (m, n) of any dtype times ``factor``, 0-d, (m, 1) or (1, n)."""
+
+    grad: Tensor
+    factor: Tensor
+
+
+def factor_rows(factor: Tensor, rows: slice) -> Tensor:
+    """The part of a factor f (0-d, (m, 1) or (1, n)) that multiplies the rows ``rows`` of an (m, n) matrix."""
+    per_row = factor.dim() == 2 and factor.shape[0] != 1
+    return factor[rows] if per_row else factor
 
 
 def decayed_rows(param: Tensor, factor: Tensor | None, block_values: int | None) -> Iterator[tuple[slice, Tensor]]:
     """(rows, float32 target) of ``param``, already multiplied by ``factor``; the caller adds its update to the target.
 
-    A float32 ``param`` is its own single target. Any other dtype goes a block of rows at a time through a
-    small float32 buffer (:func:`~galore_plus.row_blocks.float32_row_blocks`, about ``block_values`` values),
+    The blocks are :func:`~galore_plus.row_blocks.row_slices`. A float32 (or float64) ``param``'s target is
+    the view ``param[rows]``; a half-precision one goes through one float32 buffer (about ``block_values`` values),
     written back in the weight's dtype once the caller has updated it, so no float32 copy of the whole
     weight is made.
     """
-    blocks = [(slice(None), param)] if param.dtype == torch.float32 else float32_row_blocks(param, block_values)
+    buffered = widened_dtype(param.dtype) != param.dtype
+    if buffered:
+        blocks = widened_row_blocks(param, block_values)
+    else:
+        blocks = ((rows, param[rows]) for rows in row_slices(tuple(param.shape), block_values))
     for rows, target in blocks:
         if factor is not None:
             target.mul_(factor)
         yield rows, target
-        if target is not param:
+        if buffered:
             param[rows].copy_(target)
 
 
-def apply_lowrank_update(
-    param: Tensor, direction: Tensor, basis: Tensor, side: Side, lr: float, weight_decay: float, scale: float,
-    finite: Tensor, block_values: int | None = None,
+def apply_update(
+    param: Tensor, step_size: float, decay: float, finite: Tensor, low_rank: LowRankTerm | None = None,
+    gradient: ScaledGradient | None = None, block_values: int | None = None,
 ) -> None:
-    """Decay and update ``param`` in place (torch.optim.AdamW's order); unchanged where ``finite`` is False.
+    """p <- p * decay - step_size * (f G + P X | f G + X Q) in place; p unchanged where ``finite`` is False.
 
-    The full-size update U = scale * (P N or N Q) is never stored: ``addmm_`` computes
-    ``p + alpha * (a @ b)`` in one BLAS call. ``finite`` is a 0-d bool tensor on the
-    weight's device; where it is False ``direction`` (which may then hold NaN/Inf) is replaced by
-    zeros and the weight decay factor is masked (one extra elementwise pass, only when
-    ``weight_decay`` is non-zero), on the device, so nothing is read on the host. A weight that is
-    not float32 is updated a block of rows at a time (:func:`decayed_rows`): rows of U are rows of
-    ``a`` times ``b`` on both sides.
+    ``decay`` is 1 - lr wd (torch.optim.AdamW's order: the old weight is decayed). ``finite`` is a 0-d
+    bool tensor on the weight's device; where it is False, X and f are replaced by zeros and G's
+    non-finite entries by 0 (``nan_to_num`` on a block in cache: the identity on a finite G), and the
+    decay by 1, all on the device, so nothing is read on the host and exactly zero is added.
     """
-    direction = torch.where(finite, direction, 0.0)
-    a, b = (basis, direction) if side == "left" else (direction, basis)
-    for rows, target in decayed_rows(param, decay_factor(lr, weight_decay, finite), block_values):
-        target.addmm_(a[rows], b, alpha=-lr * scale)
-
-
-def apply_full_update(
-    param: Tensor, update: Tensor, lr: float, weight_decay: float, scale: float | Tensor, finite: Tensor,
-    block_values: int | None = None,
-) -> None:
-    """p <- p (1 - lr wd) - lr scale U for a full-size float32 ``update``; unchanged where ``finite`` is False.
-
-    ``scale`` may be a 0-d tensor. ``update`` is overwritten; where ``finite`` is False it may hold
-    NaN/Inf and is replaced by zeros on the device (nothing is read on the host). A weight that is not
-    float32 is updated a block of rows at a time (:func:`decayed_rows`) and written back in its own dtype.
-    """
-    update.mul_(scale)
-    for rows, target in decayed_rows(param, decay_factor(lr, weight_decay, finite), block_values):
-        target.sub_(torch.where(finite, update[rows], 0.0), alpha=lr)
+    decay_factor = torch.where(finite, decay, 1.0) if decay != 1.0 else None
+    if low_rank is not None:
+        low_rank = LowRankTerm(torch.where(finite, low_rank.low_rank, 0.0), low_rank.basis, low_rank.side)
+    grad_blocks = None
+    if gradient is not None:
+        gradient = ScaledGradient(gradient.grad, torch.where(finite, gradient.factor, 0.0))
+        grad_blocks = widened_row_blocks(gradient.grad, block_values)
+    for rows, target in decayed_rows(param, decay_factor, block_values):
+        if gradient is not None:
+            grad_rows, block = next(grad_blocks)
+            assert grad_rows == rows, "the weight and its gradient have the same shape, hence the same row blocks"
+            block.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            target.addcmul_(block, factor_rows(gradient.factor, rows), value=-step_size)
+        if low_rank is not None:
+            a, b = low_rank.rows(rows)
+            target.addmm_(a, b, alpha=-step_size)

@@ -9,7 +9,7 @@ It must leave the weight unchanged when ``inputs.finite`` (a 0-d bool tensor on 
 is False, without reading it on the host (``torch.where`` on the device: the step must not
 synchronise), and must never write a non-finite value.
 
-* ``"galore"``: p <- p (1 - lr wd) - lr scale (P N | N Q), one fused ``addmm_`` (see :mod:`galore_plus.update`);
+* ``"galore"``: p <- p (1 - lr wd) - lr scale (P N | N Q), one ``addmm_`` per block of rows (see :mod:`galore_plus.update`);
   with the group key ``full_rank_residual``, p <- p (1 - lr wd) - lr (scale P N + S), Fira's
   norm-scaled residual S (:mod:`galore_plus.full_rank_residual`, the limiter's norm kept as
   ``state["residual_norm"]``);
@@ -29,12 +29,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .apollo_update import apollo_factor, apollo_moments_direction, apollo_step_size, apply_scaled_gradient
+from .apollo_update import apollo_factor, apollo_moments_direction, apollo_step_size
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
 from .dispatch import lowrank_adam_direction
-from .full_rank_residual import Norm, adam_bias_factor, norm_scaled_update
+from .full_rank_residual import Norm, adam_bias_factor, channel_norms, fira_update
 from .projectors import Shape, Side
-from .update import apply_full_update, apply_lowrank_update
+from .update import LowRankTerm, ScaledGradient, apply_update
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class UpdateInputs:
 
     ``weight``: the parameter (transposed to (m, n) for ``transposed`` groups), any float dtype;
     ``shape``: (m, n) of the whole weight (a sharded weight's ``weight`` holds some of its rows);
-    ``grad``: its float32 gradient (may hold NaN/Inf: then ``finite`` is False); ``low_rank``:
+    ``grad``: its gradient in the parameter's dtype (no float32 copy of a bfloat16 one: a rule
+    reads it a block of rows at a time, :mod:`galore_plus.row_blocks`; may hold NaN/Inf: then ``finite`` is False); ``low_rank``:
     R = P^T G | G Q^T (summed over ranks on the left side); ``direction``: N, the rule's Adam
     direction of R (when ``finite`` is False it may hold NaN/Inf: a rule masks what it multiplies
     in); ``basis``: P (these rows) | Q; ``step``: t >= 1;
@@ -84,23 +85,26 @@ class UpdateRule:
 
 def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
     """GaLore's rule: decoupled weight decay, then lr * scale times P N, or P N + S with the full-rank residual."""
+    lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
+    auto = group["scale"] == AUTO
     if not group["full_rank_residual"]:
-        scale = group["scale"]
-        if scale == AUTO:
-            scale = lowrank_auto_scale(inputs.shape, group["rank"], inputs.side)
-        apply_lowrank_update(inputs.weight, inputs.direction, inputs.basis, inputs.side, group["lr"],
-                             group["weight_decay"], scale, inputs.finite)
+        scale = lowrank_auto_scale(inputs.shape, group["rank"], inputs.side) if auto else group["scale"]
+        apply_update(inputs.weight, lr * scale, decay, inputs.finite,
+                     low_rank=LowRankTerm(inputs.direction, inputs.basis, inputs.side))
         return
     beta1, beta2 = group["betas"]
     previous = state.get("residual_norm", torch.full((), math.inf, device=inputs.grad.device))
-    auto = group["scale"] == AUTO
-    update, norm = norm_scaled_update(
+    factor, low_rank, norm = fira_update(
         inputs.grad, inputs.low_rank, inputs.direction, inputs.basis, inputs.side, 1.0 if auto else group["scale"],
         previous, group["norm_growth_limit"], adam_bias_factor(inputs.step, beta1, beta2), inputs.norm,
     )
     state["residual_norm"] = torch.where(inputs.finite, norm, previous)
-    scale = rms_matching_scale(inputs.direction, update) if auto else 1.0
-    apply_full_update(inputs.weight, update, group["lr"], group["weight_decay"], scale, inputs.finite)
+    if auto:
+        update_norm = torch.linalg.vector_norm(channel_norms(inputs.grad, inputs.side, factor, low_rank))
+        scale = rms_matching_scale(inputs.direction, update_norm / math.sqrt(inputs.shape[0] * inputs.shape[1]))
+        factor, low_rank = factor * scale, LowRankTerm(low_rank.low_rank * scale, low_rank.basis, low_rank.side)
+    apply_update(inputs.weight, lr, decay, inputs.finite, low_rank=low_rank,
+                 gradient=ScaledGradient(inputs.grad, factor))
 
 
 def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -116,8 +120,8 @@ def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, An
                                  group["scale"], previous)
     kept = previous if previous is not None else torch.full_like(norm, math.inf)
     state["apollo_norm"] = torch.where(inputs.finite, norm, kept)
-    apply_scaled_gradient(inputs.weight, inputs.grad, factor, apollo_step_size(group["lr"], inputs.step, beta1, beta2),
-                          1.0 - group["lr"] * group["weight_decay"], inputs.finite)
+    apply_update(inputs.weight, apollo_step_size(group["lr"], inputs.step, beta1, beta2),
+                 1.0 - group["lr"] * group["weight_decay"], inputs.finite, gradient=ScaledGradient(inputs.grad, factor))
 
 UPDATE_RULES: dict[str, UpdateRule] = {
     "galore": UpdateRule(galore_update),

@@ -193,15 +193,6 @@ def step_basis(
     return basis, previous
 
 
-def rule_gradient(grad: Tensor, group: dict[str, Any]) -> Tensor:
-    """The gradient an update rule gets: float32 (:class:`~galore_plus.update_rules.UpdateInputs`), except
-    for GaLore's rule without the full-rank residual, which never reads it, so a bfloat16 gradient is
-    not copied whole for it."""
-    if group["update_rule"] == "galore" and not group["full_rank_residual"]:
-        return grad
-    return grad.float()
-
-
 def step_projected_weight(
     layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext
 ) -> None:
@@ -231,7 +222,7 @@ def step_projected_weight(
         torch.where(finite, moment, old, out=moment)
     weight = layout.weight()
     residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite)
-    inputs = UpdateInputs(weight, layout.shape, rule_gradient(grad, group), low_rank, direction, local_basis, side, step,
+    inputs = UpdateInputs(weight, layout.shape, grad, low_rank, direction, local_basis, side, step,
                           finite, layout.norm)
     rule.apply(inputs, state, group)
     if residual is not None:

@@ -8,38 +8,81 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from galore_plus.full_rank_residual import (
-    adam_bias_factor, limit_norm_growth, norm_scaled_update, residual_scaling, scaled_residual,
+    adam_bias_factor, channel_norms, fira_update, norm_growth_divisor, residual_scaling,
 )
 from galore_plus.lowrank_adam import lowrank_adam_direction
 from galore_plus.projectors import project, projection_side, svd_basis
+from galore_plus.update import LowRankTerm, ScaledGradient, apply_update
 
 
-def reference_update(grad, low_rank, direction, basis, side, alpha):
-    """U = alpha P N + phi (G - alpha P R), column by column (output side) or row by row (input side)."""
+def reference_update(grad, low_rank, direction, basis, side, alpha, previous, limit, bias_factor):
+    """(U = alpha P N + S / divisor, stored norm) in float64, column by column (output side) or row by row (input
+    side), S = phi (G - alpha P R) formed whole and the limiter applied to its norm."""
     if side == "right":
-        return reference_update(grad.t(), low_rank.t(), direction.t(), basis.t(), "left", alpha).t()
-    update = torch.empty_like(grad)
+        update, stored = reference_update(grad.t(), low_rank.t(), direction.t(), basis.t(), "left", alpha, previous,
+                                          limit, bias_factor)
+        return update.t(), stored
+    residual = torch.empty_like(grad)
     for j in range(grad.shape[1]):
         phi = direction[:, j].norm() / (low_rank[:, j].norm() + 1e-8)
-        update[:, j] = alpha * basis @ direction[:, j] + phi * (grad[:, j] - alpha * basis @ low_rank[:, j])
+        residual[:, j] = phi * (grad[:, j] - alpha * basis @ low_rank[:, j])
+    measured = float(residual.norm()) / bias_factor
+    divisor = 1.0 if previous is None else max(measured / (previous + 1e-8), limit) / limit
+    return alpha * basis @ direction + residual / divisor, measured / divisor
+
+
+def formed_update(grad, factor, low_rank, block_values):
+    """The update c G + P X that :func:`apply_update` adds, read off a zero weight (step size -1, no decay)."""
+    update = torch.zeros(grad.shape, dtype=torch.float64)
+    apply_update(update, -1.0, 1.0, torch.tensor(True), low_rank=low_rank, gradient=ScaledGradient(grad, factor),
+                 block_values=block_values)
     return update
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(m=st.integers(2, 12), n=st.integers(2, 12), data=st.data(), seed=st.integers(0, 2**16),
-       side=st.sampled_from(["left", "right"]), alpha=st.sampled_from([1.0, 0.25, 2.0]))
-def test_update_without_limiter_equals_dense_float64_reference(m, n, data, seed, side, alpha):
+       side=st.sampled_from(["left", "right"]), alpha=st.sampled_from([1.0, 0.25, 2.0]),
+       previous=st.sampled_from([None, 0.05, 1e6]), block_values=st.sampled_from([None, 1, 7, 30]))
+def test_update_equals_dense_float64_reference(m, n, data, seed, side, alpha, previous, block_values):
+    """c G + P X (formed a few rows at a time) is alpha P N + S with S formed whole; the limiter acts (previous
+    0.05), does not (1e6) or has nothing to compare with (None); the stored norm is the limited one."""
     rank = data.draw(st.integers(1, min(m, n)))
     generator = torch.Generator().manual_seed(seed)
     grad = torch.randn(m, n, generator=generator, dtype=torch.float64)
     basis = svd_basis(grad + 0.3 * torch.randn(m, n, generator=generator, dtype=torch.float64), rank, side)
     low_rank = project(grad, basis, side)
     direction = low_rank.sign() * torch.rand(low_rank.shape, generator=generator, dtype=torch.float64)
-    update, norm = norm_scaled_update(grad, low_rank, direction, basis, side, alpha, None, 1.01, 0.5)
-    torch.testing.assert_close(update, reference_update(grad, low_rank, direction, basis, side, alpha),
-                               rtol=1e-10, atol=1e-12)
-    term = scaled_residual(grad, low_rank, direction, basis, side, alpha)
-    torch.testing.assert_close(norm, term.norm() / 0.5, rtol=1e-12, atol=0)
+    previous_norm = None if previous is None else torch.tensor(previous, dtype=torch.float64)
+    factor, term, stored = fira_update(grad, low_rank, direction, basis, side, alpha, previous_norm, 1.01, 0.5,
+                                       block_values=block_values)
+    expected, expected_norm = reference_update(grad, low_rank, direction, basis, side, alpha, previous, 1.01, 0.5)
+    torch.testing.assert_close(formed_update(grad, factor, term, block_values), expected, rtol=1e-10, atol=1e-12)
+    assert math.isclose(float(stored), expected_norm, rel_tol=1e-10, abs_tol=1e-12)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(m=st.integers(1, 20), n=st.integers(1, 20), rank=st.integers(1, 4), side=st.sampled_from(["left", "right"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), factor_kind=st.sampled_from(
+           ["none", "tensor", "channel"]), block_values=st.sampled_from([None, 1, 10, 60]), seed=st.integers(0, 2**16))
+def test_channel_norms_equal_the_norms_of_the_formed_matrix(m, n, rank, side, dtype, factor_kind, block_values, seed):
+    """Per column (left) or per row (right) norms of f G + back-projection, G of any dtype, in blocks of rows."""
+    generator = torch.Generator().manual_seed(seed)
+    grad = torch.randn(m, n, generator=generator).to(dtype)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32           # the basis's dtype in the optimizer
+    basis = torch.randn((m, rank) if side == "left" else (rank, n), generator=generator, dtype=wide)
+    low_rank = torch.randn((rank, n) if side == "left" else (m, rank), generator=generator, dtype=wide)
+    channel_shape = (1, n) if side == "left" else (m, 1)
+    factor = {"none": None, "tensor": torch.tensor(0.7),
+              "channel": torch.rand(channel_shape, generator=generator) + 0.5}[factor_kind]
+    norms = channel_norms(grad, side, factor, LowRankTerm(low_rank, basis, side), block_values)
+    formed = grad.double() * (1.0 if factor is None else factor.double())
+    formed = formed + (basis.double() @ low_rank.double() if side == "left" else low_rank.double() @ basis.double())
+    expected = torch.linalg.vector_norm(formed, dim=0 if side == "left" else 1, keepdim=True)
+    assert norms.shape == channel_shape and norms.dtype == wide
+    torch.testing.assert_close(norms.double(), expected, rtol=1e-5, atol=1e-5)
+    alone = channel_norms(grad, side, block_values=block_values)
+    torch.testing.assert_close(alone.double(), torch.linalg.vector_norm(grad.double(), dim=0 if side == "left" else 1,
+                                                                       keepdim=True), rtol=1e-5, atol=1e-6)
 
 
 def test_scaling_is_per_column_on_the_output_side_and_per_row_on_the_input_side():
@@ -51,16 +94,12 @@ def test_scaling_is_per_column_on_the_output_side_and_per_row_on_the_input_side(
                                torch.tensor([[3.0 / (math.sqrt(5) + 1e-8)], [math.sqrt(17) / 1e-8]]))
 
 
-def test_limiter_caps_growth_per_step_and_stores_the_limited_norm():
-    term = torch.full((3, 4), 1.0)                               # norm 2 * sqrt(3)
-    limited, stored = limit_norm_growth(term.clone(), torch.tensor(1.0), 1.01, 2.0)
-    assert float(stored) == pytest.approx(1.01, rel=1e-6)       # measured norm sqrt(12) / 2 capped at 1.01 * 1
-    torch.testing.assert_close(limited.norm() / 2.0, torch.tensor(1.01))
-    unchanged, stored = limit_norm_growth(term.clone(), torch.tensor(100.0), 1.01, 2.0)
-    torch.testing.assert_close(unchanged, term)                  # shrinking is never limited
-    torch.testing.assert_close(stored, term.norm() / 2.0)
-    free, _ = limit_norm_growth(term.clone(), torch.tensor(1.0), None, 2.0)
-    torch.testing.assert_close(free, term)
+def test_limiter_caps_growth_per_step_and_leaves_shrinking_alone():
+    assert float(norm_growth_divisor(torch.tensor(2.0), torch.tensor(1.0), 1.01)) == pytest.approx(2.0 / 1.01)
+    assert float(norm_growth_divisor(torch.tensor(2.0), torch.tensor(100.0), 1.01)) == 1.0   # shrinking
+    assert float(norm_growth_divisor(torch.tensor(2.0), torch.tensor(math.inf), 1.01)) == 1.0  # no norm yet
+    assert norm_growth_divisor(torch.tensor(2.0), None, 1.01) == 1.0
+    assert norm_growth_divisor(torch.tensor(2.0), torch.tensor(1.0), None) == 1.0            # limiter off
 
 
 def test_bias_factor_is_adam_bias_correction_of_m_over_sqrt_v():
@@ -90,9 +129,9 @@ def our_weights(weight, grads, rank, gap, lr, limit, betas=(0.9, 0.999)):
         if exp_avg is None:
             exp_avg, exp_avg_sq = torch.zeros_like(low_rank), torch.zeros_like(low_rank)
         direction = lowrank_adam_direction(low_rank, exp_avg, exp_avg_sq, step, *betas, 0.0)
-        update, norm = norm_scaled_update(grad, low_rank, direction, basis, side, 1.0, norm, limit,
-                                          adam_bias_factor(step, *betas))
-        weight.sub_(update, alpha=lr)
+        factor, term, norm = fira_update(grad, low_rank, direction, basis, side, 1.0, norm, limit,
+                                         adam_bias_factor(step, *betas))
+        apply_update(weight, lr, 1.0, torch.tensor(True), low_rank=term, gradient=ScaledGradient(grad, factor))
         history.append(weight.clone())
     return history
 

@@ -39,7 +39,7 @@ def captured_energy(grad: torch.Tensor, basis: torch.Tensor, side: str) -> float
 @given(m=st.integers(1, 40), n=st.integers(1, 40), rank=st.integers(1, 6), side=st.sampled_from(["left", "right"]),
        dtype=st.sampled_from([torch.bfloat16, torch.float16]), block_values=st.sampled_from([None, 1, 37, 200]),
        seed=st.integers(0, 2**16))
-def test_half_precision_gradient_is_projected_in_float32_row_blocks(m, n, rank, side, dtype, block_values, seed):
+def test_half_precision_gradient_is_projected_in_widened_row_blocks(m, n, rank, side, dtype, block_values, seed):
     """P^T G | G Q^T of a bfloat16/float16 gradient, taken a block of rows at a time, equals the float64
     product of the same values within float32 rounding of the terms (an entry is about sqrt(m or n))."""
     generator = torch.Generator().manual_seed(seed)

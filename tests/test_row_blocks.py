@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from galore_plus.row_blocks import float32_row_blocks
+from galore_plus.row_blocks import widened_row_blocks
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
@@ -14,7 +14,7 @@ def test_blocks_cover_every_row_once_with_the_float32_values(m, n, block_values,
     stored = torch.randn((n, m) if transposed else (m, n)).to(dtype)
     matrix = stored.t() if transposed else stored  # a transposed weight is stepped as a strided view
     seen = []
-    for rows, block in float32_row_blocks(matrix, block_values):
+    for rows, block in widened_row_blocks(matrix, block_values):
         assert block.dtype == torch.float32 and block.shape == (rows.stop - rows.start, n)
         assert block.numel() <= max(block_values, n)  # at least one row, else at most block_values values
         assert torch.equal(block, matrix[rows].float())  # half precision converts to float32 exactly
@@ -25,7 +25,7 @@ def test_blocks_cover_every_row_once_with_the_float32_values(m, n, block_values,
 def test_a_block_written_back_changes_those_rows_only():
     matrix = torch.arange(24.0).view(6, 4).bfloat16()
     start = matrix.clone()
-    for rows, block in float32_row_blocks(matrix, 8):
+    for rows, block in widened_row_blocks(matrix, 8):
         if rows.start == 2:
             block.add_(0.5)
             matrix[rows].copy_(block)
