@@ -312,23 +312,25 @@ def products_label(shapes: Counter) -> str:
             f"{with_residual} of {sum(shapes.values())} weights")
 
 
-def projection_product_seconds(shapes: Counter, repeats: int = 2) -> float:
+def projection_product_seconds(shapes: Counter, repeats: int = 3) -> float:
     """Time of the rank-r products of one step for all projected weights (best of ``repeats`` per shape).
 
     Right side (basis Q, r x n): R = G Q^T and U = N Q; left side (P, m x r): R = P^T G and U = P N;
     with ``full_rank_residual`` also Fira's back-projection of R (R Q or P R, for G - P R); float32,
-    as the optimizer computes them.
+    as the optimizer computes them. Full-size results go into one buffer per shape that the first
+    repeat has already touched, so the time is the products' arithmetic, not page faults of new
+    full-size tensors (which made this reference vary by 2x between runs on a nearly full machine).
     """
     total = 0.0
     for (shape, basis_shape, full_rank), count in shapes.items():
-        grad, basis = torch.randn(shape), torch.randn(basis_shape)
+        grad, basis, full_size = torch.randn(shape), torch.randn(basis_shape), torch.empty(shape)
         right = basis_shape[1] == shape[1] and basis_shape[0] != shape[0]
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             low_rank = grad @ basis.t() if right else basis.t() @ grad
             for _ in range(2 if full_rank else 1):
-                low_rank @ basis if right else basis @ low_rank
+                torch.mm(low_rank, basis, out=full_size) if right else torch.mm(basis, low_rank, out=full_size)
             best = min(best, time.perf_counter() - start)
         total += count * best
     return total

@@ -36,9 +36,10 @@ import math
 import torch
 from torch import Tensor
 
-from .full_rank_residual import NORM_FLOOR, adam_bias_factor, channel_norms, norm_growth_divisor, residual_scaling
+from .full_rank_residual import NORM_FLOOR, adam_bias_factor, norm_growth_divisor, residual_scaling
 from .lowrank_adam import update_moments
 from .projectors import Side
+from .row_blocks import channel_square_sums
 
 SCALE_TYPES = ("channel", "tensor")
 NORM_GROWTH_LIMIT = 1.01
@@ -75,9 +76,10 @@ def gradient_scaling(direction: Tensor, low_rank_grad: Tensor, side: Side, scale
 
 
 def scaled_norm(grad: Tensor, scaling: Tensor, side: Side) -> Tensor:
-    """||s G|| without forming s G: the norm of s times G's per-channel norms (G a block of rows at a time,
-    any dtype; for a 0-d s, channels along ``side`` as for a per-channel one)."""
-    return torch.linalg.vector_norm(scaling * channel_norms(grad, side))
+    """||s G|| without forming s G: from G's per-channel sums of squares (channels along ``side``, a block of
+    rows at a time, any dtype; a 0-d s scales them all)."""
+    squares = channel_square_sums(grad, side == "left")
+    return (scaling.double().square() * squares).sum().sqrt().to(scaling.dtype)
 
 
 def apollo_factor(

@@ -105,8 +105,8 @@ class LocalLayout:
     def local(self, moment: Tensor) -> Tensor:
         return moment
 
-    def norm(self, rows: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(rows)
+    def total(self, value: Tensor) -> Tensor:
+        return value
 
 
 class RowShardLayout:
@@ -141,9 +141,11 @@ class RowShardLayout:
         return basis if side == "right" else basis[self.start:self.start + self.rows]
 
     def reduce_low_rank(self, low_rank: Tensor, side: Side) -> Tensor:
-        if side == "left":
-            dist.all_reduce(low_rank, group=self.process_group)
-        return low_rank
+        if side == "right":
+            return low_rank
+        summed = low_rank.clone()
+        dist.all_reduce(summed, group=self.process_group)
+        return summed
 
     def all_ranks(self, flag: Tensor) -> Tensor:
         agreed = flag.to(torch.int32)
@@ -161,11 +163,11 @@ class RowShardLayout:
     def local(self, moment: Tensor) -> Tensor:
         return moment.to_local() if is_sharded(moment) else moment
 
-    def norm(self, rows: Tensor) -> Tensor:
-        """sqrt of the sum over ranks of each rank's squared norm (an all-reduce on the device, no host read)."""
-        squares = torch.linalg.vector_norm(rows).square()
-        dist.all_reduce(squares, group=self.process_group)
-        return squares.sqrt()
+    def total(self, value: Tensor) -> Tensor:
+        """The sum over ranks (an all-reduce of a copy, on the device, no host read)."""
+        summed = value.clone()
+        dist.all_reduce(summed, group=self.process_group)
+        return summed
 
 
 def row_shard_layout(param: DTensor, group: dict[str, Any], label: str, optim_bits: int) -> RowShardLayout:

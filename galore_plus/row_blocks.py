@@ -50,3 +50,21 @@ def widened_row_blocks(matrix: Tensor, block_values: int | None = None) -> Itera
         target = buffer[: block.stop - block.start]
         target.copy_(matrix[block])
         yield block, target
+
+
+def channel_square_sums(matrix: Tensor, per_column: bool, block_values: int | None = None) -> Tensor:
+    """Sums of squares of a 2-D ``matrix`` (any dtype) per column, shape (1, n), or per row, shape (m, 1), in float64.
+
+    A block of rows at a time (:func:`widened_row_blocks`): each block's sums are float32 (float64 for a
+    float64 matrix), added up in float64, so a column's sum over many rows keeps about float32's
+    relative precision, enough for the differences of :mod:`galore_plus.full_rank_residual`.
+    """
+    sums = torch.zeros((1, matrix.shape[1]) if per_column else (matrix.shape[0], 1), dtype=torch.float64,
+                       device=matrix.device)
+    for rows, block in widened_row_blocks(matrix, block_values):
+        squares = block.square_()
+        if per_column:
+            sums.add_(squares.sum(0, keepdim=True))
+        else:
+            sums[rows] = squares.sum(1, keepdim=True)
+    return sums

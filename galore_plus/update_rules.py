@@ -32,8 +32,9 @@ from torch import Tensor
 from .apollo_update import apollo_factor, apollo_moments_direction, apollo_step_size
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
 from .dispatch import lowrank_adam_direction
-from .full_rank_residual import Norm, adam_bias_factor, channel_norms, fira_update
+from .full_rank_residual import Total, adam_bias_factor, combination_square_sums, fira_update, single_process_total
 from .projectors import Shape, Side
+from .row_blocks import channel_square_sums
 from .update import LowRankTerm, ScaledGradient, apply_update
 
 
@@ -49,8 +50,10 @@ class UpdateInputs:
     direction of R (when ``finite`` is False it may hold NaN/Inf: a rule masks what it multiplies
     in); ``basis``: P (these rows) | Q; ``step``: t >= 1;
     ``finite``: a 0-d bool tensor on the weight's device, False when this step must leave the
-    weight unchanged; ``norm``: the Frobenius norm of a weight-shaped tensor of which this process
-    holds ``weight``'s rows, over the whole weight (a sum over ranks for a sharded weight).
+    weight unchanged; ``local_low_rank``: this process's rows' part of R before the sum over ranks
+    (P^T G of these rows on the left side; None: ``low_rank`` itself, as in a single process and on
+    the right side); ``total``: the sum over processes of a tensor each computed from its own rows
+    (the tensor itself in a single process; no host read).
     """
 
     weight: Tensor
@@ -62,7 +65,13 @@ class UpdateInputs:
     side: Side
     step: int
     finite: Tensor
-    norm: Norm = torch.linalg.vector_norm
+    local_low_rank: Tensor | None = None
+    total: Total = single_process_total
+
+    @property
+    def own_low_rank(self) -> Tensor:
+        """This process's part of R: ``local_low_rank``, or ``low_rank`` when that is None."""
+        return self.low_rank if self.local_low_rank is None else self.local_low_rank
 
 
 ApplyFunction = Callable[[UpdateInputs, dict[str, Any], dict[str, Any]], None]
@@ -94,14 +103,17 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
         return
     beta1, beta2 = group["betas"]
     previous = state.get("residual_norm", torch.full((), math.inf, device=inputs.grad.device))
+    grad_squares = channel_square_sums(inputs.grad, inputs.side == "left")
     factor, low_rank, norm = fira_update(
-        inputs.grad, inputs.low_rank, inputs.direction, inputs.basis, inputs.side, 1.0 if auto else group["scale"],
-        previous, group["norm_growth_limit"], adam_bias_factor(inputs.step, beta1, beta2), inputs.norm,
+        grad_squares, inputs.low_rank, inputs.own_low_rank, inputs.direction, inputs.basis, inputs.side,
+        1.0 if auto else group["scale"], previous, group["norm_growth_limit"],
+        adam_bias_factor(inputs.step, beta1, beta2), inputs.total,
     )
     state["residual_norm"] = torch.where(inputs.finite, norm, previous)
     if auto:
-        update_norm = torch.linalg.vector_norm(channel_norms(inputs.grad, inputs.side, factor, low_rank))
-        scale = rms_matching_scale(inputs.direction, update_norm / math.sqrt(inputs.shape[0] * inputs.shape[1]))
+        squares = combination_square_sums(grad_squares, factor, low_rank, inputs.own_low_rank).sum()
+        update_rms = squares.clamp(min=0).sqrt().to(factor.dtype) / math.sqrt(inputs.shape[0] * inputs.shape[1])
+        scale = rms_matching_scale(inputs.direction, update_rms)
         factor, low_rank = factor * scale, LowRankTerm(low_rank.low_rank * scale, low_rank.basis, low_rank.side)
     apply_update(inputs.weight, lr, decay, inputs.finite, low_rank=low_rank,
                  gradient=ScaledGradient(inputs.grad, factor))

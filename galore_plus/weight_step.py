@@ -74,7 +74,7 @@ class WeightLayout(Protocol):
         """The part of a whole basis that multiplies this process's rows."""
 
     def reduce_low_rank(self, low_rank: Tensor, side: Side) -> Tensor:
-        """The low-rank gradient of the whole weight from this process's part of it."""
+        """The low-rank gradient of the whole weight from this process's part of it (which is left unchanged)."""
 
     def all_ranks(self, flag: Tensor) -> Tensor:
         """A 0-d bool tensor that is True only when ``flag`` is True on every process."""
@@ -85,8 +85,8 @@ class WeightLayout(Protocol):
     def local(self, moment: Tensor) -> Tensor:
         """This process's part of a moment, a view written in place."""
 
-    def norm(self, rows: Tensor) -> Tensor:
-        """The Frobenius norm of a weight-shaped tensor of which ``rows`` are this process's rows (no host read)."""
+    def total(self, value: Tensor) -> Tensor:
+        """The sum over processes of ``value``, which each computed from its own rows (no host read)."""
 
 
 class SkippedSteps:
@@ -202,7 +202,8 @@ def step_projected_weight(
     basis, previous = step_basis(layout, state, group, side, step, context)
     local_basis = layout.local_basis(basis, side)
     grad = layout.gradient()
-    low_rank = layout.reduce_low_rank(project(grad, local_basis, side), side)
+    local_low_rank = project(grad, local_basis, side)
+    low_rank = layout.reduce_low_rank(local_low_rank, side)
     stored = quant.load_moments(state) if context.optim_bits == 8 else {}
     if "exp_avg" not in state:
         state["exp_avg"] = layout.moment_zeros(low_rank, side)
@@ -223,7 +224,7 @@ def step_projected_weight(
     weight = layout.weight()
     residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite)
     inputs = UpdateInputs(weight, layout.shape, grad, low_rank, direction, local_basis, side, step,
-                          finite, layout.norm)
+                          finite, local_low_rank, layout.total)
     rule.apply(inputs, state, group)
     if residual is not None:
         write_residual(weight, residual)
