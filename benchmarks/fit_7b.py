@@ -287,8 +287,7 @@ def train_step(model: nn.Module, optimizer: GaLorePlusAdamW, clock: OptimizerClo
 
 
 def projected_shapes(optimizer: GaLorePlusAdamW) -> Counter:
-    """How many projected weights have each (gradient shape, basis shape, full-rank residual on), from the
-    optimizer's groups and state."""
+    """How many projected weights have each (gradient shape, basis shape), from the optimizer's groups and state."""
     shapes: Counter = Counter()
     for group in optimizer.param_groups:
         if "rank" not in group:
@@ -297,40 +296,32 @@ def projected_shapes(optimizer: GaLorePlusAdamW) -> Counter:
             basis = optimizer.state[param].get("projector")
             if basis is not None:
                 shape = tuple(param.shape[::-1]) if group["transposed"] else tuple(param.shape)
-                shapes[(shape, tuple(basis.shape), bool(group.get("full_rank_residual")))] += 1
+                shapes[(shape, tuple(basis.shape))] += 1
     return shapes
 
 
-def products_label(shapes: Counter) -> str:
-    """Which rank-r products :func:`projection_product_seconds` counts for these weights."""
-    with_residual = sum(count for (_, _, full_rank), count in shapes.items() if full_rank)
-    if with_residual == 0:
-        return "R and U, 4 m n r flops per weight"
-    if with_residual == sum(shapes.values()):
-        return "R, U and the full-rank residual's back-projection, 6 m n r flops per weight"
-    return (f"R and U, 4 m n r flops per weight, plus the full-rank residual's back-projection (6 m n r) on "
-            f"{with_residual} of {sum(shapes.values())} weights")
+PRODUCTS_LABEL = "R and U, 4 m n r flops per weight"
 
 
 def projection_product_seconds(shapes: Counter, repeats: int = 3) -> float:
     """Time of the rank-r products of one step for all projected weights (best of ``repeats`` per shape).
 
     Right side (basis Q, r x n): R = G Q^T and U = N Q; left side (P, m x r): R = P^T G and U = P N;
-    with ``full_rank_residual`` also Fira's back-projection of R (R Q or P R, for G - P R); float32,
-    as the optimizer computes them. Full-size results go into one buffer per shape that the first
+    float32, as the optimizer computes them. These are the two products of every step, with or without
+    Fira's full-rank residual (whose update is applied with the same back-projection, and whose norm
+    comes from low-rank terms: :mod:`galore_plus.full_rank_residual`). Full-size results go into one buffer per shape that the first
     repeat has already touched, so the time is the products' arithmetic, not page faults of new
     full-size tensors (which made this reference vary by 2x between runs on a nearly full machine).
     """
     total = 0.0
-    for (shape, basis_shape, full_rank), count in shapes.items():
+    for (shape, basis_shape), count in shapes.items():
         grad, basis, full_size = torch.randn(shape), torch.randn(basis_shape), torch.empty(shape)
         right = basis_shape[1] == shape[1] and basis_shape[0] != shape[0]
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             low_rank = grad @ basis.t() if right else basis.t() @ grad
-            for _ in range(2 if full_rank else 1):
-                torch.mm(low_rank, basis, out=full_size) if right else torch.mm(basis, low_rank, out=full_size)
+            torch.mm(low_rank, basis, out=full_size) if right else torch.mm(basis, low_rank, out=full_size)
             best = min(best, time.perf_counter() - start)
         total += count * best
     return total
@@ -420,7 +411,7 @@ def markdown_report(record: dict[str, Any]) -> str:
         lines += ["", "**Incomplete run**: stopped or still running after the steps above."]
     products = record.get("projection_products_s")
     if products is not None:
-        counted = record.get("projection_products", "R and U, 4 m n r flops per weight")
+        counted = record.get("projection_products", PRODUCTS_LABEL)
         lines += ["", f"Rank-{record['rank']} projection products alone ({counted}; float32, every projected weight's "
                       f"shape, measured after the steps): {products:.1f} s per step. Optimizer time without refreshes / "
                       "products: " + ", ".join(f"step {index} {step['optimizer_s'] / products:.2f}x"
@@ -525,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shapes = projected_shapes(optimizer)
     if shapes:
         record["projection_products_s"] = projection_product_seconds(shapes)
-        record["projection_products"] = products_label(shapes)
+        record["projection_products"] = PRODUCTS_LABEL
         print(f"projection products alone: {record['projection_products_s']:.1f} s", flush=True)
         save_record(record, out)
         if not args.skip_refresh_comparison:

@@ -11,6 +11,7 @@ pytest.importorskip("tqdm")
 pytest.importorskip("bitsandbytes")
 
 from benchmarks import fit_7b  # noqa: E402
+from galore_plus.memory import LIMITER_NORM_BYTES  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
@@ -49,8 +50,7 @@ def test_tiny_run_measures_what_the_estimator_predicts(tiny_config, tmp_path):
         assert 0 <= step["largest_growth_bytes"] <= step["peak_growth_in_optimizer"]
         assert step["resident_at_start"] + step["peak_growth_in_optimizer"] <= step["peak_resident_bytes"]
     assert record["projection_products_s"] > 0
-    # GaLore+'s projectors (cross_head, randomized) run Fira's full-rank residual by default: 6 m n r
-    assert record["projection_products"].endswith("6 m n r flops per weight")
+    assert record["projection_products"] == "R and U, 4 m n r flops per weight"
     layer = record["layer_refresh"]
     assert layer["weights"] == layer["svd_refreshes"] == layer["galore_plus_refreshes"] == PROJECTED_PER_LAYER
     saved = json.loads((tmp_path / "out" / "tiny_galore+8.json").read_text())
@@ -109,17 +109,7 @@ def tiny_transformers_config():
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
-def test_products_count_the_full_rank_residuals_back_projection_where_it_is_on():
-    from collections import Counter
-
-    plain, residual = ((64, 32), (8, 32), False), ((64, 32), (8, 32), True)
-    assert fit_7b.products_label(Counter({plain: 3})) == "R and U, 4 m n r flops per weight"
-    assert fit_7b.products_label(Counter({residual: 3})).endswith("6 m n r flops per weight")
-    assert fit_7b.products_label(Counter({plain: 3, residual: 1})).endswith("(6 m n r) on 1 of 4 weights")
-
-
-@pytest.mark.parametrize("full_rank, products", [(False, 2), (True, 3)])
-def test_product_timing_runs_the_products_the_step_needs(full_rank, products):
+def test_product_timing_runs_the_two_products_of_a_step():
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -135,10 +125,14 @@ def test_product_timing_runs_the_products_the_step_needs(full_rank, products):
     for basis_shape in ((8, 32), (64, 8)):  # right side Q (r, n), left side P (m, r)
         CountProducts.calls = 0
         with CountProducts():
-            fit_7b.projection_product_seconds(Counter({((64, 32), basis_shape, full_rank): 5}), repeats=1)
-        assert CountProducts.calls == products
+            fit_7b.projection_product_seconds(Counter({((64, 32), basis_shape): 5}), repeats=1)
+        assert CountProducts.calls == 2
 
 
-def test_full_rank_residual_can_be_switched_off_and_the_products_follow(tiny_config, tmp_path):
-    record = run(tiny_config, tmp_path, "--steps", "1", "--full-rank-residual", "off", "--skip-refresh-comparison")
-    assert record["projection_products"] == "R and U, 4 m n r flops per weight"
+def test_full_rank_residual_can_be_switched_off(tiny_config, tmp_path):
+    """--full-rank-residual off reaches the optimizer: its state lacks the limiter's norm of every projected weight."""
+    off = run(tiny_config, tmp_path / "off", "--steps", "1", "--full-rank-residual", "off", "--skip-refresh-comparison")
+    on = run(tiny_config, tmp_path / "on", "--steps", "1", "--skip-refresh-comparison")
+    projected = PROJECTED_PER_LAYER * TINY["num_hidden_layers"]
+    assert on["steps"][0]["state_bytes"] - off["steps"][0]["state_bytes"] == LIMITER_NORM_BYTES * projected
+    assert off["projection_products"] == on["projection_products"] == "R and U, 4 m n r flops per weight"
