@@ -8,8 +8,8 @@ automatic scale makes the per-entry RMS of the whole update equal to N's:
 
 * GaLore update U = P N:                        scale = sqrt(d / r) (a constant of the shape);
 * with the full-rank residual, U = P N + S:     scale = RMS(N) / RMS(U), computed every step on the device.
-  U is never formed whole: its norm is measured a block of rows at a time
-  (:func:`galore_plus.full_rank_residual.channel_norms`), one rank-r product more per step.
+  U is never formed whole: its norm comes from G's per-channel square sums and low-rank terms
+  (:func:`galore_plus.full_rank_residual.combination_square_sums`), no extra full-size work.
 
 The entries of the sparse residual (``residual_ratio``) are Adam updates of the full gradient
 already, so with ``scale="auto"`` they use scale 1.

@@ -93,15 +93,20 @@ def combination_square_sums(grad_squares: Tensor, factor: Tensor | float, low_ra
     this process's rows); ``factor`` c: a number, 0-d or one value per channel; ``low_rank``: X and the
     basis (P, this process's rows | Q); ``own_low_rank``: R_own = P^T G | G Q^T of this process's rows.
     Returns c^2 g + 2 c X . R_own + X . (M X), M = P^T P | Q Q^T, the dot products over the rank
-    dimension: exact algebra, whose float32 rounding matters only when the terms nearly cancel.
+    dimension: exact algebra, whose rounding matters only when the terms nearly cancel, so they are
+    float64, except X . ((M - I) X), which is small for an orthonormal basis (float32, against a float64 M).
     """
     x, own = low_rank.low_rank.double(), own_low_rank.double()
     basis = low_rank.basis.double()
     factor = factor.double() if isinstance(factor, Tensor) else factor
-    if low_rank.side == "left":
-        cross, quadratic = (x * own).sum(0, keepdim=True), (x * ((basis.t() @ basis) @ x)).sum(0, keepdim=True)
-    else:
-        cross, quadratic = (x * own).sum(1, keepdim=True), (x * (x @ (basis @ basis.t()))).sum(1, keepdim=True)
+    dim = 0 if low_rank.side == "left" else 1
+    gram = basis.t() @ basis if low_rank.side == "left" else basis @ basis.t()
+    # M = I + D: X . (M X) = ||X||^2 in float64 plus X . (D X), small for an orthonormal basis, so float32 suffices
+    deviation = (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).to(low_rank.low_rank.dtype)
+    narrow = low_rank.low_rank
+    deviation_term = narrow * (deviation @ narrow if low_rank.side == "left" else narrow @ deviation)
+    quadratic = x.square().sum(dim, keepdim=True) + deviation_term.sum(dim, keepdim=True).double()
+    cross = (x * own).sum(dim, keepdim=True)
     return factor * factor * grad_squares + 2 * factor * cross + quadratic
 
 
