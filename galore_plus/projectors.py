@@ -77,16 +77,20 @@ def project(grad: Tensor, basis: Tensor, side: Side, block_values: int | None = 
 
     A half-precision (bfloat16, float16) gradient is converted to float32 a block of rows at a time
     (:func:`~galore_plus.row_blocks.widened_row_blocks`, about ``block_values`` values), never as a
-    whole, and multiplied with the float32 basis: right side, rows of G Q^T; left side, rows of
-    (P^T G)^T = G^T P, from rows of G^T.
+    whole, and multiplied with the float32 basis: right side, the rows of G Q^T of those rows; left
+    side, P^T G summed over blocks of rows of G and P (contiguous rows of G, not strided columns).
     """
     if grad.dtype not in (torch.bfloat16, torch.float16):
         return basis.t() @ grad if side == "left" else grad @ basis.t()
-    rows_of, factor = (grad.t(), basis) if side == "left" else (grad, basis.t())
-    low_rank = torch.empty(rows_of.shape[0], factor.shape[1], dtype=torch.float32, device=grad.device)
-    for rows, block in widened_row_blocks(rows_of, block_values):
-        torch.mm(block, factor, out=low_rank[rows])
-    return low_rank.t().contiguous() if side == "left" else low_rank
+    if side == "left":
+        low_rank = torch.zeros(basis.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
+        for rows, block in widened_row_blocks(grad, block_values):
+            low_rank.addmm_(basis[rows].t(), block)
+        return low_rank
+    low_rank = torch.empty(grad.shape[0], basis.shape[0], dtype=torch.float32, device=grad.device)
+    for rows, block in widened_row_blocks(grad, block_values):
+        torch.mm(block, basis.t(), out=low_rank[rows])
+    return low_rank
 
 
 def project_back(low_rank: Tensor, basis: Tensor, side: Side) -> Tensor:
