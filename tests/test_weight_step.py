@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import galore_plus
 from galore_plus import GaLorePlusAdamW
-from galore_plus import projectors, update_rules, weight_step
+from galore_plus import APOLLO, projectors, row_blocks, update_rules, weight_step
 from galore_plus.distributed import LocalLayout
 from galore_plus.projectors import PROJECTORS, Projector, basis_generator, head_rows, random_orthonormal_basis
 
@@ -326,3 +326,40 @@ def test_steps_without_a_refresh_read_nothing_on_the_host(projector, mode, bits,
         return
     assert {t: calls for t, calls in reads.items() if t not in (1, 4, 7)} == {2: [], 3: [], 5: [], 6: [], 8: []}
     assert all(reads[t] for t in (4, 7))  # the recorder sees a refresh's reads
+
+
+class NewTensorSizes(TorchDispatchMode):
+    """Records the number of values of every tensor an operation allocates (outputs that share no input's storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        storages = {a.untyped_storage().data_ptr() for a in inputs}
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in storages:
+                self.sizes.append(tensor.numel())
+        return out
+
+
+@pytest.mark.parametrize("optim_bits", [32, 8])
+@pytest.mark.parametrize("keys", [{"full_rank_residual": True}, {"full_rank_residual": False}, dict(APOLLO)],
+                         ids=["fira", "galore", "apollo"])
+def test_a_step_without_refresh_allocates_no_full_size_tensor_for_a_bfloat16_weight(monkeypatch, keys, optim_bits):
+    """Blocks of 8 rows: no tensor of the step is larger than a block of a 64 x 48 weight, or than one of the
+    low-rank ones (64 x 4), though the update is full-rank (Fira, APOLLO) and the weight changes."""
+    monkeypatch.setattr(row_blocks, "ROW_BLOCK_VALUES", 8 * 48)
+    weight = torch.nn.Parameter(torch.randn(64, 48).bfloat16())
+    opt = GaLorePlusAdamW([{"params": [weight], "rank": 4, "update_proj_gap": 100, "projector": "randomized",
+                            **keys}], lr=0.1, optim_bits=optim_bits)
+    weight.grad = torch.randn(64, 48).bfloat16()
+    opt.step()
+    weight.grad = torch.randn(64, 48).bfloat16()
+    start = weight.detach().clone()
+    with NewTensorSizes() as recorded:
+        opt.step()
+    assert not torch.equal(weight.detach(), start)
+    assert recorded.sizes and max(recorded.sizes) <= 8 * 48
