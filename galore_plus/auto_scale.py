@@ -7,7 +7,8 @@ many entries, d being the projected dimension, so its per-entry RMS is sqrt(r / 
 automatic scale makes the per-entry RMS of the whole update equal to N's:
 
 * GaLore update U = P N:                        scale = sqrt(d / r) (a constant of the shape);
-* with the full-rank residual, U = P N + S:     scale = RMS(N) / RMS(U), computed every step on the device.
+* with the full-rank residual, U = P N + S:     scale = RMS(N) / RMS(U), computed every step on the device
+  (over every process's rows of a sharded weight).
   U is never formed whole: its norm comes from G's per-channel square sums and low-rank terms
   (:func:`galore_plus.full_rank_residual.combination_square_sums`), no extra full-size work.
 
@@ -38,14 +39,14 @@ def rms(tensor: Tensor) -> Tensor:
     return torch.linalg.vector_norm(tensor) / math.sqrt(tensor.numel())
 
 
-def rms_matching_scale(direction: Tensor, update_rms: Tensor) -> Tensor:
+def rms_matching_scale(direction_rms: Tensor, update_rms: Tensor) -> Tensor:
     """RMS(N) / RMS(U): the scale that gives a full-size update U of per-entry RMS ``update_rms`` the per-entry RMS
-    of the direction N.
+    ``direction_rms`` of the direction N.
 
     A zero update gets scale 0 (nothing to scale) instead of a division by zero.
     """
     tiny = torch.finfo(update_rms.dtype).tiny
-    return torch.where(update_rms > 0, rms(direction) / update_rms.clamp(min=tiny), 0.0)
+    return torch.where(update_rms > 0, direction_rms / update_rms.clamp(min=tiny), 0.0)
 
 
 def residual_scale(scale: float | str) -> float:

@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .auto_scale import AUTO
 from .projectors import Shape, Side
 
 if dist.is_available():
@@ -179,10 +178,6 @@ def row_shard_layout(param: DTensor, group: dict[str, Any], label: str, optim_bi
         raise NotImplementedError(f"{label}, key 'update_rule': APOLLO's rule on sharded (DTensor) weights is not "
                                   "implemented (its tensor scale and norm-growth limiter need norms over every rank); "
                                   "use update_rule='galore' with FSDP2, or DDP / per-layer mode for APOLLO")
-    if group["full_rank_residual"] and group["scale"] == AUTO:
-        raise NotImplementedError(f"{label}, key 'scale': scale='auto' with the full-rank residual of sharded (DTensor) "
-                                  "weights is not implemented (it needs the RMS of the direction over every rank); "
-                                  "give a number, or full_rank_residual=False, with FSDP2")
     if group["transposed"]:
         raise NotImplementedError(f"{label}, key 'transposed': a sharded weight stored (in, out) is sharded on its input "
                                   "side; only row-sharded nn.Linear-layout weights are implemented")

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .apollo_update import apollo_factor, apollo_moments_direction, apollo_step_size
-from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
+from .auto_scale import AUTO, lowrank_auto_scale, rms, rms_matching_scale
 from .dispatch import lowrank_adam_direction
 from .full_rank_residual import Total, adam_bias_factor, combination_square_sums, fira_update, single_process_total
 from .projectors import Shape, Side
@@ -92,6 +92,14 @@ class UpdateRule:
     direction: DirectionFunction = lowrank_adam_direction
 
 
+def whole_rms(low_rank: Tensor, inputs: UpdateInputs) -> Tensor:
+    """The RMS of a low-rank tensor of this step over the whole weight: on the left side (r x n) every
+    process holds all of it, on the right side (m x r) its own rows (summed over processes)."""
+    if inputs.side == "left":
+        return rms(low_rank)
+    return (inputs.total(low_rank.square().sum()) / (inputs.shape[0] * low_rank.shape[1])).sqrt()
+
+
 def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
     """GaLore's rule: decoupled weight decay, then lr * scale times P N, or P N + S with the full-rank residual."""
     lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
@@ -111,9 +119,9 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
     )
     state["residual_norm"] = torch.where(inputs.finite, norm, previous)
     if auto:
-        squares = combination_square_sums(grad_squares, factor, low_rank, inputs.own_low_rank).sum()
+        squares = inputs.total(combination_square_sums(grad_squares, factor, low_rank, inputs.own_low_rank).sum())
         update_rms = squares.clamp(min=0).sqrt().to(factor.dtype) / math.sqrt(inputs.shape[0] * inputs.shape[1])
-        scale = rms_matching_scale(inputs.direction, update_rms)
+        scale = rms_matching_scale(whole_rms(inputs.direction, inputs), update_rms)
         factor, low_rank = factor * scale, LowRankTerm(low_rank.low_rank * scale, low_rank.basis, low_rank.side)
     apply_update(inputs.weight, lr, decay, inputs.finite, low_rank=low_rank,
                  gradient=ScaledGradient(inputs.grad, factor))

@@ -22,14 +22,14 @@ def test_shape_formula_gives_the_backprojected_direction_the_direction_rms(m, n,
     update = project_back(direction, basis, side)
     scale = lowrank_auto_scale((m, n), rank, side)
     torch.testing.assert_close(rms(scale * update), rms(direction), rtol=1e-10, atol=0)
-    torch.testing.assert_close(rms_matching_scale(direction, rms(update)), torch.tensor(scale, dtype=torch.float64),
+    torch.testing.assert_close(rms_matching_scale(rms(direction), rms(update)), torch.tensor(scale, dtype=torch.float64),
                                rtol=1e-10, atol=0)
 
 
 def test_rms_matching_scale_of_a_whole_update():
     direction = torch.full((2, 3), 2.0)                     # RMS 2
     update = torch.full((4, 3), 0.5)                        # RMS 0.5
-    assert float(rms_matching_scale(direction, rms(update))) == 4.0
-    assert float(rms_matching_scale(direction, torch.tensor(0.0))) == 0.0
+    assert float(rms_matching_scale(rms(direction), rms(update))) == 4.0
+    assert float(rms_matching_scale(rms(direction), torch.tensor(0.0))) == 0.0
     assert math.isclose(lowrank_auto_scale((64, 16), 4, "left"), 4.0)
     assert math.isclose(lowrank_auto_scale((64, 16), 4, "right"), 2.0)

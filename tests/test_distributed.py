@@ -110,12 +110,12 @@ def build_model() -> TwoLayer:
     return TwoLayer()
 
 
-# The levers of docs/levers.md, on in the DDP and FSDP2 jobs. FSDP2 refuses scale="auto" with the full-rank residual,
-# so its job runs the residual at a numeric scale: both sides are row-sharded there (query: input side, out: output
-# side, uneven shards), so the limiter's norm is summed over ranks on both.
+# The levers of docs/levers.md, on in the DDP and FSDP2 jobs, with scale="auto" and the full-rank residual: in the
+# FSDP2 job both sides are row-sharded (query: input side, out: output side, uneven shards), so the limiter's norm
+# and auto's RMS of the update and of the right side's direction are summed over ranks.
 LEVERS = dict(moment_transfer=True, adaptive_gap=True, gap_patience=1, gap_overlap_threshold=0.2)
 DDP_LEVERS = dict(LEVERS, full_rank_residual=True, scale="auto")
-FSDP_LEVERS = dict(LEVERS, full_rank_residual=True, scale=0.5)
+FSDP_LEVERS = DDP_LEVERS
 
 
 def param_groups(model: TwoLayer, residuals: bool = True, levers: dict | None = None) -> list[dict]:
@@ -304,8 +304,7 @@ def unsupported_step_error(dim: int, **group_options) -> str:
 
 
 def unsupported_errors() -> dict[str, str]:
-    return {"column_sharded": unsupported_step_error(1), "residuals": unsupported_step_error(0, residual_ratio=0.25),
-            "full_rank_residual_auto": unsupported_step_error(0, full_rank_residual=True, scale="auto")}
+    return {"column_sharded": unsupported_step_error(1), "residuals": unsupported_step_error(0, residual_ratio=0.25)}
 
 
 def nan_on_one_rank_changes_nothing(rank: int, rows: slice) -> dict[str, bool]:
@@ -403,4 +402,3 @@ def test_fsdp2_equals_single_process_and_resumes_from_a_distributed_checkpoint_o
         assert "param group 0 ('sharded'), key 'rank'" in result["errors"]["column_sharded"]
         assert "Shard(dim=1)" in result["errors"]["column_sharded"]
         assert "key 'residual_ratio'" in result["errors"]["residuals"]
-        assert "param group 0 ('sharded'), key 'scale'" in result["errors"]["full_rank_residual_auto"]
