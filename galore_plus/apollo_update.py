@@ -36,7 +36,9 @@ import math
 import torch
 from torch import Tensor
 
-from .full_rank_residual import NORM_FLOOR, adam_bias_factor, norm_growth_divisor, residual_scaling
+from .full_rank_residual import (
+    NORM_FLOOR, Total, adam_bias_factor, norm_growth_divisor, residual_scaling, single_process_total, whole_square_sum,
+)
 from .lowrank_adam import update_moments
 from .projectors import Side
 from .row_blocks import channel_square_sums
@@ -64,35 +66,38 @@ def apollo_step_size(lr: float, step: int, beta1: float, beta2: float) -> float:
     return lr * adam_bias_factor(step, beta1, beta2)
 
 
-def gradient_scaling(direction: Tensor, low_rank_grad: Tensor, side: Side, scale_type: str) -> Tensor:
+def gradient_scaling(direction: Tensor, low_rank_grad: Tensor, side: Side, scale_type: str,
+                     total: Total = single_process_total) -> Tensor:
     """s = ||N|| / (||R|| + 1e-8): shape (m, 1) or (1, n) per channel, 0-d per tensor.
 
     A right-side basis keeps G's rows in R (m, r), so channels are rows; a left-side basis keeps
-    its columns in R (r, n), so channels are columns.
+    its columns in R (r, n), so channels are columns. Per tensor, the norms are the whole weight's
+    (``total`` sums a right-side R's and N's rows over processes).
     """
     if scale_type == "tensor":
-        return torch.linalg.vector_norm(direction) / (torch.linalg.vector_norm(low_rank_grad) + NORM_FLOOR)
+        direction_norm = whole_square_sum(direction, side, total).sqrt()
+        return direction_norm / (whole_square_sum(low_rank_grad, side, total).sqrt() + NORM_FLOOR)
     return residual_scaling(direction, low_rank_grad, side)  # Fira's per-channel phi is the same ratio
 
 
-def scaled_norm(grad: Tensor, scaling: Tensor, side: Side) -> Tensor:
+def scaled_norm(grad: Tensor, scaling: Tensor, side: Side, total: Total = single_process_total) -> Tensor:
     """||s G|| without forming s G: from G's per-channel sums of squares (channels along ``side``, a block of
-    rows at a time, any dtype; a 0-d s scales them all)."""
+    rows at a time, any dtype; a 0-d s scales them all), over every process's rows (``total``)."""
     squares = channel_square_sums(grad, side == "left")
-    return (scaling.double().square() * squares).sum().sqrt().to(scaling.dtype)
+    return total((scaling.double().square() * squares).sum()).sqrt().to(scaling.dtype)
 
 
 def apollo_factor(
     grad: Tensor, low_rank_grad: Tensor, direction: Tensor, side: Side, scale_type: str, scale: float,
-    previous_norm: Tensor | None,
+    previous_norm: Tensor | None, total: Total = single_process_total,
 ) -> tuple[Tensor, Tensor]:
     """(f, the limited norm of s G to keep for the next step), where U = f G = sqrt(scale) * limited(s G).
 
     f has the shape of s (0-d, (m, 1) or (1, n)), so the full-size U is never formed here; on the
     first step (``previous_norm`` None) nothing is limited. ``direction`` is :func:`apollo_direction`.
     """
-    scaling = gradient_scaling(direction, low_rank_grad, side, scale_type)
-    norm = scaled_norm(grad, scaling, side)
+    scaling = gradient_scaling(direction, low_rank_grad, side, scale_type, total)
+    norm = scaled_norm(grad, scaling, side, total)
     if previous_norm is None:
         return times(scaling, math.sqrt(scale)), norm
     divisor = norm_growth_divisor(norm, previous_norm, NORM_GROWTH_LIMIT)

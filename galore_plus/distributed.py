@@ -174,10 +174,6 @@ def row_shard_layout(param: DTensor, group: dict[str, Any], label: str, optim_bi
     if group.get("residual_ratio", 0.0) > 0:
         raise NotImplementedError(f"{label}, key 'residual_ratio': residuals of sharded (DTensor) weights are not "
                                   "implemented; use residual_ratio=0 with FSDP2")
-    if group["update_rule"] == "apollo":
-        raise NotImplementedError(f"{label}, key 'update_rule': APOLLO's rule on sharded (DTensor) weights is not "
-                                  "implemented (its tensor scale and norm-growth limiter need norms over every rank); "
-                                  "use update_rule='galore' with FSDP2, or DDP / per-layer mode for APOLLO")
     if group["transposed"]:
         raise NotImplementedError(f"{label}, key 'transposed': a sharded weight stored (in, out) is sharded on its input "
                                   "side; only row-sharded nn.Linear-layout weights are implemented")

@@ -69,6 +69,13 @@ def single_process_total(value: Tensor) -> Tensor:
     return value
 
 
+def whole_square_sum(low_rank: Tensor, side: Side, total: Total = single_process_total) -> Tensor:
+    """The sum of squares of a low-rank tensor of a step over the whole weight: a left-side one (r x n) is
+    whole on every process, a right-side one (m x r) holds this process's rows (summed by ``total``)."""
+    squares = low_rank.square().sum()
+    return squares if side == "left" else total(squares)
+
+
 def adam_bias_factor(step: int, beta1: float, beta2: float) -> float:
     """sqrt(1 - b2^t) / (1 - b1^t): how much Adam's bias correction enlarges M / sqrt(V) at step t."""
     return (1 - beta2**step) ** 0.5 / (1 - beta1**step)

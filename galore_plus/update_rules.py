@@ -30,9 +30,11 @@ import torch
 from torch import Tensor
 
 from .apollo_update import apollo_factor, apollo_moments_direction, apollo_step_size
-from .auto_scale import AUTO, lowrank_auto_scale, rms, rms_matching_scale
+from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
 from .dispatch import lowrank_adam_direction
-from .full_rank_residual import Total, adam_bias_factor, combination_square_sums, fira_update, single_process_total
+from .full_rank_residual import (
+    Total, adam_bias_factor, combination_square_sums, fira_update, single_process_total, whole_square_sum,
+)
 from .projectors import Shape, Side
 from .row_blocks import channel_square_sums
 from .update import LowRankTerm, ScaledGradient, apply_update
@@ -93,11 +95,9 @@ class UpdateRule:
 
 
 def whole_rms(low_rank: Tensor, inputs: UpdateInputs) -> Tensor:
-    """The RMS of a low-rank tensor of this step over the whole weight: on the left side (r x n) every
-    process holds all of it, on the right side (m x r) its own rows (summed over processes)."""
-    if inputs.side == "left":
-        return rms(low_rank)
-    return (inputs.total(low_rank.square().sum()) / (inputs.shape[0] * low_rank.shape[1])).sqrt()
+    """The RMS of a low-rank tensor of this step over the whole weight (:func:`whole_square_sum`)."""
+    rows = low_rank.shape[0] if inputs.side == "left" else inputs.shape[0]
+    return (whole_square_sum(low_rank, inputs.side, inputs.total) / (rows * low_rank.shape[1])).sqrt()
 
 
 def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -137,7 +137,7 @@ def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, An
     beta1, beta2 = group["betas"]
     previous = state.get("apollo_norm")
     factor, norm = apollo_factor(inputs.grad, inputs.low_rank, inputs.direction, inputs.side, group["scale_type"],
-                                 group["scale"], previous)
+                                 group["scale"], previous, inputs.total)
     kept = previous if previous is not None else torch.full_like(norm, math.inf)
     state["apollo_norm"] = torch.where(inputs.finite, norm, kept)
     apply_update(inputs.weight, apollo_step_size(group["lr"], inputs.step, beta1, beta2),

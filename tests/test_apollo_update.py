@@ -258,11 +258,3 @@ def test_bad_apollo_keys_name_the_group_and_key(keys, key, message):
     weight = torch.nn.Parameter(torch.randn(8, 8))
     with pytest.raises(ValueError, match=rf"param group 0 \('attn'\), key '{key}': .*{message}"):
         GaLorePlusAdamW([{"params": [weight], "name": "attn", "rank": 2, **APOLLO, **keys}])
-
-
-def test_fsdp2_row_shards_refuse_the_apollo_rule_naming_the_key():
-    from galore_plus.distributed import row_shard_layout
-
-    group = {"residual_ratio": 0.0, "transposed": False, "update_rule": "apollo"}
-    with pytest.raises(NotImplementedError, match="param group 1, key 'update_rule': APOLLO's rule on sharded"):
-        row_shard_layout(None, group, "param group 1", 32)

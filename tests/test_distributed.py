@@ -25,7 +25,7 @@ from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from galore_plus import GaLorePlusAdamW
+from galore_plus import APOLLO, APOLLO_MINI, GaLorePlusAdamW
 from galore_plus.distributed import chunk_rows
 from galore_plus.per_layer import ConsumedGradient, enable_per_layer_steps
 
@@ -402,3 +402,36 @@ def test_fsdp2_equals_single_process_and_resumes_from_a_distributed_checkpoint_o
         assert "param group 0 ('sharded'), key 'rank'" in result["errors"]["column_sharded"]
         assert "Shard(dim=1)" in result["errors"]["column_sharded"]
         assert "key 'residual_ratio'" in result["errors"]["residuals"]
+
+
+def apollo_groups(model: TwoLayer) -> list[dict]:
+    """APOLLO-Mini (tensor scaling) on ``query`` (input side: each rank holds its rows of R and N) and APOLLO (channel
+    scaling) on ``out`` (output side: R and N whole, the gradient's rows split)."""
+    return [{"params": [model.query.weight], "update_proj_gap": GAP, **APOLLO_MINI},
+            {"params": [model.out.weight], "rank": 4, "update_proj_gap": GAP, **APOLLO},
+            {"params": [model.query.bias, model.out.bias]}]
+
+
+def apollo_fsdp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    init_gloo(rank, port, world_size)
+    share = GLOBAL_BATCH // WORLD_SIZE
+    model = build_model()
+    fully_shard(model)
+    train(model, GaLorePlusAdamW(apollo_groups(model), lr=1e-2, seed=3), slice(rank * share, (rank + 1) * share))
+    torch.save(full_parameters(model), os.path.join(out_dir, f"apollo_rank{rank}.pt"))
+    finish_gloo()
+
+
+def test_apollo_on_fsdp2_row_shards_equals_the_single_process_run(tmp_path):
+    """The limiter's norm, and APOLLO-Mini's ||N|| / ||R|| of row-sharded R and N, are the whole weight's."""
+    run_job(apollo_fsdp_worker, tmp_path)
+    model = build_model()
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train(model, GaLorePlusAdamW(apollo_groups(model), lr=1e-2, seed=3), slice(None))
+    for rank in range(WORLD_SIZE):
+        sharded = torch.load(tmp_path / f"apollo_rank{rank}.pt", weights_only=True)
+        for name, expected in model.named_parameters():
+            assert_moved(expected.detach(), start[name], name)
+            torch.testing.assert_close(sharded[name], expected.detach(), rtol=1e-4, atol=1e-5)
