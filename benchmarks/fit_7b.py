@@ -309,9 +309,10 @@ def projection_product_seconds(shapes: Counter, repeats: int = 3) -> float:
     Right side (basis Q, r x n): R = G Q^T and U = N Q; left side (P, m x r): R = P^T G and U = P N;
     float32, as the optimizer computes them. These are the two products of every step, with or without
     Fira's full-rank residual (whose update is applied with the same back-projection, and whose norm
-    comes from low-rank terms: :mod:`galore_plus.full_rank_residual`). Full-size results go into one buffer per shape that the first
-    repeat has already touched, so the time is the products' arithmetic, not page faults of new
-    full-size tensors (which made this reference vary by 2x between runs on a nearly full machine).
+    comes from low-rank terms: :mod:`galore_plus.full_rank_residual`). Full-size results go into one
+    buffer per shape that the first repeat has already touched, so the time is the products'
+    arithmetic, not page faults of new full-size tensors (which made this reference vary by 2x
+    between runs on a nearly full machine).
     """
     total = 0.0
     for (shape, basis_shape), count in shapes.items():

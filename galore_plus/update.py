@@ -9,8 +9,9 @@ Every update rule writes the weight through :func:`apply_update`, with one or bo
 * both: Fira's update with the full-rank residual (:mod:`galore_plus.full_rank_residual`).
 
 No full-size update is formed: each block of rows of the weight (the rows themselves of a float32
-weight, else a float32 copy, :mod:`galore_plus.row_blocks`) gets its rows of f G (from a float32 copy
-of those rows of G, in any dtype; float64 stays float64) with one ``addcmul_`` and its rows of P X | X Q with one ``addmm_``.
+weight, else a float32 copy, :mod:`galore_plus.row_blocks`) gets its rows of f G (from a float32
+copy of those rows of G, in any dtype; float64 stays float64) with one ``addcmul_`` and its rows
+of P X | X Q with one ``addmm_``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ It must leave the weight unchanged when ``inputs.finite`` (a 0-d bool tensor on 
 is False, without reading it on the host (``torch.where`` on the device: the step must not
 synchronise), and must never write a non-finite value.
 
-* ``"galore"``: p <- p (1 - lr wd) - lr scale (P N | N Q), one ``addmm_`` per block of rows (see :mod:`galore_plus.update`);
+* ``"galore"``: p <- p (1 - lr wd) - lr scale (P N | N Q), one ``addmm_`` per block of rows
+  (see :mod:`galore_plus.update`);
   with the group key ``full_rank_residual``, p <- p (1 - lr wd) - lr (scale P N + S), Fira's
   norm-scaled residual S (:mod:`galore_plus.full_rank_residual`, the limiter's norm kept as
   ``state["residual_norm"]``);
@@ -47,8 +48,8 @@ class UpdateInputs:
     ``weight``: the parameter (transposed to (m, n) for ``transposed`` groups), any float dtype;
     ``shape``: (m, n) of the whole weight (a sharded weight's ``weight`` holds some of its rows);
     ``grad``: its gradient in the parameter's dtype (no float32 copy of a bfloat16 one: a rule
-    reads it a block of rows at a time, :mod:`galore_plus.row_blocks`; may hold NaN/Inf: then ``finite`` is False); ``low_rank``:
-    R = P^T G | G Q^T (summed over ranks on the left side); ``direction``: N, the rule's Adam
+    reads it a block of rows at a time, :mod:`galore_plus.row_blocks`; may hold NaN/Inf: then
+    ``finite`` is False); ``low_rank``: R = P^T G | G Q^T (summed over ranks on the left side); ``direction``: N, the rule's Adam
     direction of R (when ``finite`` is False it may hold NaN/Inf: a rule masks what it multiplies
     in); ``basis``: P (these rows) | Q; ``step``: t >= 1;
     ``finite``: a 0-d bool tensor on the weight's device, False when this step must leave the
