@@ -34,7 +34,7 @@ applied a block of rows at a time (:func:`galore_plus.update.apply_update`, one 
 back-projection either: with g_j = ||G_j||^2 (one blocked pass over G,
 :func:`galore_plus.row_blocks.channel_square_sums`), R_j = P^T G_j and M = P^T P (r x r),
 
-    ||c G_j + P X_j||^2 = c^2 g_j + 2 c X_j . R_j + X_j . (M X_j)          (:func:`combination_square_sums`)
+    ||c G_j + P X_j||^2 = c^2 g_j + 2 c X_j . R_j + X_j . (M X_j)          (:func:`weighted_square_total`)
 
 (c = 1, X = -alpha R for the residual; the input side likewise per row with M = Q Q^T). So a step costs
 two rank-r products (R and P X), as GaLore's does, where forming S would cost a third and several
@@ -92,29 +92,37 @@ def residual_scaling(direction: Tensor, low_rank: Tensor, side: Side) -> Tensor:
     return direction_norm / torch.linalg.vector_norm(low_rank, dim=dim, keepdim=True).add_(NORM_FLOOR)
 
 
-def combination_square_sums(grad_squares: Tensor, factor: Tensor | float, low_rank: LowRankTerm,
-                            own_low_rank: Tensor) -> Tensor:
-    """||c G + (P X | X Q)||^2 per channel (column on the left side, row on the right), float64, never formed.
+def weighted_square_total(
+    grad_squares: Tensor, weights: Tensor | float, factor: Tensor | float, low_rank: LowRankTerm, own_low_rank: Tensor,
+    total: Total = single_process_total,
+) -> Tensor:
+    """sum_j w_j ||c_j G_j + (P X | X Q)_j||^2 over the channels of the whole weight (columns j on the left side,
+    rows on the right), a float64 0-d tensor; the matrix is never formed.
 
-    ``grad_squares``: G's per-channel sums of squares (:func:`~galore_plus.row_blocks.channel_square_sums`,
-    this process's rows); ``factor`` c: a number, 0-d or one value per channel; ``low_rank``: X and the
-    basis (P, this process's rows | Q); ``own_low_rank``: R_own = P^T G | G Q^T of this process's rows.
-    Returns c^2 g + 2 c X . R_own + X . (M X), M = P^T P | Q Q^T, the dot products over the rank
-    dimension: exact algebra, whose rounding matters only when the terms nearly cancel, so they are
-    float64, except X . ((M - I) X), which is small for an orthonormal basis (float32, against a float64 M).
+    ``grad_squares``: G's per-channel sums of squares over this process's rows
+    (:func:`~galore_plus.row_blocks.channel_square_sums`); ``weights`` w and ``factor`` c: numbers, 0-d or
+    one value per channel; ``low_rank``: X and the basis (P, this process's rows | Q); ``own_low_rank``:
+    R_own = P^T G | G Q^T of this process's rows; ``total``: the sum over processes. Per channel,
+
+        ||c G_j + P X_j||^2 = c^2 g_j + 2 c X_j . R_own,j + X_j . (M X_j),   M = P^T P | Q Q^T,
+
+    exact algebra whose rounding matters only when the terms nearly cancel, so it is float64, except
+    X . ((M - I) X), which is small for an orthonormal basis (float32, against a float64 M). Every
+    process adds the terms of its own rows (on the left side its rows' part of M and of R), which
+    sum to the whole weight's.
     """
-    x, own = low_rank.low_rank.double(), own_low_rank.double()
-    basis = low_rank.basis.double()
+    left = low_rank.side == "left"
+    dim = 0 if left else 1
+    x, own, basis = low_rank.low_rank.double(), own_low_rank.double(), low_rank.basis.double()
+    weights = weights.double() if isinstance(weights, Tensor) else weights
     factor = factor.double() if isinstance(factor, Tensor) else factor
-    dim = 0 if low_rank.side == "left" else 1
-    gram = basis.t() @ basis if low_rank.side == "left" else basis @ basis.t()
-    # M = I + D: X . (M X) = ||X||^2 in float64 plus X . (D X), small for an orthonormal basis, so float32 suffices
+    gram = basis.t() @ basis if left else basis @ basis.t()
     deviation = (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).to(low_rank.low_rank.dtype)
     narrow = low_rank.low_rank
-    deviation_term = narrow * (deviation @ narrow if low_rank.side == "left" else narrow @ deviation)
+    deviation_term = narrow * (deviation @ narrow if left else narrow @ deviation)
     quadratic = x.square().sum(dim, keepdim=True) + deviation_term.sum(dim, keepdim=True).double()
     cross = (x * own).sum(dim, keepdim=True)
-    return factor * factor * grad_squares + 2 * factor * cross + quadratic
+    return total((weights * (factor * factor * grad_squares + 2 * factor * cross + quadratic)).sum())
 
 
 def norm_growth_divisor(measured: Tensor, previous_norm: Tensor | None, limit: float | None) -> Tensor | float:
@@ -140,8 +148,8 @@ def fira_update(
     ``total``: the sum over processes. Runs on the device: no value is read to the host.
     """
     phi = residual_scaling(direction, low_rank, side)
-    residual = combination_square_sums(grad_squares, 1.0, LowRankTerm(-alpha * low_rank, basis, side), own_low_rank)
-    squares = total((phi.double().square() * residual).sum())
+    squares = weighted_square_total(grad_squares, phi.square(), 1.0, LowRankTerm(-alpha * low_rank, basis, side),
+                                    own_low_rank, total)
     measured = squares.clamp(min=0).sqrt().to(low_rank.dtype) / bias_factor
     divisor = norm_growth_divisor(measured, previous_norm, limit)
     factor = phi / divisor

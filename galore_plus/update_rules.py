@@ -34,7 +34,7 @@ from .apollo_update import apollo_factor, apollo_moments_direction, apollo_step_
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
 from .dispatch import lowrank_adam_direction
 from .full_rank_residual import (
-    Total, adam_bias_factor, combination_square_sums, fira_update, single_process_total, whole_square_sum,
+    Total, adam_bias_factor, fira_update, single_process_total, weighted_square_total, whole_square_sum,
 )
 from .projectors import Shape, Side
 from .row_blocks import channel_square_sums
@@ -120,7 +120,7 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
     )
     state["residual_norm"] = torch.where(inputs.finite, norm, previous)
     if auto:
-        squares = inputs.total(combination_square_sums(grad_squares, factor, low_rank, inputs.own_low_rank).sum())
+        squares = weighted_square_total(grad_squares, 1.0, factor, low_rank, inputs.own_low_rank, inputs.total)
         update_rms = squares.clamp(min=0).sqrt().to(factor.dtype) / math.sqrt(inputs.shape[0] * inputs.shape[1])
         scale = rms_matching_scale(whole_rms(inputs.direction, inputs), update_rms)
         factor, low_rank = factor * scale, LowRankTerm(low_rank.low_rank * scale, low_rank.basis, low_rank.side)

@@ -1,6 +1,7 @@
 """Norm-scaled full-rank residual: a dense float64 reference, the limiter, and parity with the ``fira`` package."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from galore_plus.full_rank_residual import (
-    adam_bias_factor, combination_square_sums, fira_update, norm_growth_divisor, residual_scaling,
+    adam_bias_factor, fira_update, norm_growth_divisor, residual_scaling, weighted_square_total,
 )
 from galore_plus.lowrank_adam import lowrank_adam_direction
 from galore_plus.projectors import project, projection_side, svd_basis
@@ -65,9 +66,10 @@ def test_update_equals_dense_float64_reference(m, n, data, seed, side, alpha, pr
 @given(m=st.integers(1, 20), n=st.integers(1, 20), rank=st.integers(1, 4), side=st.sampled_from(["left", "right"]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), factor_kind=st.sampled_from(
            ["one", "tensor", "channel"]), block_values=st.sampled_from([None, 1, 10, 60]), seed=st.integers(0, 2**16))
-def test_square_sums_equal_those_of_the_formed_matrix(m, n, rank, side, dtype, factor_kind, block_values, seed):
-    """Per column (left) or per row (right) ||c G + back-projection of X||^2 from G's square sums and low-rank
-    terms, for any basis (not orthonormal here), against the matrix formed in float64."""
+def test_weighted_square_total_equals_that_of_the_formed_matrix(m, n, rank, side, dtype, factor_kind, block_values,
+                                                                seed):
+    """sum_j w_j ||c G_j + back-projection of X_j||^2 (columns on the left side, rows on the right) from G's square
+    sums and low-rank terms, for any basis (not orthonormal here), against the matrix formed in float64."""
     generator = torch.Generator().manual_seed(seed)
     grad = torch.randn(m, n, generator=generator).to(dtype)
     wide = torch.float64 if dtype == torch.float64 else torch.float32           # the basis's dtype in the optimizer
@@ -76,28 +78,71 @@ def test_square_sums_equal_those_of_the_formed_matrix(m, n, rank, side, dtype, f
     channel_shape = (1, n) if side == "left" else (m, 1)
     factor = {"one": 1.0, "tensor": torch.tensor(0.7),
               "channel": torch.rand(channel_shape, generator=generator) + 0.5}[factor_kind]
+    weights = torch.rand(channel_shape, generator=generator)
     grad_squares = channel_square_sums(grad, side == "left", block_values)
-    sums = combination_square_sums(grad_squares, factor, LowRankTerm(low_rank, basis, side), project(grad, basis, side))
+    total = weighted_square_total(grad_squares, weights, factor, LowRankTerm(low_rank, basis, side),
+                                  project(grad, basis, side))
     g, c = grad.double(), (factor.double() if isinstance(factor, torch.Tensor) else factor)
     formed = c * g + (basis.double() @ low_rank.double() if side == "left" else low_rank.double() @ basis.double())
     dim = 0 if side == "left" else 1
-    assert grad_squares.shape == sums.shape == channel_shape and sums.dtype == torch.float64
+    assert grad_squares.shape == channel_shape and total.dim() == 0 and total.dtype == torch.float64
     torch.testing.assert_close(grad_squares, g.square().sum(dim, keepdim=True), rtol=1e-6, atol=0)
-    torch.testing.assert_close(sums, formed.square().sum(dim, keepdim=True), rtol=1e-5,
-                               atol=1e-5 * float((c * g).square().sum() + 1))
+    expected = (weights.double() * formed.square().sum(dim, keepdim=True)).sum()
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5 * float((c * g).square().sum() + 1))
+
+
+def small_residual_gradient(m: int, n: int, rank: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 G, float64 G) with ``share`` of G's energy outside a rank-``rank`` column space."""
+    generator = torch.Generator().manual_seed(seed)
+    core = torch.linalg.qr(torch.randn(m, rank, generator=generator, dtype=torch.float64))[0]
+    core = core @ torch.randn(rank, n, generator=generator, dtype=torch.float64)
+    noise = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    grad64 = core + noise * (share * core.square().sum() / noise.square().sum()).sqrt()
+    return grad64.float(), grad64
+
+
+def test_rows_split_over_two_processes_give_the_whole_weights_total():
+    """Output side, rows of G and P split 100 / 156 over two threads whose ``total`` is an all-reduce: each gets the
+    whole weight's total (each adds its rows' part of M = P^T P and of R), as precise as one process's where the
+    residual holds about 1e-4 of G's energy (4e-5 and 9e-5 measured)."""
+    grad, _ = small_residual_gradient(256, 128, 8, 1e-4, seed=1)
+    basis = svd_basis(grad, 8, "left")
+    low_rank = project(grad, basis, "left")
+    weights = residual_scaling(torch.ones_like(low_rank), low_rank, "left").square()
+    term = LowRankTerm(-low_rank, basis, "left")
+    whole = weighted_square_total(channel_square_sums(grad, True), weights, 1.0, term, low_rank)
+    exact = (weights.double() * (grad.double() - basis.double() @ low_rank.double()).square().sum(0)).sum()
+    barrier, shared, results = threading.Barrier(2), [None, None], [None, None]
+
+    def process(rank: int, rows: slice) -> None:
+        def total(value):
+            shared[rank] = value
+            barrier.wait()
+            summed = shared[0] + shared[1]
+            barrier.wait()
+            return summed
+
+        own = project(grad[rows], basis[rows], "left")
+        results[rank] = weighted_square_total(channel_square_sums(grad[rows], True), weights, 1.0,
+                                              LowRankTerm(-low_rank, basis[rows], "left"), own, total)
+
+    threads = [threading.Thread(target=process, args=(rank, rows)) for rank, rows in
+               enumerate((slice(0, 100), slice(100, 256)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert abs(float(whole / exact) - 1) < 1e-4
+    for result in results:
+        assert abs(float(result / exact) - 1) < 1e-4
 
 
 def test_the_residual_norm_keeps_its_precision_when_the_residual_is_small():
     """A gradient with 1e-4 of its energy outside the basis: the norm from square sums (float32 G and R), whose
     differences cancel 4 of float32's 7 digits, is within 1e-4 of the float64 norm of the formed residual (2e-5
     measured); with float32 low-rank terms it is 2e-4 off."""
-    generator = torch.Generator().manual_seed(0)
-    m, n, rank = 256, 128, 8
-    core = torch.linalg.qr(torch.randn(m, rank, generator=generator, dtype=torch.float64))[0]
-    core = core @ torch.randn(rank, n, generator=generator, dtype=torch.float64)
-    noise = torch.randn(m, n, generator=generator, dtype=torch.float64)
-    grad64 = core + noise * (1e-4 * core.square().sum() / noise.square().sum()).sqrt()
-    grad = grad64.float()
+    rank = 8
+    grad, grad64 = small_residual_gradient(256, 128, rank, 1e-4, seed=0)
     basis = svd_basis(grad, rank, "left")
     low_rank = project(grad, basis, "left")
     direction = torch.ones_like(low_rank)
