@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .random_basis import gaussian_basis
-from .row_blocks import widened_row_blocks
+from .row_blocks import widened_dtype, widened_row_blocks
 
 Side = Literal["left", "right"]
 
@@ -80,7 +80,7 @@ def project(grad: Tensor, basis: Tensor, side: Side, block_values: int | None = 
     whole, and multiplied with the float32 basis: right side, the rows of G Q^T of those rows; left
     side, P^T G summed over blocks of rows of G and P (contiguous rows of G, not strided columns).
     """
-    if grad.dtype not in (torch.bfloat16, torch.float16):
+    if widened_dtype(grad.dtype) == grad.dtype:
         return basis.t() @ grad if side == "left" else grad @ basis.t()
     if side == "left":
         low_rank = torch.zeros(basis.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
