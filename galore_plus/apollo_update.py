@@ -1,6 +1,6 @@
 """APOLLO's update rule (Zhu et al. 2024, arXiv:2412.05270): the raw gradient, scaled by ||N|| / ||R||.
 
-For a projected weight with float32 gradient G (m, n), low-rank gradient R = P^T G or G Q^T
+For a projected weight with gradient G (m, n) of any float dtype, low-rank gradient R = P^T G or G Q^T
 (usually from the ``random`` basis of :mod:`galore_plus.random_basis`) and step t >= 1:
 
 1. M, V: Adam moments of R (:func:`galore_plus.lowrank_adam.update_moments`);
@@ -11,7 +11,7 @@ For a projected weight with float32 gradient G (m, n), low-rank gradient R = P^T
 4. U = s G, limited by Fira's norm-growth limiter: when ||U|| exceeds 1.01 times the previous
    step's (limited) norm, U is scaled down to exactly that; the limited norm is kept for the next
    step (a 0-d float32 tensor, the only state besides the two moments). ||U|| is computed from G's
-   per-channel norms and U is never formed: the weight is updated with one ``addcmul_`` of G and
+   per-channel sums of squares (one pass over G a block of rows at a time) and U is never formed: the weight is updated with one ``addcmul_`` of G and
    the per-channel factor per block of rows (:func:`galore_plus.update.apply_update`);
 5. p <- p (1 - lr wd) - lr sqrt(1 - b2^t) / (1 - b1^t) sqrt(scale) U.
 

@@ -12,10 +12,10 @@ sparse residual at I -> update rule -> residual written -> moments stored (8-bit
 
 A step without a refresh reads nothing on the host: finiteness is a 0-d bool tensor on the device.
 When R, N or V is not finite, ``torch.where`` keeps the old moments and the update rule leaves
-the weight unchanged (masking N, which may then be non-finite, where it multiplies it in) (the residual likewise keeps its moments and p at I). The step
-still counts in t (the schedule and bias corrections are host ints), and each skip adds one to a
-device-side counter (:class:`SkippedSteps`) that is read, with one warning per optimizer, at the
-next refresh or ``state_dict()``.
+the weight unchanged, masking N (which may then be non-finite) where it multiplies it in; the
+residual likewise keeps its moments and p at I. The step still counts in t (the schedule and bias
+corrections are host ints), and each skip adds one to a device-side counter (:class:`SkippedSteps`)
+that is read, with one warning per optimizer, at the next refresh or ``state_dict()``.
 
 Extension points (plain dicts, lists and functions):
 
