@@ -81,6 +81,12 @@ def kernel_error_ratio(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
                for a, e in pairs)
 
 
+def spacing(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gap between neighbouring numbers of ``dtype`` at each of ``values`` (one unit in the last place), float32."""
+    exponent = torch.floor(torch.log2(values.float().abs().clamp_min(torch.finfo(dtype).tiny)))
+    return torch.exp2(exponent) * torch.finfo(dtype).eps
+
+
 def kernel_check(case: str, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Check:
     ratio = kernel_error_ratio(pairs)
     return Check("kernel", case, ratio, ratio <= 1.0)
@@ -144,9 +150,54 @@ def residual_step_checks(device: torch.device) -> list[Check]:
     return checks
 
 
+def weight_update_checks(device: torch.device) -> list[Check]:
+    """The one-pass weight update against the row-block reference; the error is measured in units of one
+    unit in the last place of the weight's dtype plus float32's rounding of the summed terms (2^-20 of them).
+    A half-precision weight must also be rounded to nearest as the reference is: a truncating cast stays
+    within one unit but rounds about half of the values differently (at most 1% may differ)."""
+    from galore_plus.kernels.weight_update import apply_update_triton
+    from galore_plus.update import LowRankTerm, ScaledGradient, apply_update
+
+    checks = []
+    generator = torch.Generator().manual_seed(2)
+    cases = [  # m, n, rank, side, terms, weight dtype; ranks above 32 loop over the kernel's rank blocks
+        (40, 50, 4, "left", "both", torch.float32), (50, 40, 4, "right", "low_rank", torch.float32),
+        (384, 256, 33, "left", "gradient", torch.bfloat16), (256, 384, 128, "right", "both", torch.bfloat16),
+        (300, 200, 64, "left", "both", torch.float16),
+    ]
+    for m, n, rank, side, terms, dtype in cases:
+        def draw(*shape):
+            return torch.randn(shape, generator=generator).to(device)
+
+        low_rank = gradient = None
+        magnitude = 0.0
+        if terms != "gradient":
+            low_rank = LowRankTerm(draw(rank, n) if side == "left" else draw(m, rank),
+                                   draw(m, rank) if side == "left" else draw(rank, n), side)
+            left, right = low_rank.rows(slice(None))
+            magnitude = magnitude + 0.05 * (left.abs() @ right.abs())
+        if terms != "low_rank":
+            gradient = ScaledGradient(draw(m, n).bfloat16(), draw(m, 1).abs())
+            magnitude = magnitude + 0.05 * gradient.factor * gradient.grad.float().abs()
+        start = draw(m, n).to(dtype)
+        expected, actual = start.clone(), start.clone()
+        apply_update(expected, 0.05, 0.9, torch.tensor(True, device=device), low_rank, gradient)
+        apply_update_triton(actual, 0.05, 0.9, torch.tensor(True, device=device), low_rank, gradient)
+        bound = spacing(expected, dtype) + 2**-20 * (0.9 * start.float().abs() + magnitude)
+        ratio = float(((actual.float() - expected.float()).abs() / bound).max())
+        case = f"weight_update {m}x{n} r{rank} {side} {terms} {str(dtype)[6:]}"
+        checks.append(Check("kernel", case, ratio, ratio <= 1.0))
+        if dtype != torch.float32:
+            differing = float((actual != expected).float().mean())
+            checks.append(Check("kernel", f"{case} rounding", differing / 0.01,
+                                differing <= 0.01))
+    return checks
+
+
 KERNEL_CHECKS: dict[str, Callable[[torch.device], list[Check]]] = {
     "lowrank_adam": lowrank_adam_checks,
     "residual_step": residual_step_checks,
+    "weight_update": weight_update_checks,
 }
 
 
@@ -231,12 +282,6 @@ def optimizer_run(case: OptimizerCase, device: torch.device) -> Run:
     return Run(starts, one_basis, subspaces, [p.detach().cpu() for p in params])
 
 
-def bfloat16_spacing(values: torch.Tensor) -> torch.Tensor:
-    """The gap between neighbouring bfloat16 numbers at each value."""
-    exponent = torch.floor(torch.log2(values.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)))
-    return torch.exp2(exponent - 7)
-
-
 def compare_runs(case: OptimizerCase, device: torch.device) -> list[Check]:
     """The run on ``device`` against the same run on the CPU.
 
@@ -262,7 +307,7 @@ def compare_runs(case: OptimizerCase, device: torch.device) -> list[Check]:
         else:
             bound = 0.01 * step + 1e-5 * expected.abs()
             if case.weight_dtype == torch.bfloat16:
-                bound = bound + bfloat16_spacing(expected)
+                bound = bound + spacing(expected, torch.bfloat16)
             ratio = float((difference / bound).max())
         checks.append(Check(part, f"{case.name}: {name} at t={GAP}", ratio, ratio <= 1.0))
     subspace_error = max(float((a - b).abs().max()) for a, b in zip(cpu.subspaces, other.subspaces))

@@ -11,7 +11,7 @@ import functools
 
 from torch import Tensor
 
-from . import lowrank_adam, residual
+from . import lowrank_adam, residual, update
 
 
 @functools.cache
@@ -48,3 +48,15 @@ def residual_values(*args, **kwargs) -> Tensor:
 
         return residual_values_triton(*args, **kwargs)
     return residual.residual_values(*args, **kwargs)
+
+
+def apply_update(param: Tensor, *args, **kwargs) -> None:
+    """:func:`galore_plus.update.apply_update` (same arguments); on CUDA one kernel per weight for a float32,
+    bfloat16 or float16 weight (:mod:`galore_plus.kernels.weight_update`), which reads the weight and the
+    gradient once and forms the back-projection tile by tile."""
+    if use_kernel(param):
+        from .kernels.weight_update import WEIGHT_DTYPES, apply_update_triton
+
+        if param.dtype in WEIGHT_DTYPES:
+            return apply_update_triton(param, *args, **kwargs)
+    return update.apply_update(param, *args, **kwargs)

@@ -11,7 +11,9 @@ Every update rule writes the weight through :func:`apply_update`, with one or bo
 No full-size update is formed: each block of rows of the weight (the rows themselves of a float32
 weight, else a float32 copy, :mod:`galore_plus.row_blocks`) gets its rows of f G (from a float32
 copy of those rows of G, in any dtype; float64 stays float64) with one ``addcmul_`` and its rows
-of P X | X Q with one ``addmm_``.
+of P X | X Q with one ``addmm_``. On CUDA, :func:`galore_plus.dispatch.apply_update` runs instead a
+Triton kernel that does the whole update in one pass over the weight and the gradient
+(:mod:`galore_plus.kernels.weight_update`); this function is its reference.
 """
 
 from __future__ import annotations

@@ -32,13 +32,13 @@ from torch import Tensor
 
 from .apollo_update import apollo_factor, apollo_moments_direction, apollo_step_size
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
-from .dispatch import lowrank_adam_direction
+from .dispatch import apply_update, lowrank_adam_direction
 from .full_rank_residual import (
     Total, adam_bias_factor, fira_update, single_process_total, weighted_square_total, whole_square_sum,
 )
 from .projectors import Shape, Side
 from .row_blocks import channel_square_sums
-from .update import LowRankTerm, ScaledGradient, apply_update
+from .update import LowRankTerm, ScaledGradient
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ def test_cpu_only_machine_says_so_checks_every_kernel_and_exits_0(capsys):
     assert gpu_check.main([]) == 0
     output = capsys.readouterr().out
     assert "No CUDA GPU" in output
-    for kernel in ("lowrank_adam", "residual_step"):
+    for kernel in ("lowrank_adam", "residual_step", "weight_update"):
         lines = [line for line in output.splitlines() if f" {kernel} " in line]
         assert lines and all(line.rstrip().endswith("ok") for line in lines), kernel
 
@@ -31,8 +31,9 @@ def test_a_wrong_kernel_fails_the_check(monkeypatch):
 def test_a_kernel_without_a_check_fails(monkeypatch):
     monkeypatch.setattr(gpu_check, "KERNEL_CHECKS", {"lowrank_adam": lambda device: []})
     checks = gpu_check.kernel_checks(torch.device("cpu"))
-    assert [check.case for check in checks] == ["residual_step: no check in benchmarks/gpu_check.py"]
-    assert not checks[0].passed
+    assert [check.case for check in checks] == [f"{name}: no check in benchmarks/gpu_check.py"
+                                                for name in ("residual_step", "weight_update")]
+    assert not any(check.passed for check in checks)
 
 
 def test_optimizer_comparison_runs_and_checks_movement():

@@ -9,11 +9,14 @@ from hypothesis import given, settings, strategies as st
 pytest.importorskip("triton", reason="triton is not installed; the torch references are used everywhere")
 
 
+from benchmarks.gpu_check import spacing  # noqa: E402
 import galore_plus.kernels.lowrank_adam as lowrank_adam_kernel  # noqa: E402  (TRITON_INTERPRET=1 from conftest.py)
 import galore_plus.kernels.residual_step as residual_kernel  # noqa: E402
+import galore_plus.kernels.weight_update as weight_update_kernel  # noqa: E402
 
 from galore_plus.lowrank_adam import lowrank_adam_direction  # noqa: E402
 from galore_plus.residual import flat_index, select_residual_index  # noqa: E402
+from galore_plus.update import LowRankTerm, ScaledGradient, apply_update  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,3 +103,93 @@ def test_optimizer_through_the_kernels_equals_the_reference_path(monkeypatch, mo
         results.append((weight.detach().clone(), opt.state[weight]["residual_exp_avg_sq"].clone()))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-8)
+
+
+def one_ulp(values: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of ``values``' own dtype at each value."""
+    return spacing(values, values.dtype)
+
+
+def update_magnitude(start: torch.Tensor, decay: float, step_size: float, low_rank, gradient) -> torch.Tensor:
+    """|p| d + s (|f| |G| + |P| |X|): the size of the terms summed at each position, which bounds float32's rounding."""
+    total = start.float().abs() * decay
+    if low_rank is not None:
+        left, right = low_rank.rows(slice(None))
+        total = total + step_size * (left.abs() @ right.abs())
+    if gradient is not None:
+        total = total + step_size * gradient.factor.abs() * gradient.grad.float().abs()
+    return total
+
+
+def update_inputs(m: int, n: int, rank: int, side: str, terms: str, factor_kind: str, seed: int):
+    """(LowRankTerm or None, ScaledGradient or None) of float32 X and basis, bfloat16 G, f of the given kind."""
+    generator = torch.Generator().manual_seed(seed)
+    low_rank = None
+    if terms in ("low_rank", "both"):
+        basis = torch.randn((m, rank) if side == "left" else (rank, n), generator=generator)
+        x = torch.randn((rank, n) if side == "left" else (m, rank), generator=generator)
+        low_rank = LowRankTerm(x, basis, side)
+    gradient = None
+    if terms in ("gradient", "both"):
+        factor = {"tensor": torch.tensor(0.7), "row": torch.rand(m, 1, generator=generator) + 0.5,
+                  "column": torch.rand(1, n, generator=generator) + 0.5}[factor_kind]
+        gradient = ScaledGradient(torch.randn(m, n, generator=generator).bfloat16(), factor)
+    return low_rank, gradient
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(m=st.integers(1, 70), n=st.integers(1, 70), rank=st.integers(1, 40), side=st.sampled_from(["left", "right"]),
+       terms=st.sampled_from(["low_rank", "gradient", "both"]), factor_kind=st.sampled_from(["tensor", "row", "column"]),
+       weight_dtype=st.sampled_from(list(DTYPES)), transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_weight_update_kernel_equals_reference(m, n, rank, side, terms, factor_kind, weight_dtype, transposed, seed):
+    """p d - s (f G + P X | f G + X Q) in one kernel against the row-block reference, on a weight of any dtype
+    and strides: within one unit in the last place of the weight's dtype plus float32's rounding of the terms
+    (the two sum the same float32 terms in a different order; where they cancel, float32's part dominates)."""
+    low_rank, gradient = update_inputs(m, n, rank, side, terms, factor_kind, seed)
+    dtype = DTYPES[weight_dtype]
+    start = torch.randn((n, m) if transposed else (m, n), generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    expected, actual = start.clone(), start.clone()
+    view = (lambda weight: weight.t()) if transposed else (lambda weight: weight)
+    apply_update(view(expected), 0.05, 0.9, torch.tensor(True), low_rank, gradient)
+    weight_update_kernel.apply_update_triton(view(actual), 0.05, 0.9, torch.tensor(True), low_rank, gradient)
+    assert (expected != start).float().mean() > 0.5
+    bound = one_ulp(view(expected)) + 2**-20 * update_magnitude(view(start), 0.9, 0.05, low_rank, gradient)
+    assert bool(((view(actual).float() - view(expected).float()).abs() <= bound).all())
+
+
+def test_weight_update_kernel_leaves_the_weight_unchanged_when_not_finite():
+    low_rank, gradient = update_inputs(40, 30, 5, "right", "both", "row", seed=3)
+    gradient.grad[2, 3] = float("nan")
+    low_rank.low_rank[0, 0] = float("inf")
+    for dtype in (torch.float32, torch.bfloat16):
+        start = torch.randn(40, 30).to(dtype)
+        weight = start.clone()
+        weight_update_kernel.apply_update_triton(weight, 0.05, 0.9, torch.tensor(False), low_rank, gradient)
+        assert torch.equal(weight, start)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(update_rule="apollo", scale_type="channel"),
+                                     dict(full_rank_residual=False, proj_type="left")])
+def test_optimizer_weight_updates_through_the_kernel_equal_the_reference_path(monkeypatch, options):
+    """GaLore+ with its defaults (Fira's residual), APOLLO and plain GaLore on a bfloat16 weight: the same weights
+    after 4 steps (one refresh) with the dispatch forced onto the kernels as with the torch references, up to
+    one bfloat16 rounding per step (the moments do not depend on the weight, so the differences do not grow)."""
+    import galore_plus.dispatch
+    from galore_plus import GaLorePlusAdamW
+
+    start = (0.05 * torch.randn(48, 40, generator=torch.Generator().manual_seed(1))).bfloat16()
+    grads = [torch.randn(48, 40, generator=torch.Generator().manual_seed(2 + i)).bfloat16() for i in range(4)]
+    results, calls = [], []
+    kernel = weight_update_kernel.apply_update_triton
+    monkeypatch.setattr(weight_update_kernel, "apply_update_triton", lambda *args, **kwargs: calls.append(1) or kernel(
+        *args, **kwargs))
+    for kernels in (False, True):
+        monkeypatch.setattr(galore_plus.dispatch, "use_kernel", lambda tensor, kernels=kernels: kernels)
+        weight = torch.nn.Parameter(start.clone())
+        opt = GaLorePlusAdamW([dict(params=[weight], rank=4, **options)], lr=0.01, weight_decay=0.1)
+        for grad in grads:
+            weight.grad = grad.clone()
+            opt.step()
+        results.append(weight.detach().clone())
+    assert len(calls) == len(grads) and (results[0] != start).float().mean() > 0.5
+    assert bool(((results[1].float() - results[0].float()).abs() <= 4 * one_ulp(results[0]) + 1e-6).all())

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks import gpu_check
 from galore_plus import GaLorePlusAdamW, row_blocks
 
 PROJECTORS = ["svd", "randomized", "cross_head"]  # projectors that store their basis
@@ -149,12 +150,6 @@ def test_moments_are_not_reset_at_a_refresh_and_step_counts_from_one():
     torch.testing.assert_close(opt.state[weight]["exp_avg"], before * 0.9**2)
 
 
-def bfloat16_spacing(values):
-    """The gap between neighbouring bfloat16 numbers at each value (8 significant bits)."""
-    exponent = torch.floor(torch.log2(values.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)))
-    return torch.exp2(exponent - 7)
-
-
 @pytest.mark.parametrize("block_values", [None, 8, 30])
 @pytest.mark.parametrize("shape, side", [((12, 8), "right"), ((8, 12), "left")])
 def test_bfloat16_weight_uses_float32_gradient_math_and_float32_state(shape, side, block_values, monkeypatch):
@@ -173,7 +168,7 @@ def test_bfloat16_weight_uses_float32_gradient_math_and_float32_state(shape, sid
         reference.weight = reference.weight.bfloat16().float()  # the weight is stored in bfloat16 after each step
     assert opt.state[weight]["exp_avg"].dtype == torch.float32
     assert opt.state[weight]["projector"].dtype == torch.float32
-    spacing = bfloat16_spacing(reference.weight)
+    spacing = gpu_check.spacing(reference.weight, torch.bfloat16)
     moved = (reference.weight - start).abs()
     assert moved.median() > 10 * spacing.max()  # one bfloat16 spacing is far below the movement checked against
     assert ((weight.detach().float() - start).abs() > spacing).float().mean() > 0.9
