@@ -34,8 +34,8 @@ def _weight_update_kernel(
     HAS_GRADIENT: tl.constexpr, HAS_LOW_RANK: tl.constexpr, ROUND_TO_BFLOAT16: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_RANK: tl.constexpr,
 ):
-    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    col = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    row = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)  # offsets may pass 2^31
+    col = (tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)).to(tl.int64)
     row_in, col_in = row < rows, col < cols
     mask = row_in[:, None] & col_in[None, :]
     weight_at = weight_ptr + row[:, None] * weight_stride0 + col[None, :] * weight_stride1
