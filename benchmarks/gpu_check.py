@@ -9,9 +9,10 @@
    the parameters before the second refresh, the basis's subspace after every step (see
    :func:`compare_runs` for why not the parameters after it) and finite final weights;
 3. 8-bit: the same comparison with ``optim_bits=8`` (bitsandbytes' CUDA quantisation and 8-bit AdamW);
-4. speed and memory: ``benchmarks.bench_step`` on CUDA at TinyLlama-1.1B and LLaMA-2-7B layer
-   shapes (GaLore+ against galore_torch and torch's fused AdamW), with peak memory from
-   ``torch.cuda.max_memory_allocated``.
+4. speed and memory: a bfloat16 weight's update at LLaMA-2-7B's shapes through the torch row blocks
+   and through the one-pass kernel (:func:`weight_update_speed`: whether the kernel pays), then
+   ``benchmarks.bench_step`` on CUDA at TinyLlama-1.1B and LLaMA-2-7B layer shapes (GaLore+ against
+   galore_torch and torch's fused AdamW), with peak memory from ``torch.cuda.max_memory_allocated``.
 
 Tolerances, per weight dtype, in units of one step's size (lr, times ``scale`` for projected weights):
 
@@ -329,6 +330,54 @@ def optimizer_checks(device: torch.device) -> list[Check]:
     return checks
 
 
+# ---------------------------------------------------------------- 4. speed of the one-pass weight update
+
+UPDATE_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # LLaMA-2-7B's projected weights
+
+
+def seconds_per_call(function: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Mean wall time of ``function`` over ``repeats`` calls after two untimed ones, synchronised on CUDA."""
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):
+        function()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def weight_update_speed(device: torch.device, shapes: tuple[tuple[int, int], ...] = UPDATE_SHAPES, rank: int = 128,
+                        repeats: int = 20) -> list[str]:
+    """One line per shape: a bfloat16 weight's update with both of Fira's terms (f G + P X), the torch row-block
+    path (``galore_plus.update.apply_update``) against the one-pass kernel, and the product P X alone, one run."""
+    from galore_plus.kernels.weight_update import apply_update_triton
+    from galore_plus.update import LowRankTerm, ScaledGradient, apply_update
+
+    lines = []
+    finite = torch.tensor(True, device=device)
+    for m, n in shapes:
+        side = "right" if m >= n else "left"
+        weight = (0.02 * torch.randn(m, n, device=device)).bfloat16()
+        grad = (1e-3 * torch.randn(m, n, device=device)).bfloat16()
+        basis = torch.randn((rank, n) if side == "right" else (m, rank), device=device)
+        term = LowRankTerm(torch.randn((m, rank) if side == "right" else (rank, n), device=device), basis, side)
+        gradient = ScaledGradient(grad, torch.rand((m, 1) if side == "right" else (1, n), device=device))
+        left, right = term.rows(slice(None))
+        product = torch.empty(m, n, device=device)
+        reference = seconds_per_call(lambda: apply_update(weight, 1e-3, 0.999, finite, term, gradient), device, repeats)
+        kernel = seconds_per_call(lambda: apply_update_triton(weight, 1e-3, 0.999, finite, term, gradient), device,
+                                  repeats)
+        alone = seconds_per_call(lambda: torch.mm(left, right, out=product), device, repeats)
+        lines.append(f"weight update {m}x{n} r{rank} bfloat16: torch row blocks {reference * 1e3:.3f} ms, one-pass "
+                     f"kernel {kernel * 1e3:.3f} ms ({reference / kernel:.2f}x), P X alone {alone * 1e3:.3f} ms")
+    return lines
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -360,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     passed = report(kernel_checks(device) + optimizer_checks(device))
     if not args.skip_bench:
         from .bench_step import main as bench_step
+
+        for line in weight_update_speed(device):
+            print(line)
 
         for layer in BENCH_LAYERS:
             bench_step(["--layer", layer, "--device", "cuda"])

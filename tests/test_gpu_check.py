@@ -84,3 +84,10 @@ def test_a_wrong_weight_decay_on_the_device_fails(monkeypatch):
     monkeypatch.setattr(gpu_check, "OPTIMIZER_CASES", gpu_check.OPTIMIZER_CASES[:1])
     checks = {check.case: check.passed for check in gpu_check.optimizer_checks(torch.device("cpu"))}
     assert not checks["svd float32: weight at t=3"] and not checks["svd float32: plain 64x64 at t=3"]
+
+
+def test_weight_update_speed_times_both_paths_and_the_product():
+    """The CPU runs the kernel in Triton's interpreter: only that the three timings are taken and printed is checked."""
+    [line] = gpu_check.weight_update_speed(torch.device("cpu"), shapes=((40, 30),), rank=4, repeats=1)
+    assert line.startswith("weight update 40x30 r4 bfloat16: torch row blocks ")
+    assert "one-pass kernel" in line and "P X alone" in line
