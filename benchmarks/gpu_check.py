@@ -335,28 +335,20 @@ def optimizer_checks(device: torch.device) -> list[Check]:
 UPDATE_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # LLaMA-2-7B's projected weights
 
 
-def seconds_per_call(function: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Mean wall time of ``function`` over ``repeats`` calls after two untimed ones, synchronised on CUDA."""
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(2):
-        function()
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        function()
-    synchronize()
-    return (time.perf_counter() - start) / repeats
-
-
 def weight_update_speed(device: torch.device, shapes: tuple[tuple[int, int], ...] = UPDATE_SHAPES, rank: int = 128,
                         repeats: int = 20) -> list[str]:
     """One line per shape: a bfloat16 weight's update with both of Fira's terms (f G + P X), the torch row-block
     path (``galore_plus.update.apply_update``) against the one-pass kernel, and the product P X alone, one run."""
     from galore_plus.kernels.weight_update import apply_update_triton
     from galore_plus.update import LowRankTerm, ScaledGradient, apply_update
+
+    from .bench_step import mean_step_seconds
+
+    def seconds_per_call(function: Callable[[], object]) -> float:
+        """Mean time over ``repeats`` calls after two untimed ones."""
+        function()
+        function()
+        return mean_step_seconds(function, repeats, device)
 
     lines = []
     finite = torch.tensor(True, device=device)
@@ -369,10 +361,9 @@ def weight_update_speed(device: torch.device, shapes: tuple[tuple[int, int], ...
         gradient = ScaledGradient(grad, torch.rand((m, 1) if side == "right" else (1, n), device=device))
         left, right = term.rows(slice(None))
         product = torch.empty(m, n, device=device)
-        reference = seconds_per_call(lambda: apply_update(weight, 1e-3, 0.999, finite, term, gradient), device, repeats)
-        kernel = seconds_per_call(lambda: apply_update_triton(weight, 1e-3, 0.999, finite, term, gradient), device,
-                                  repeats)
-        alone = seconds_per_call(lambda: torch.mm(left, right, out=product), device, repeats)
+        reference = seconds_per_call(lambda: apply_update(weight, 1e-3, 0.999, finite, term, gradient))
+        kernel = seconds_per_call(lambda: apply_update_triton(weight, 1e-3, 0.999, finite, term, gradient))
+        alone = seconds_per_call(lambda: torch.mm(left, right, out=product))
         lines.append(f"weight update {m}x{n} r{rank} bfloat16: torch row blocks {reference * 1e3:.3f} ms, one-pass "
                      f"kernel {kernel * 1e3:.3f} ms ({reference / kernel:.2f}x), P X alone {alone * 1e3:.3f} ms")
     return lines
