@@ -193,3 +193,19 @@ def test_optimizer_weight_updates_through_the_kernel_equal_the_reference_path(mo
         results.append(weight.detach().clone())
     assert len(calls) == len(grads) and (results[0] != start).float().mean() > 0.5
     assert bool(((results[1].float() - results[0].float()).abs() <= 4 * one_ulp(results[0]) + 1e-6).all())
+
+
+def test_a_float64_weight_keeps_the_torch_update_when_kernels_are_on(monkeypatch):
+    """The kernel computes in float32, so dispatch sends a float64 weight to the row-block path, kernels or not."""
+    import galore_plus.dispatch
+
+    monkeypatch.setattr(galore_plus.dispatch, "use_kernel", lambda tensor: True)
+    monkeypatch.setattr(weight_update_kernel, "apply_update_triton", lambda *args, **kwargs: pytest.fail("kernel"))
+    low_rank, gradient = update_inputs(12, 9, 3, "right", "both", "row", seed=4)
+    low_rank = LowRankTerm(low_rank.low_rank.double(), low_rank.basis.double(), low_rank.side)
+    gradient = ScaledGradient(gradient.grad.double(), gradient.factor.double())
+    start = torch.randn(12, 9, dtype=torch.float64)
+    expected, actual = start.clone(), start.clone()
+    apply_update(expected, 0.05, 0.9, torch.tensor(True), low_rank, gradient)
+    galore_plus.dispatch.apply_update(actual, 0.05, 0.9, torch.tensor(True), low_rank, gradient)
+    assert not torch.equal(expected, start) and torch.equal(actual, expected)
