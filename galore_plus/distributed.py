@@ -140,11 +140,7 @@ class RowShardLayout:
         return basis if side == "right" else basis[self.start:self.start + self.rows]
 
     def reduce_low_rank(self, low_rank: Tensor, side: Side) -> Tensor:
-        if side == "right":
-            return low_rank
-        summed = low_rank.clone()
-        dist.all_reduce(summed, group=self.process_group)
-        return summed
+        return low_rank if side == "right" else self.total(low_rank)
 
     def all_ranks(self, flag: Tensor) -> Tensor:
         agreed = flag.to(torch.int32)
