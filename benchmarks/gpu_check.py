@@ -88,6 +88,18 @@ def spacing(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp2(exponent) * torch.finfo(dtype).eps
 
 
+def update_magnitude(start: torch.Tensor, decay: float, step_size: float, low_rank, gradient) -> torch.Tensor:
+    """|p| d + s (|f| |G| + |P| |X|) of a weight update (``galore_plus.update``'s terms, either may be None): the
+    size of the terms summed at each position, which bounds float32's rounding of the sum."""
+    total = start.float().abs() * decay
+    if low_rank is not None:
+        left, right = low_rank.rows(slice(None))
+        total = total + step_size * (left.abs() @ right.abs())
+    if gradient is not None:
+        total = total + step_size * gradient.factor.abs() * gradient.grad.float().abs()
+    return total
+
+
 def kernel_check(case: str, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Check:
     ratio = kernel_error_ratio(pairs)
     return Check("kernel", case, ratio, ratio <= 1.0)
@@ -171,20 +183,16 @@ def weight_update_checks(device: torch.device) -> list[Check]:
             return torch.randn(shape, generator=generator).to(device)
 
         low_rank = gradient = None
-        magnitude = 0.0
         if terms != "gradient":
             low_rank = LowRankTerm(draw(rank, n) if side == "left" else draw(m, rank),
                                    draw(m, rank) if side == "left" else draw(rank, n), side)
-            left, right = low_rank.rows(slice(None))
-            magnitude = magnitude + 0.05 * (left.abs() @ right.abs())
         if terms != "low_rank":
             gradient = ScaledGradient(draw(m, n).bfloat16(), draw(m, 1).abs())
-            magnitude = magnitude + 0.05 * gradient.factor * gradient.grad.float().abs()
         start = draw(m, n).to(dtype)
         expected, actual = start.clone(), start.clone()
         apply_update(expected, 0.05, 0.9, torch.tensor(True, device=device), low_rank, gradient)
         apply_update_triton(actual, 0.05, 0.9, torch.tensor(True, device=device), low_rank, gradient)
-        bound = spacing(expected, dtype) + 2**-20 * (0.9 * start.float().abs() + magnitude)
+        bound = spacing(expected, dtype) + 2**-20 * update_magnitude(start, 0.9, 0.05, low_rank, gradient)
         ratio = float(((actual.float() - expected.float()).abs() / bound).max())
         case = f"weight_update {m}x{n} r{rank} {side} {terms} {str(dtype)[6:]}"
         checks.append(Check("kernel", case, ratio, ratio <= 1.0))

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 pytest.importorskip("triton", reason="triton is not installed; the torch references are used everywhere")
 
 
-from benchmarks.gpu_check import spacing  # noqa: E402
+from benchmarks.gpu_check import spacing, update_magnitude  # noqa: E402
 import galore_plus.kernels.lowrank_adam as lowrank_adam_kernel  # noqa: E402  (TRITON_INTERPRET=1 from conftest.py)
 import galore_plus.kernels.residual_step as residual_kernel  # noqa: E402
 import galore_plus.kernels.weight_update as weight_update_kernel  # noqa: E402
@@ -17,6 +17,7 @@ import galore_plus.kernels.weight_update as weight_update_kernel  # noqa: E402
 from galore_plus.lowrank_adam import lowrank_adam_direction  # noqa: E402
 from galore_plus.residual import flat_index, select_residual_index  # noqa: E402
 from galore_plus.update import LowRankTerm, ScaledGradient, apply_update  # noqa: E402
+from update_testing import terms_of  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,31 +111,10 @@ def one_ulp(values: torch.Tensor) -> torch.Tensor:
     return spacing(values, values.dtype)
 
 
-def update_magnitude(start: torch.Tensor, decay: float, step_size: float, low_rank, gradient) -> torch.Tensor:
-    """|p| d + s (|f| |G| + |P| |X|): the size of the terms summed at each position, which bounds float32's rounding."""
-    total = start.float().abs() * decay
-    if low_rank is not None:
-        left, right = low_rank.rows(slice(None))
-        total = total + step_size * (left.abs() @ right.abs())
-    if gradient is not None:
-        total = total + step_size * gradient.factor.abs() * gradient.grad.float().abs()
-    return total
-
-
 def update_inputs(m: int, n: int, rank: int, side: str, terms: str, factor_kind: str, seed: int):
-    """(LowRankTerm or None, ScaledGradient or None) of float32 X and basis, bfloat16 G, f of the given kind."""
-    generator = torch.Generator().manual_seed(seed)
-    low_rank = None
-    if terms in ("low_rank", "both"):
-        basis = torch.randn((m, rank) if side == "left" else (rank, n), generator=generator)
-        x = torch.randn((rank, n) if side == "left" else (m, rank), generator=generator)
-        low_rank = LowRankTerm(x, basis, side)
-    gradient = None
-    if terms in ("gradient", "both"):
-        factor = {"tensor": torch.tensor(0.7), "row": torch.rand(m, 1, generator=generator) + 0.5,
-                  "column": torch.rand(1, n, generator=generator) + 0.5}[factor_kind]
-        gradient = ScaledGradient(torch.randn(m, n, generator=generator).bfloat16(), factor)
-    return low_rank, gradient
+    """(LowRankTerm or None, ScaledGradient or None) of :func:`update_testing.terms_of`, G in bfloat16."""
+    term, gradient, _, _ = terms_of(m, n, rank, side, factor_kind, torch.bfloat16, torch.Generator().manual_seed(seed))
+    return (term if terms in ("low_rank", "both") else None), (gradient if terms in ("gradient", "both") else None)
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
