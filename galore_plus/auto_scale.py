@@ -34,11 +34,6 @@ def lowrank_auto_scale(shape: tuple[int, int], rank: int, side: Side) -> float:
     return math.sqrt(projected / rank)
 
 
-def rms(tensor: Tensor) -> Tensor:
-    """Root mean square of all entries, a 0-d tensor."""
-    return torch.linalg.vector_norm(tensor) / math.sqrt(tensor.numel())
-
-
 def rms_matching_scale(direction_rms: Tensor, update_rms: Tensor) -> Tensor:
     """RMS(N) / RMS(U): the scale that gives a full-size update U of per-entry RMS ``update_rms`` the per-entry RMS
     ``direction_rms`` of the direction N.
