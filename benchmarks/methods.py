@@ -82,7 +82,9 @@ class MethodSpec:
 # From scratch, the GaLore-type methods (update scale 0.25) need larger learning rates than AdamW: the
 # pre-training regime's shared grid (3e-4 .. 1e-2) is shifted up by one decade for them (docs/benchmarks.md shows
 # the validation loss at every lr tried).
-PROJECTED_LR_GRIDS: dict[str, tuple[float, ...]] = {"pretrain": (3e-3, 1e-2, 3e-2, 1e-1)}
+PROJECTED_LR_GRIDS: dict[str, tuple[float, ...]] = {"pretrain": (3e-3, 1e-2, 3e-2)}
+# Muon's update (match_rms_adamw) moves hidden matrices faster per lr than AdamW in pre-training.
+MUON_LR_GRIDS: dict[str, tuple[float, ...]] = {"pretrain": (3e-3, 1e-2, 3e-2)}
 
 
 def galore_plus_method(name: str, description: str, *, sets: tuple[str, ...] = ("default",),
@@ -146,6 +148,48 @@ def dylora_ranks(model: nn.Module, test_loss: Callable[[nn.Module], float]) -> d
 
 def _adamw(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+class OptimizerPair(torch.optim.Optimizer):
+    """Two optimizers stepped as one, so the training loop and its learning-rate schedule see one optimizer: its
+    ``param_groups`` are both optimizers' groups (the same dicts), its ``state`` both states."""
+
+    def __init__(self, first: torch.optim.Optimizer, second: torch.optim.Optimizer):
+        self.optimizers = (first, second)
+        self.defaults = {}
+        self.param_groups = first.param_groups + second.param_groups
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+
+    @property
+    def state(self) -> dict:
+        return {**self.optimizers[0].state, **self.optimizers[1].state}
+
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("OptimizerPair takes no closure")
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(2-D weights of the decoder layers, every other parameter: embeddings, output head, norms): Muon's usual split."""
+    hidden, rest = [], []
+    for name, parameter in model.named_parameters():
+        is_hidden = parameter.ndim == 2 and "embed" not in name and "lm_head" not in name
+        (hidden if is_hidden else rest).append(parameter)
+    return hidden, rest
+
+
+def _muon(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
+    """torch.optim.Muon (Nesterov momentum 0.95, 5 Newton-Schulz steps, ``adjust_lr_fn="match_rms_adamw"`` so one lr
+    serves both) on the hidden matrices, torch.optim.AdamW on the rest, both at the run's lr."""
+    hidden, rest = hidden_matrices(model)
+    muon = torch.optim.Muon(hidden, lr=settings.lr, weight_decay=settings.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return OptimizerPair(muon, torch.optim.AdamW(rest, lr=settings.lr, weight_decay=settings.weight_decay))
 
 
 def _adamw8bit(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
@@ -243,6 +287,22 @@ def _q_galore(model: nn.Module, settings: OptimSettings, seed: int) -> torch.opt
     return optimizer_class(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
+def _pytorch_optimizer(class_name: str, **keys: Any) -> Builder:
+    """The ``pytorch-optimizer`` package's ``class_name`` (an independent implementation of GaLore, Fira or APOLLO) on
+    GaLore's placement: ``rank``, ``update_proj_gap``, ``scale``, ``projection_type="std"`` and ``keys`` in every
+    projected group, its own defaults (eps 1e-6) otherwise."""
+
+    def build(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
+        import pytorch_optimizer
+
+        groups = [{"params": group["params"], "rank": group["rank"], "update_proj_gap": group["update_proj_gap"],
+                   "scale": group["scale"], "projection_type": "std", **keys} if "rank" in group
+                  else {"params": group["params"]} for group in _svd_groups(model, settings)]
+        return getattr(pytorch_optimizer, class_name)(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+    return build
+
+
 def _preset_keys(preset: dict[str, Any]) -> dict[str, Any]:
     """A galore_plus preset's group keys but the rank and gap (the run's ``--rank`` and ``--update-proj-gap`` set those)."""
     return {key: value for key, value in preset.items() if key not in ("rank", "update_proj_gap")}
@@ -253,7 +313,7 @@ def _peer_methods() -> list[MethodSpec]:
 
     The APOLLO pairs share the default learning-rate grid (APOLLO's update has AdamW's scale, not GaLore's 0.25).
     """
-    peers = ("peers",)
+    peers = ("peers", "anchors")
     apollo_placement = {"projector": "random", "cross_head": False}
     return [
         MethodSpec("apollo", "apollo_torch.APOLLOAdamW: random projection, channel scaling, scale 1", _apollo_torch(APOLLO_SCALING),
@@ -270,8 +330,15 @@ def _peer_methods() -> list[MethodSpec]:
                                    "scaling, scale 128, eps 1e-6", sets=peers,
                                    placement={**apollo_placement, "rank": APOLLO_MINI["rank"]},
                                    **_preset_keys(APOLLO_MINI)), lr_grids={}),
+        MethodSpec("po_galore", "pytorch_optimizer.GaLore on all linear weights (scale = --scale)",
+                   _pytorch_optimizer("GaLore"), requires=("pytorch_optimizer",), sets=peers, lr_grids=PROJECTED_LR_GRIDS),
+        MethodSpec("po_fira", "pytorch_optimizer.Fira on all linear weights (scale = --scale)",
+                   _pytorch_optimizer("Fira"), requires=("pytorch_optimizer",), sets=peers, lr_grids=PROJECTED_LR_GRIDS),
+        MethodSpec("po_apollo", "pytorch_optimizer.APOLLO: random projection, channel scaling, scale 1",
+                   _pytorch_optimizer("APOLLO", scale_type="channel", scale=1.0), requires=("pytorch_optimizer",),
+                   sets=peers),
         galore_plus_method("galore_plus_4bit_bases", "GaLore+ with 4-bit bases and 8-bit moments (Q-GaLore's storage)",
-                           sets=peers, placement=GALORE_PLUS_PAPER_PLACEMENT, optim_bits=8, residual_mode="exact",
+                           sets=("peers",), placement=GALORE_PLUS_PAPER_PLACEMENT, optim_bits=8, residual_mode="exact",
                            basis_bits=4),
     ]
 
@@ -332,23 +399,27 @@ def _lever_methods() -> list[MethodSpec]:
 
 METHODS: list[MethodSpec] = [
     MethodSpec("adamw", "torch.optim.AdamW, all parameters", _adamw),
+    MethodSpec("muon", "torch.optim.Muon on the hidden matrices (match_rms_adamw), AdamW on embeddings, head, norms",
+               _muon, lr_grids=MUON_LR_GRIDS),
     MethodSpec("adamw8bit", "bitsandbytes.optim.AdamW8bit, all parameters", _adamw8bit, requires=("bitsandbytes",),
-               sets=("8bit",)),
+               sets=("8bit", "anchors")),
     galore_plus_method("galore", "GaLorePlusAdamW, projector='svd' on all linear weights (GaLore)",
                        placement={"projector": "svd", "cross_head": False}),
     MethodSpec("galore_torch", "galore_torch.GaLoreAdamW on all linear weights", _galore_torch, requires=("galore_torch",),
-               lr_grids=PROJECTED_LR_GRIDS),
+               lr_grids=PROJECTED_LR_GRIDS, sets=("anchors",)),
     MethodSpec("fira", "fira.FiraAdamW on all linear weights (alpha = scale, proj_type std)", _fira,
-               requires=("fira", "transformers"), lr_grids=PROJECTED_LR_GRIDS),
+               requires=("fira", "transformers"), lr_grids=PROJECTED_LR_GRIDS, sets=("anchors",)),
     galore_plus_method("galore_plus", "GaLore+ with make_param_groups' defaults: cross_head q/k, randomized elsewhere, "
                        "Fira's full-rank residual", placement=GALORE_PLUS_DEFAULT_PLACEMENT),
+    galore_plus_method("galore_plus_no_frr", "GaLore+ defaults without Fira's full-rank residual",
+                       placement=GALORE_PLUS_DEFAULT_PLACEMENT, sets=("anchors",), full_rank_residual=False),
     galore_plus_method("galore_plus_paper", "GaLore+ as the paper: cross_head q/k with 1.2 % sparse residual (exact), "
                        "randomized elsewhere, no full-rank residual", placement=GALORE_PLUS_PAPER_PLACEMENT,
-                       residual_mode="exact"),
+                       residual_mode="exact", sets=("anchors",)),
     galore_plus_method("galore_plus_8bit", "GaLore+ (defaults) with 8-bit moments", placement=GALORE_PLUS_DEFAULT_PLACEMENT,
                        optim_bits=8, sets=("8bit",)),
-    adapter_method("lora", "LoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "lora"),
-    adapter_method("dora", "DoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "dora"),
+    adapter_method("lora", "LoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "lora", sets=("adapters",)),
+    adapter_method("dora", "DoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "dora", sets=("adapters",)),
     adapter_method("vera", "VeRA adapters (galore_plus.adapters) on all linear layers, AdamW", "vera", sets=("adapters",)),
     adapter_method("dvora", "DVoRA adapters (DoRA magnitude + VeRA direction) on all linear layers, AdamW", "dvora",
                    sets=("adapters",)),

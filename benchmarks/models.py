@@ -11,6 +11,8 @@ from .text_data import PAD_TOKEN, VOCAB_SIZE
 # hidden size, layers, attention heads, MLP size
 MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
     "tiny": (32, 1, 2, 64),
+    "mini": (48, 2, 4, 128),  # 80 k parameters: 20 tokens per parameter in 783 steps of 16 x 128 bytes
+    "slim": (64, 4, 4, 176),  # 234 k parameters
     "small": (128, 4, 4, 352),
     "base": (256, 4, 8, 688),
     "large": (512, 8, 8, 1376),

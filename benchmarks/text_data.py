@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import sysconfig
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -85,12 +86,26 @@ def pydoc_topic_splits(heldout_every: int = 10) -> tuple[Tensor, Tensor, Tensor]
     return tuple(torch.frombuffer(bytearray(b"\n".join(part)), dtype=torch.uint8) for part in parts)
 
 
-def sample_batch(data: Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> Tensor:
-    """``batch_size`` random windows of ``seq_len + 1`` bytes, as int64 tokens (input and shifted target)."""
-    if data.numel() <= seq_len + 1:
-        raise ValueError(f"corpus of {data.numel()} bytes is too short for windows of seq_len + 1 = {seq_len + 1}")
-    starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=generator)
-    return torch.stack([data[s: s + seq_len + 1] for s in starts.tolist()]).long()
+def stream_bytes(steps: int, batch_size: int, seq_len: int) -> int:
+    """Bytes a run of ``steps`` batches of :func:`window_batches` reads: each window once."""
+    return steps * batch_size * (seq_len + 1)
+
+
+def window_batches(data: Tensor, batch_size: int, seq_len: int, steps: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """``steps`` batches of ``batch_size`` windows of ``seq_len + 1`` bytes as int64 tokens, no byte seen twice.
+
+    ``data`` is cut into non-overlapping windows, which are visited in an order drawn from ``generator``
+    (the seed changes the data order, never the data).
+    """
+    count = data.numel() // (seq_len + 1)
+    needed = steps * batch_size
+    if count < needed:
+        raise ValueError(f"corpus of {data.numel()} bytes holds {count} windows of seq_len + 1 = {seq_len + 1}, fewer "
+                         f"than the {needed} that {steps} steps of batch {batch_size} read without repeating a byte")
+    windows = data[: count * (seq_len + 1)].view(count, seq_len + 1)
+    order = torch.randperm(count, generator=generator)[:needed].view(steps, batch_size)
+    for rows in order:
+        yield windows[rows].long()
 
 
 def eval_windows(data: Tensor, seq_len: int, max_windows: int) -> Tensor:

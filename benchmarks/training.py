@@ -18,19 +18,29 @@ from galore_plus.adapters import adapter_loss, adapter_step
 from .measure import RefreshTimer, synchronize, training_bytes
 from .methods import MethodSpec, OptimSettings
 from .models import build_model, heldout_loss, next_byte_loss
-from .text_data import sample_batch, stdlib_source_bytes
+from .text_data import stdlib_source_bytes, stream_bytes, window_batches
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """GaLore's pre-training recipe: linear warm-up over a share of the steps, cosine decay to a share of the peak
+    learning rate, gradient clipping (0: none)."""
+
+    warmup_share: float = 0.1
+    final_lr_share: float = 0.1
+    clip: float = 1.0
 
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    """Everything that determines the pre-trained model; its hash names the cache file."""
+    """Everything that determines the fine-tuning regime's pre-trained model; its hash names the cache file."""
 
     model_size: str
     seq_len: int
     steps: int
     batch_size: int
     lr: float
-    corpus_bytes: int
+    recipe: Recipe
     seed: int
     python: str
 
@@ -48,14 +58,29 @@ class LoopSettings:
     warmup_steps: int
     eval_every: int
     eval_batch_size: int
+    final_lr_share: float
+    clip: float
 
 
-def cosine_schedule(step: int, warmup: int, total: int) -> float:
-    """Learning-rate factor: linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+def cosine_schedule(step: int, warmup: int, total: int, final_share: float) -> float:
+    """Learning-rate factor: linear warm-up to 1 over ``warmup`` steps, then cosine decay to ``final_share`` at
+    ``total``."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return final_share + (1.0 - final_share) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def scheduled(optimizer: torch.optim.Optimizer, warmup: int, total: int,
+              final_share: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The recipe's learning-rate schedule on ``optimizer``, stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, warmup, total, final_share))
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> None:
+    """Clip the global gradient norm to ``max_norm`` (torch's ``clip_grad_norm_``); 0 clips nothing."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def pretrained_state(
@@ -68,16 +93,20 @@ def pretrained_state(
     path = os.path.join(cache_dir, f"pretrain_{settings.model_size}_{settings.cache_key()}.pt")
     if os.path.exists(path):
         return torch.load(path, map_location="cpu", weights_only=True), True
-    corpus = stdlib_source_bytes(settings.corpus_bytes, settings.seed)
+    corpus = stdlib_source_bytes(stream_bytes(settings.steps, settings.batch_size, settings.seq_len), settings.seed)
     model = build_model(settings.model_size, settings.seq_len, settings.seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
-    warmup = max(1, settings.steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, warmup, settings.steps))
+    recipe = settings.recipe
+    scheduler = scheduled(optimizer, max(1, round(recipe.warmup_share * settings.steps)), settings.steps,
+                          recipe.final_lr_share)
     generator = torch.Generator().manual_seed(settings.seed)
-    bar = tqdm(range(settings.steps), desc=f"pre-train {settings.model_size} on stdlib sources", disable=not progress)
-    for _ in bar:
-        loss = next_byte_loss(model, sample_batch(corpus, settings.batch_size, settings.seq_len, generator).to(device))
+    batches = window_batches(corpus, settings.batch_size, settings.seq_len, settings.steps, generator)
+    bar = tqdm(batches, total=settings.steps, desc=f"pre-train {settings.model_size} on stdlib sources",
+               disable=not progress)
+    for batch in bar:
+        loss = next_byte_loss(model, batch.to(device))
         loss.backward()
+        clip_gradients(model, recipe.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -116,9 +145,9 @@ def train_run(
     next_byte_loss(model, validation_windows[: settings.batch_size]).backward()  # untimed warm-up of the kernels
     model.zero_grad(set_to_none=True)
     optimizer = spec.build(model, optim_settings, seed)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_schedule(s, settings.warmup_steps, settings.steps))
+    scheduler = scheduled(optimizer, settings.warmup_steps, settings.steps, settings.final_lr_share)
     generator = torch.Generator().manual_seed(seed)
+    batches = window_batches(train_data, settings.batch_size, settings.seq_len, settings.steps, generator)
     timer = RefreshTimer(device)
     curve = [(0, heldout_loss(model, validation_windows, settings.eval_batch_size))]
     train_losses: list[float] = []
@@ -127,8 +156,8 @@ def train_run(
     bar = tqdm(range(1, settings.steps + 1), desc=f"{spec.name} lr {optim_settings.lr:g} seed {seed}",
                disable=not progress, leave=False)
     with timer.patched():
-        for step in bar:
-            batch = sample_batch(train_data, settings.batch_size, settings.seq_len, generator).to(device)
+        for step, batch in zip(bar, batches):
+            batch = batch.to(device)
             synchronize(device)
             start = time.perf_counter()
             loss = next_byte_loss(model, batch)
@@ -136,6 +165,7 @@ def train_run(
             # added to the loss, and its work after the optimizer step (AdaLoRA's budget allocation) runs before
             # zero_grad, timed as part of the step. Both do nothing for other methods.
             (loss + adapter_loss(model)).backward()
+            clip_gradients(model, settings.clip)
             synchronize(device)
             step_start = time.perf_counter()
             optimizer.step()
