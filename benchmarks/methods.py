@@ -416,6 +416,13 @@ METHODS: list[MethodSpec] = [
     galore_plus_method("galore_plus_paper", "GaLore+ as the paper: cross_head q/k with 1.2 % sparse residual (exact), "
                        "randomized elsewhere, no full-rank residual", placement=GALORE_PLUS_PAPER_PLACEMENT,
                        residual_mode="exact", sets=("anchors",)),
+    replace(galore_plus_method("galore_plus_muon", "GaLore+ placement with update_rule='muon': Nesterov momentum of R "
+                               "(b1 0.95), P N + (G - P R) orthogonalised by Newton-Schulz, scale 1",
+                               placement=GALORE_PLUS_DEFAULT_PLACEMENT, sets=("levers", "muon"), update_rule="muon",
+                               scale=1.0, betas=(0.95, 0.999)), lr_grids=MUON_LR_GRIDS),
+    replace(galore_plus_method("galore_muon", "svd placement (GaLore) with update_rule='muon' (b1 0.95, scale 1)",
+                               placement=SVD_PLACEMENT, sets=("levers", "muon"), update_rule="muon", scale=1.0,
+                               betas=(0.95, 0.999)), lr_grids=MUON_LR_GRIDS),
     galore_plus_method("galore_plus_8bit", "GaLore+ (defaults) with 8-bit moments", placement=GALORE_PLUS_DEFAULT_PLACEMENT,
                        optim_bits=8, sets=("8bit",)),
     adapter_method("lora", "LoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "lora", sets=("adapters",)),

@@ -275,6 +275,7 @@ def validate_projected_group(group: dict, index: int) -> None:
     _validate_residual(group, index)
     _validate_levers(group, index)
     _validate_apollo(group, index)
+    _validate_muon(group, index)
     _validate_basis_bits(group, index)
     if group["projector"] == "cross_head":
         _validate_heads(group, index)
@@ -307,6 +308,20 @@ def _validate_apollo(group: dict, index: int) -> None:
     if group["residual_ratio"] > 0:
         _fail(group, index, "residual_ratio", "the sparse residual is implemented for update_rule 'galore' only; "
                                               "use residual_ratio=0 with update_rule 'apollo'")
+
+
+def _validate_muon(group: dict, index: int) -> None:
+    if group["update_rule"] != "muon":
+        return
+    if isinstance(group["scale"], bool) or not isinstance(group["scale"], Real) or group["scale"] < 0:
+        _fail(group, index, "scale", f"update_rule 'muon' multiplies its RMS-matched step by scale, a number >= 0 "
+                                     f"(1 matches AdamW's update RMS), got {group['scale']!r}")
+    if group["full_rank_residual"]:
+        _fail(group, index, "full_rank_residual", "is a lever of update_rule 'galore'; update_rule 'muon' already "
+                                                  "orthogonalises the gradient outside the subspace with the rest")
+    if group["residual_ratio"] > 0:
+        _fail(group, index, "residual_ratio", "the sparse residual is implemented for update_rule 'galore' only; "
+                                              "use residual_ratio=0 with update_rule 'muon'")
 
 
 def _validate_basis_bits(group: dict, index: int) -> None:

@@ -19,6 +19,8 @@ synchronise), and must never write a non-finite value.
 * ``"apollo"``: the gradient scaled per channel or per tensor by ||N|| / ||R||, norm-growth limited
   (APOLLO; :mod:`galore_plus.apollo_update`, group key ``scale_type``; ``scale`` enters as its square root).
   N = M / (sqrt(V) + eps), without bias correction (:func:`galore_plus.apollo_update.apollo_moments_direction`).
+* ``"muon"``: Muon's Newton-Schulz-orthogonalised step of P N + (G - P R), N the Nesterov momentum of R
+  (:mod:`galore_plus.muon_update`; ``betas[0]`` is the momentum).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import Tensor
 from .apollo_update import apollo_factor, apollo_moments_direction, apollo_step_size
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
 from .dispatch import apply_update, lowrank_adam_direction
+from .muon_update import muon_momentum_direction, muon_rule
 from .full_rank_residual import (
     Total, adam_bias_factor, fira_update, single_process_total, weighted_square_total, whole_square_sum,
 )
@@ -144,7 +147,9 @@ def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, An
     apply_update(inputs.weight, apollo_step_size(group["lr"], inputs.step, beta1, beta2),
                  1.0 - group["lr"] * group["weight_decay"], inputs.finite, gradient=ScaledGradient(inputs.grad, factor))
 
+
 UPDATE_RULES: dict[str, UpdateRule] = {
     "galore": UpdateRule(galore_update),
     "apollo": UpdateRule(apollo_rule, direction=apollo_moments_direction),
+    "muon": UpdateRule(muon_rule, direction=muon_momentum_direction),
 }

@@ -15,13 +15,13 @@ from benchmarks.methods import OptimSettings, adalora_schedule, method_sets  # n
 
 NEW = ["vera", "dvora", "hydra", "dylora", "adalora"]
 STEPS = 12
-TINY = ["--model-size", "tiny", "--steps", str(STEPS), "--pretrain-steps", "4", "--rank", "4", "--seq-len", "16",
-        "--batch-size", "4", "--pretrain-batch-size", "2", "--pretrain-bytes", "20000", "--eval-every", "6",
+TINY = ["--regime", "finetune", "--model-size", "tiny", "--steps", str(STEPS), "--pretrain-steps", "4", "--rank", "4",
+        "--seq-len", "16", "--batch-size", "4", "--pretrain-batch-size", "2", "--eval-every", "6",
         "--eval-windows", "8", "--seeds", "0", "--lr", "1e-2", "--quiet"]
 
 
 def test_the_adapter_set_holds_the_family():
-    assert method_sets()["adapters"] == NEW
+    assert method_sets()["adapters"] == ["lora", "dora", *NEW]
 
 
 def test_adalora_schedule_follows_the_run():

@@ -18,9 +18,9 @@ from benchmarks.measure import RefreshTimer, tensor_bytes  # noqa: E402
 from benchmarks.methods import ALL_METHODS, MethodSpec, galore_plus_method, unavailable_reason  # noqa: E402
 from benchmarks.report import add_gaps, choose_lr  # noqa: E402
 
-TINY = ["--model-size", "tiny", "--steps", "4", "--pretrain-steps", "4", "--rank", "4", "--seq-len", "16",
-        "--batch-size", "2", "--pretrain-batch-size", "2", "--pretrain-bytes", "20000", "--eval-every", "2",
-        "--eval-windows", "4", "--update-proj-gap", "2", "--seeds", "0", "--lr-grid", "1e-3", "1e-2", "--quiet"]
+TINY = ["--regime", "finetune", "--model-size", "tiny", "--steps", "4", "--pretrain-steps", "4", "--rank", "4",
+        "--seq-len", "16", "--batch-size", "2", "--pretrain-batch-size", "2", "--eval-every", "2", "--eval-windows", "4",
+        "--update-proj-gap", "2", "--seeds", "0", "--lr-grid", "1e-3", "1e-2", "--widen", "0", "--quiet"]
 ALWAYS_AVAILABLE = ("adamw", "galore", "galore_plus", "galore_plus_res0")
 
 
@@ -198,9 +198,10 @@ def test_pretrain_regime_trains_from_scratch_without_the_cache(tmp_path):
     from benchmarks.text_data import eval_windows, stdlib_source_splits
 
     result = main(tiny_args(tmp_path, "--methods", "adamw", "galore", "--regime", "pretrain"))
-    # Independently: the seed-0 random initialisation on the stdlib sources' validation windows. A tiny model
-    # "pre-trained" for 4 steps also starts near log(257), so only this tells from scratch from the cache.
-    validation = stdlib_source_splits(20000, HELDOUT_BYTES)[1]
+    # Independently: the seed-0 random initialisation on the stdlib sources' validation windows (the files after
+    # the 4 x 2 windows of 17 bytes the run trains on). A tiny model "pre-trained" for 4 steps also starts near
+    # log(257), so only this tells from scratch from the cache.
+    validation = stdlib_source_splits(4 * 2 * 17, HELDOUT_BYTES)[1]
     from_scratch = heldout_loss(build_model("tiny", 16, seed=0), eval_windows(validation, 16, 4), 32)
     for run in result["runs"]:
         start = run["curve"][0][1]
@@ -246,8 +247,10 @@ def test_default_grids_differ_by_regime_and_method():
 
     args = build_parser().parse_args(["--regime", "pretrain"])
     assert lr_grid(args, ALL_METHODS["adamw"]) == DEFAULT_LR_GRID["pretrain"]
-    assert lr_grid(args, ALL_METHODS["galore_plus"]) == (3e-3, 1e-2, 3e-2, 1e-1)
-    assert lr_grid(build_parser().parse_args([]), ALL_METHODS["galore_plus"]) == DEFAULT_LR_GRID["finetune"]
+    assert lr_grid(args, ALL_METHODS["galore_plus"]) == (3e-3, 1e-2, 3e-2)
+    assert lr_grid(args, ALL_METHODS["muon"]) == (3e-3, 1e-2, 3e-2)
+    assert lr_grid(build_parser().parse_args(["--regime", "finetune"]), ALL_METHODS["galore_plus"]) == \
+        DEFAULT_LR_GRID["finetune"]
     assert lr_grid(build_parser().parse_args(["--regime", "pretrain", "--lr", "0.5"]), ALL_METHODS["galore_plus"]) == (0.5,)
 
 
@@ -277,3 +280,38 @@ def test_a_failing_probe_makes_a_method_unavailable_with_its_reason():
     probed = MethodSpec("p", "tried first", build=None, probe=lambda: "it raises KeyError here")
     assert unavailable_reason(probed) == "it raises KeyError here"
     assert unavailable_reason(MethodSpec("q", "tried first", build=None, probe=lambda: None)) is None
+
+
+def test_muon_row_is_torch_muon_on_hidden_matrices_and_adamw_on_the_rest():
+    from benchmarks.methods import OptimSettings, hidden_matrices
+    from benchmarks.models import build_model, next_byte_loss
+
+    settings = OptimSettings(1e-2, 0.0, rank=4, update_proj_gap=2, scale=0.25, lora_alpha=None, steps=3)
+    ours, reference = build_model("tiny", 16, seed=0), build_model("tiny", 16, seed=0)
+    pair = ALL_METHODS["muon"].build(ours, settings, 0)
+    hidden, rest = hidden_matrices(reference)
+    assert hidden and all(p.ndim == 2 for p in hidden) and any(p.ndim == 2 for p in rest)  # embeddings, head stay
+    separate = [torch.optim.Muon(hidden, lr=1e-2, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"),
+                torch.optim.AdamW(rest, lr=1e-2, weight_decay=0.0)]
+    tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for model, optimizers in ((ours, [pair]), (reference, separate)):
+            next_byte_loss(model, tokens).backward()
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad()
+    for a, b in zip(ours.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(next(ours.parameters()), next(build_model("tiny", 16, seed=0).parameters()))
+    assert len(pair.state) == len(list(ours.parameters()))
+
+
+def test_parallel_jobs_give_the_same_runs_as_one_process(tmp_path):
+    extra = ["--methods", "adamw", "galore_plus", "--regime", "pretrain", "--cache-dir", str(tmp_path / "cache")]
+    one = main(TINY + ["--out", str(tmp_path / "one")] + extra)
+    two = main(TINY + ["--out", str(tmp_path / "two")] + extra + ["--jobs", "2"])
+    key = lambda run: (run["method"], run["lr"], run["seed"])  # noqa: E731
+    assert sorted(map(key, one["runs"])) == sorted(map(key, two["runs"]))
+    by_key = {key(run): run for run in two["runs"]}
+    for run in one["runs"]:
+        assert run["test_loss"] == by_key[key(run)]["test_loss"] and run["curve"] == by_key[key(run)]["curve"]
