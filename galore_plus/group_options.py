@@ -91,7 +91,9 @@ def _fail(group: dict, index: int, key: str, message: str, error: type[Exception
 
 def _number_problem(key: str, value: Any) -> tuple[type[Exception], str] | None:
     """Why ``value`` is not a valid ``lr``, ``eps`` or ``weight_decay`` (a finite number >= 0), or None."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and key == "lr":
+    if isinstance(value, torch.Tensor) and key == "lr":
+        if value.numel() != 1:
+            return ValueError, f"Tensor lr must be 1-element, got one of shape {tuple(value.shape)}"
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, Real):
         hint = ""
@@ -130,6 +132,9 @@ def check_hyperparameters(values: dict, where: str) -> None:
     foreach = values.get("foreach")
     if foreach is not None and not isinstance(foreach, bool):
         raise TypeError(f"{where}, key 'foreach': must be None, True or False, got {foreach!r}")
+    if foreach and isinstance(values.get("lr"), torch.Tensor):
+        raise ValueError(f"{where}, key 'lr': lr as a Tensor is not supported for capturable=False and foreach=True "
+                         "(as in torch's AdamW); give a float lr or foreach=None")
 
 
 def check_known_keys(group: dict, index: int, defaults: dict) -> None:
