@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -110,7 +111,10 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Torch's ``__setstate__``; a plain tensor's ``step`` saved as a Python number (old torch checkpoints) becomes a
         tensor, as torch's AdamW converts it. A pickle without our attributes gets the constructor's defaults."""
+        differentiable = "differentiable" in state.get("defaults", {})
         super().__setstate__(state)
+        if not differentiable:   # torch's __setstate__ adds it; GaLorePlusAdamW has no differentiable mode
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("seed", 0)
         self.__dict__.setdefault("optim_bits", 32)
         self.__dict__.setdefault("_skipped", SkippedSteps())
@@ -230,14 +234,25 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         projected weights' state and 8-bit moments as saved.
 
         A foreign checkpoint (galore_torch), another rank or other shapes raise before anything is
-        changed. As in torch, the saved state of the i-th saved id (in the saved groups' order) goes to the
+        changed. The load_state_dict pre-hooks run before that check and the post-hooks after the state is
+        restored, each once, as torch orders them. As in torch, the saved state of the i-th saved id (in the saved groups' order) goes to the
         i-th parameter, whatever the ids are. ``torch.optim.Optimizer.load_state_dict`` casts every tensor of
         a floating-point parameter's state to the parameter's dtype: that would round the float32 basis and
         moments of a bfloat16 weight and turn the residual's index and 8-bit codes into floats, so those
         states are copied back as saved (dtype kept, on the parameter's device).
         """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
         state_dict = checked_state_dict(self, state_dict)
-        super().load_state_dict(state_dict)
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
         saved_ids = (saved_id for group in state_dict["param_groups"] for saved_id in group["params"])
         for (_, group, _, param), saved_id in zip(self.indexed_params(), saved_ids):
             saved = state_dict["state"].get(saved_id)
@@ -245,6 +260,8 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
                 for key, value in saved.items():
                     if isinstance(value, Tensor):
                         self.state[param][key] = value.to(device=param.device, copy=True)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 def plain_step_dtype() -> torch.dtype:
