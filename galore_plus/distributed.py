@@ -129,7 +129,7 @@ class RowShardLayout:
         return self.param.to_local()
 
     def gradient(self) -> Tensor:
-        return self.param.grad.to_local()
+        return compute_gradient(self.param.grad.to_local())
 
     def read_rows(self, rows: Tensor | None) -> Tensor:
         """The whole gradient all-gathered, or only ``rows``: each rank fills the ones it owns, then a sum."""

@@ -321,7 +321,8 @@ def validate_plain_group(group: dict, index: int) -> None:
 
 
 def validate_projected_group(group: dict, index: int) -> None:
-    """Check every projector key of a group (defaults already filled) and every parameter's shape."""
+    """Check every projector key of a group (defaults already filled, projector and update rule names checked by
+    :func:`check_keys_are_read`) and every parameter's shape."""
     _require_int(group, index, "rank", 1)
     _require_int(group, index, "update_proj_gap", 1)
     _require_int(group, index, "oversample", 0)
@@ -332,8 +333,6 @@ def validate_projected_group(group: dict, index: int) -> None:
     for key in ("warm_start", "transposed", "moment_transfer", "full_rank_residual", "adaptive_gap"):
         if not isinstance(group[key], bool):
             _fail(group, index, key, f"must be a bool, got {group[key]!r}", TypeError)
-    _require_choice(group, index, "projector", tuple(PROJECTORS))
-    _require_choice(group, index, "update_rule", tuple(UPDATE_RULES))
     _require_choice(group, index, "proj_type", PROJ_TYPES)
     _require_choice(group, index, "head_projector", HEAD_PROJECTORS)
     _validate_residual(group, index)
