@@ -32,7 +32,7 @@ from torch import nn
 
 from galore_plus import GaLorePlusAdamW, make_param_groups
 from galore_plus import APOLLO, APOLLO_MINI
-from galore_plus.group_options import CONSTRUCTOR_HYPERPARAMETERS, PROJECTED_GROUP_DEFAULTS
+from galore_plus.group_options import CONSTRUCTOR_HYPERPARAMETERS, PROJECTED_GROUP_DEFAULTS, unread_keys
 
 HEADLINE_RESIDUAL = 0.012
 
@@ -98,6 +98,8 @@ def galore_plus_method(name: str, description: str, *, sets: tuple[str, ...] = (
         for group in groups:
             if "rank" in group:
                 group.update(group_keys)
+                for key in set(unread_keys(group)) & set(group_keys):   # e.g. cross_head_heads in a randomized group
+                    del group[key]
         return GaLorePlusAdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay, seed=seed,
                                optim_bits=optim_bits)
 
@@ -476,8 +478,11 @@ def _group_keys_reason(group_keys: dict[str, Any]) -> str | None:
     if unknown:
         return f"GaLorePlusAdamW has no group key {', '.join(map(repr, unknown))} yet"
     weight = nn.Parameter(torch.zeros(8, 8))
+    group = {"params": [weight], "rank": 2, **group_keys}
+    for key in unread_keys(group):   # read by another projector (cross_head_heads): the build sets it only there
+        del group[key]
     try:
-        GaLorePlusAdamW([{"params": [weight], "rank": 2, **group_keys}])
+        GaLorePlusAdamW([group])
     except (ValueError, TypeError) as error:
         return f"GaLorePlusAdamW rejects the group keys {group_keys}: {error}"
     return None

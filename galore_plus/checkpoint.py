@@ -13,8 +13,8 @@ names the group, the parameter and the key at fault:
   ``num_heads``, ...) equal: a checkpoint never changes how a group is projected. Hyperparameters
   (``lr``, ``betas``, ``eps``, ``weight_decay``) are restored from the checkpoint, as in torch;
 * state values are tensors or plain numbers (no projector objects); the basis, the moments and the
-  residual have the shapes this optimizer's rank and weights imply; a plain tensor's ``step`` is a
-  tensor (torch's AdamW needs one); moments have the bit width of this optimizer (``optim_bits``).
+  residual have the shapes this optimizer's rank and weights imply; moments have the bit width of this
+  optimizer (``optim_bits``). A plain tensor's ``step`` saved as a number (older torch) loads, as in torch.
 
 Keys a checkpoint's groups lack (saved before a key existed) are refilled from the optimizer's group.
 """
@@ -99,9 +99,6 @@ def _check_param_state(state: dict[str, Any], param: Tensor, group: dict[str, An
     if "rank" in group:
         expected = projected_state_shapes(param, group)
     else:
-        if "step" in state and not isinstance(state["step"], Tensor):
-            raise ValueError(f"load_state_dict: {where}, state key 'step': is a {type(state['step']).__name__}, "
-                             f"torch's AdamW keeps a tensor; {FOREIGN_HINT}")
         expected = {key: tuple(param.shape) for key in ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes")}
     for key, shape in expected.items():
         value = state.get(key)

@@ -70,6 +70,13 @@ def local_rows(param: DTensor, label: str) -> tuple[int, int]:
     return start, rows
 
 
+def compute_gradient(grad: Tensor) -> Tensor:
+    """The gradient a projected step computes with: float32 for a float64 weight (its basis and moments are
+    float32, and the update is added to the float64 weight), else the gradient itself (bfloat16 is read a
+    block of rows at a time)."""
+    return grad.float() if grad.dtype == torch.float64 else grad
+
+
 class LocalLayout:
     """A weight held whole by this process (``transposed`` weights are seen as their transpose)."""
 
@@ -82,7 +89,7 @@ class LocalLayout:
         return self.param.t() if self.transposed else self.param
 
     def gradient(self) -> Tensor:
-        grad = self.param.grad
+        grad = compute_gradient(self.param.grad)
         return grad.t() if self.transposed else grad
 
     def read_rows(self, rows: Tensor | None) -> Tensor:
@@ -122,7 +129,7 @@ class RowShardLayout:
         return self.param.to_local()
 
     def gradient(self) -> Tensor:
-        return self.param.grad.to_local()
+        return compute_gradient(self.param.grad.to_local())
 
     def read_rows(self, rows: Tensor | None) -> Tensor:
         """The whole gradient all-gathered, or only ``rows``: each rank fills the ones it owns, then a sum."""

@@ -38,11 +38,16 @@ back-projection either: with g_j = ||G_j||^2 (one blocked pass over G,
 
 (c = 1, X = -alpha R for the residual; the input side likewise per row with M = Q Q^T). So a step costs
 two rank-r products (R and P X), as GaLore's does, where forming S would cost a third and several
-full-size temporaries. The small terms are float64; the difference loses float32 precision only
-when the residual holds a tiny part of G: measured against float64, the norm's relative error was
-about 1e-7 at a residual of 1e-3 of G's energy and 3e-7 at 1e-4 (forming S in float32: 7e-8). For
-a sharded weight every process adds the terms of its own rows (``total``; on the left side R_j is
-the sum over ranks and the process's own P^T G_j multiplies it), which sum to the whole weight's.
+full-size temporaries. The small terms are float64, so the difference loses only what its float32
+inputs carry: G's squares (float32 sums of a block of rows) and R (a float32 product) differ from the
+exact values by dg_j and dR_j, and the norm's square by sum_j w_j (dg_j + 2 X_j . dR_j), at most
+gamma_m sum_j w_j (g_j + 2 |X_j| . |P|^T |G_j|) (gamma_m = m u / (1 - m u), u = 2^-24, in any order of
+summation): relative to ||S||^2, some gamma_m / share in the worst case, share being S's part of G's
+energy; errors of either sign average out far below it (docs/levers.md has measurements against a
+1.01 growth limit; tests/test_full_rank_residual.py checks this budget). For a sharded weight every
+process adds the terms of its own rows (``total``; on the left side R_j is the sum over ranks, the
+process's own P^T G_j multiplies it, and P^T P is summed over ranks first), which sum to the whole
+weight's.
 
 Remaining differences from ``FiraAdamW``, all conventions: it adds eps to sqrt(V) before bias
 correction and decays weights after the update, not before. With eps = 0 and no weight decay the
@@ -108,8 +113,9 @@ def weighted_square_total(
 
     exact algebra whose rounding matters only when the terms nearly cancel, so it is float64, except
     X . ((M - I) X), which is small for an orthonormal basis (float32, against a float64 M). Every
-    process adds the terms of its own rows (on the left side its rows' part of M and of R), which
-    sum to the whole weight's.
+    process adds the terms of its own rows (on the left side its rows' part of R); on the left side,
+    where P's rows are split over processes and X is whole on each, M is first summed over processes
+    (with the other terms, in one ``total``), so M - I is small there too.
     """
     left = low_rank.side == "left"
     dim = 0 if left else 1
@@ -117,12 +123,20 @@ def weighted_square_total(
     weights = weights.double() if isinstance(weights, Tensor) else weights
     factor = factor.double() if isinstance(factor, Tensor) else factor
     gram = basis.t() @ basis if left else basis @ basis.t()
-    deviation = (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).to(low_rank.low_rank.dtype)
-    narrow = low_rank.low_rank
-    deviation_term = narrow * (deviation @ narrow if left else narrow @ deviation)
-    quadratic = x.square().sum(dim, keepdim=True) + deviation_term.sum(dim, keepdim=True).double()
-    cross = (x * own).sum(dim, keepdim=True)
-    return total((weights * (factor * factor * grad_squares + 2 * factor * cross + quadratic)).sum())
+    linear = (weights * (factor * factor * grad_squares + 2 * factor * (x * own).sum(dim, keepdim=True))).sum()
+    if not left:
+        return total(linear + _quadratic_total(weights, low_rank.low_rank, gram, dim))
+    summed = total(torch.cat([linear.reshape(1), gram.flatten()]))
+    return summed[0] + _quadratic_total(weights, low_rank.low_rank, summed[1:].view_as(gram), dim)
+
+
+def _quadratic_total(weights: Tensor | float, narrow: Tensor, gram: Tensor, dim: int) -> Tensor:
+    """sum_j w_j X_j . (M X_j) (channels j along ``dim``) as ||X_j||^2 in float64 plus X_j . ((M - I) X_j) in X's
+    dtype, which loses nothing for a near-orthonormal basis (M - I small) and needs no float64 m x r x r product."""
+    deviation = (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).to(narrow.dtype)
+    deviation_term = narrow * (deviation @ narrow if dim == 0 else narrow @ deviation)
+    quadratic = narrow.double().square().sum(dim, keepdim=True) + deviation_term.sum(dim, keepdim=True).double()
+    return (weights * quadratic).sum()
 
 
 def norm_growth_divisor(measured: Tensor, previous_norm: Tensor | None, limit: float | None) -> Tensor | float:

@@ -1,7 +1,10 @@
 """Defaults and validation of parameter-group keys, done when a group is added to the optimizer.
 
 * every key must be one the optimizer reads (a misspelling gets the closest valid key, by difflib);
-  the valid keys derive from :data:`PROJECTED_GROUP_DEFAULTS`, so a key added there is valid at once;
+  the valid keys derive from :data:`PROJECTED_GROUP_DEFAULTS`;
+* a projected group may set only keys that every step reads (:data:`STEP_KEYS`) or that its
+  projector or update rule declares (``keys`` of its ``PROJECTORS`` / ``UPDATE_RULES`` entry):
+  ``oversample`` in an ``svd`` group raises, naming the projectors that read it;
 * ``lr``, ``betas``, ``eps``, ``weight_decay`` must be valid numbers, in every group;
 * a projected group (one that has ``rank``) gets its defaults and every projector key checked; a
   ``rank`` not below the side a weight projects is warned about (it saves no memory).
@@ -91,7 +94,9 @@ def _fail(group: dict, index: int, key: str, message: str, error: type[Exception
 
 def _number_problem(key: str, value: Any) -> tuple[type[Exception], str] | None:
     """Why ``value`` is not a valid ``lr``, ``eps`` or ``weight_decay`` (a finite number >= 0), or None."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and key == "lr":
+    if isinstance(value, torch.Tensor) and key == "lr":
+        if value.numel() != 1:
+            return ValueError, f"Tensor lr must be 1-element, got one of shape {tuple(value.shape)}"
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, Real):
         hint = ""
@@ -130,12 +135,29 @@ def check_hyperparameters(values: dict, where: str) -> None:
     foreach = values.get("foreach")
     if foreach is not None and not isinstance(foreach, bool):
         raise TypeError(f"{where}, key 'foreach': must be None, True or False, got {foreach!r}")
+    if foreach and isinstance(values.get("lr"), torch.Tensor):
+        raise ValueError(f"{where}, key 'lr': lr as a Tensor is not supported for capturable=False and foreach=True "
+                         "(as in torch's AdamW); give a float lr or foreach=None")
+
+
+# torch.optim.AdamW's flags that GaLorePlusAdamW does not implement, refused by name as constructor arguments and
+# group keys (rather than ignored): fused and capturable kernels, differentiable steps, AMSGrad, maximisation.
+UNSUPPORTED_TORCH_FLAGS = ("fused", "capturable", "differentiable", "amsgrad", "maximize")
+
+
+def unsupported_flag_message(key: str, value: Any) -> str:
+    """Why a torch AdamW flag of :data:`UNSUPPORTED_TORCH_FLAGS` is refused."""
+    return (f"torch.optim.AdamW's {key}={value!r} is not supported by GaLorePlusAdamW (its projected step has no "
+            f"{key} variant); leave '{key}' out")
 
 
 def check_known_keys(group: dict, index: int, defaults: dict) -> None:
     """Refuse a key no part of the optimizer reads (a misspelling would otherwise be ignored silently)."""
     valid = valid_group_keys(defaults)
     for key in group:
+        if key in UNSUPPORTED_TORCH_FLAGS:
+            _fail(group, index, key, f"is not a parameter-group key of GaLorePlusAdamW: "
+                                     f"{unsupported_flag_message(key, group[key])}")
         if key not in valid:
             _fail(group, index, key, f"is not a parameter-group key of GaLorePlusAdamW{closest_key_hint(key, valid)}; "
                                      f"valid keys: {', '.join(valid[1:])}")
@@ -150,6 +172,8 @@ def keyword_argument_error(keywords: dict, constructor_args: tuple[str, ...]) ->
             "key: projection is chosen per group. Build the groups with galore_plus.make_param_groups(model, "
             f"{key}=...) or pass them yourself, e.g. [{{'params': weights_2d, 'rank': 16}}, {{'params': others}}]"
         )
+    if key in UNSUPPORTED_TORCH_FLAGS:
+        return TypeError(f"GaLorePlusAdamW got {key}={keywords[key]!r}: {unsupported_flag_message(key, keywords[key])}")
     return TypeError(f"GaLorePlusAdamW got an unexpected keyword argument {key!r}"
                      f"{closest_key_hint(key, constructor_args)}; it takes {', '.join(constructor_args)}")
 
@@ -167,15 +191,53 @@ def _require_choice(group: dict, index: int, key: str, choices: tuple[str, ...])
         _fail(group, index, key, f"must be one of {choices}, got {group[key]!r}")
 
 
-# Projectors whose groups get Fira's full-rank residual unless ``full_rank_residual`` is given: the GaLore+ ones.
-# Chosen by the main job (docs/levers.md): on them it takes fine-tuning from +0.015 to -0.042 nats/byte against
-# tuned AdamW. ``svd`` (GaLore) and ``random`` (APOLLO) keep their authors' updates.
-FULL_RANK_RESIDUAL_PROJECTORS = ("randomized", "cross_head")
-
-
 def default_full_rank_residual(group: dict) -> bool:
-    """``full_rank_residual`` of a group that does not set it: on for the GaLore+ projectors with update_rule 'galore'."""
-    return group["projector"] in FULL_RANK_RESIDUAL_PROJECTORS and group["update_rule"] == "galore"
+    """``full_rank_residual`` of a group that does not set it: its projector's default (``Projector.full_rank_residual``)
+    where its update rule reads the key (GaLore's rule), else False."""
+    projector, rule = PROJECTORS.get(group["projector"]), UPDATE_RULES.get(group["update_rule"])
+    return bool(projector and rule and projector.full_rank_residual and "full_rank_residual" in rule.keys)
+
+
+# Keys every projected step reads, whatever its projector and update rule. Any other projector key is read only by the
+# PROJECTORS and UPDATE_RULES entries that declare it (their ``keys``), and a group may set it only where one does.
+STEP_KEYS = ("rank", "update_proj_gap", "scale", "projector", "update_rule", "transposed", "adaptive_gap",
+             "max_update_proj_gap", "gap_overlap_threshold", "gap_patience")
+
+
+def key_readers(key: str) -> list[str]:
+    """The registry entries that read a projector key, as text: ``["projector 'randomized'", "update rule 'apollo'"]``."""
+    return ([f"projector {name!r}" for name, entry in PROJECTORS.items() if key in entry.keys]
+            + [f"update rule {name!r}" for name, entry in UPDATE_RULES.items() if key in entry.keys])
+
+
+def unread_keys(group: dict) -> list[str]:
+    """The projector keys of ``group`` that neither every step nor its projector and update rule read (the group's
+    ``projector`` and ``update_rule``, or their defaults; an unknown name reads nothing beyond :data:`STEP_KEYS`)."""
+    projector = PROJECTORS.get(group.get("projector", PROJECTED_GROUP_DEFAULTS["projector"]))
+    rule = UPDATE_RULES.get(group.get("update_rule", PROJECTED_GROUP_DEFAULTS["update_rule"]))
+    read = set(STEP_KEYS) | set(projector.keys if projector else ()) | set(rule.keys if rule else ())
+    return [key for key in group if key in projector_only_keys() and key not in read]
+
+
+def keys_set_apart_from_defaults(group: dict) -> tuple[str, ...]:
+    """The projector keys of a new group whose value is not the one the group gets by default (None counts as not
+    set), so that a group copied from an optimizer's filled ``param_groups`` is accepted again."""
+    defaults = {key: group[key] for key in ("projector", "update_rule") if key in group}
+    fill_projected_defaults(defaults)
+    return tuple(key for key in projector_only_keys()
+                 if key in group and group[key] is not None and (key not in defaults or group[key] != defaults[key]))
+
+
+def check_keys_are_read(group: dict, index: int, given: tuple[str, ...]) -> None:
+    """Refuse a key the user set to something else than its default (``given``) that the group's projector and update
+    rule never read: tuning it would change nothing. The error names the key and what would read it."""
+    _require_choice(group, index, "projector", tuple(PROJECTORS))
+    _require_choice(group, index, "update_rule", tuple(UPDATE_RULES))
+    for key in unread_keys(group):
+        if key in given:
+            _fail(group, index, key, f"projector {group['projector']!r} and update rule {group['update_rule']!r} do not "
+                                     f"read it, so it would change nothing; it is read by "
+                                     f"{', '.join(key_readers(key))}. Remove it or choose one of those")
 
 
 def fill_projected_defaults(group: dict) -> None:
@@ -198,7 +260,9 @@ def prepare_group(group: dict, index: int, defaults: dict) -> list[str]:
     if "rank" not in group:
         validate_plain_group(group, index)
         return []
+    given = keys_set_apart_from_defaults(group)
     fill_projected_defaults(group)
+    check_keys_are_read(group, index, given)
     validate_projected_group(group, index)
     return full_rank_warnings(group, index)
 
@@ -257,7 +321,8 @@ def validate_plain_group(group: dict, index: int) -> None:
 
 
 def validate_projected_group(group: dict, index: int) -> None:
-    """Check every projector key of a group (defaults already filled) and every parameter's shape."""
+    """Check every projector key of a group (defaults already filled, projector and update rule names checked by
+    :func:`check_keys_are_read`) and every parameter's shape."""
     _require_int(group, index, "rank", 1)
     _require_int(group, index, "update_proj_gap", 1)
     _require_int(group, index, "oversample", 0)
@@ -268,8 +333,6 @@ def validate_projected_group(group: dict, index: int) -> None:
     for key in ("warm_start", "transposed", "moment_transfer", "full_rank_residual", "adaptive_gap"):
         if not isinstance(group[key], bool):
             _fail(group, index, key, f"must be a bool, got {group[key]!r}", TypeError)
-    _require_choice(group, index, "projector", tuple(PROJECTORS))
-    _require_choice(group, index, "update_rule", tuple(UPDATE_RULES))
     _require_choice(group, index, "proj_type", PROJ_TYPES)
     _require_choice(group, index, "head_projector", HEAD_PROJECTORS)
     _validate_residual(group, index)
@@ -277,7 +340,7 @@ def validate_projected_group(group: dict, index: int) -> None:
     _validate_apollo(group, index)
     _validate_muon(group, index)
     _validate_basis_bits(group, index)
-    if group["projector"] == "cross_head":
+    if "num_heads" in PROJECTORS[group["projector"]].keys:
         _validate_heads(group, index)
     for position, param in enumerate(group["params"]):
         _validate_projected_param(group, index, position, param)
@@ -300,14 +363,8 @@ def _validate_apollo(group: dict, index: int) -> None:
     if group["scale"] == AUTO:
         _fail(group, index, "scale", f"{AUTO!r} is for update_rule 'galore'; update_rule 'apollo' needs a number "
                                      "(APOLLO: 1, APOLLO-Mini: 128)")
-    if group["full_rank_residual"]:
-        _fail(group, index, "full_rank_residual", "is a lever of update_rule 'galore'; APOLLO's rule already scales "
-                                                  "the whole gradient")
     if group["scale"] < 0:
         _fail(group, index, "scale", f"update_rule 'apollo' multiplies by sqrt(scale); scale must be >= 0, got {group['scale']!r}")
-    if group["residual_ratio"] > 0:
-        _fail(group, index, "residual_ratio", "the sparse residual is implemented for update_rule 'galore' only; "
-                                              "use residual_ratio=0 with update_rule 'apollo'")
 
 
 def _validate_muon(group: dict, index: int) -> None:
@@ -316,12 +373,6 @@ def _validate_muon(group: dict, index: int) -> None:
     if isinstance(group["scale"], bool) or not isinstance(group["scale"], Real) or group["scale"] < 0:
         _fail(group, index, "scale", f"update_rule 'muon' multiplies its RMS-matched step by scale, a number >= 0 "
                                      f"(1 matches AdamW's update RMS), got {group['scale']!r}")
-    if group["full_rank_residual"]:
-        _fail(group, index, "full_rank_residual", "is a lever of update_rule 'galore'; update_rule 'muon' already "
-                                                  "orthogonalises the gradient outside the subspace with the rest")
-    if group["residual_ratio"] > 0:
-        _fail(group, index, "residual_ratio", "the sparse residual is implemented for update_rule 'galore' only; "
-                                              "use residual_ratio=0 with update_rule 'muon'")
 
 
 def _validate_basis_bits(group: dict, index: int) -> None:
@@ -330,9 +381,6 @@ def _validate_basis_bits(group: dict, index: int) -> None:
         _fail(group, index, "basis_bits", f"must be one of {BASIS_BITS}, got {bits!r}")
     if bits == 32:
         return
-    if not PROJECTORS[group["projector"]].stores_basis:
-        _fail(group, index, "basis_bits", f"projector {group['projector']!r} stores no basis (it is regenerated every "
-                                          "step); use basis_bits=32")
     try:
         import bitsandbytes.functional  # noqa: F401
     except ImportError:
@@ -361,7 +409,8 @@ def _validate_levers(group: dict, index: int) -> None:
 def _validate_heads(group: dict, index: int) -> None:
     num_heads, head_dim = group["num_heads"], group["head_dim"]
     if num_heads is None and head_dim is None:
-        _fail(group, index, "num_heads", "projector 'cross_head' needs 'num_heads' (or 'head_dim') to split rows into heads")
+        _fail(group, index, "num_heads", f"projector {group['projector']!r} needs 'num_heads' (or 'head_dim') to split rows "
+                                         "into heads")
     if num_heads is not None and head_dim is not None:
         _fail(group, index, "head_dim", "give either 'num_heads' or 'head_dim', not both")
     key = "num_heads" if num_heads is not None else "head_dim"

@@ -41,7 +41,9 @@ from typing import Any, Iterable
 from torch import nn
 
 from .adapters.targets import name_matchers
-from .group_options import check_hyperparameters, closest_key_hint, format_bytes, projector_only_keys
+from .group_options import (
+    check_hyperparameters, closest_key_hint, format_bytes, key_readers, projector_only_keys, unread_keys,
+)
 
 QUERY_NAMES = ("q_proj", "query", "wq", "q_lin", "q_attn")
 KEY_NAMES = ("k_proj", "key", "wk", "k_lin")
@@ -207,6 +209,8 @@ def plan_param_groups(
     groups: dict[str, dict[str, Any]] = {}
 
     def place(group_name: str, param: nn.Parameter, param_name: str, options: dict[str, Any]) -> None:
+        unread = set(unread_keys(options)) & set(group_options) if "rank" in options else set()
+        options = {key: value for key, value in options.items() if key not in unread}   # options only where read
         options = dict(options, **hyperparameters)
         if param_name in no_decay:
             group_name, options["weight_decay"] = f"{group_name}_no_decay", 0.0
@@ -256,6 +260,12 @@ def plan_param_groups(
         if param.requires_grad and param_name not in plan.placement:
             place("adamw", param, param_name, {})
     plan.groups = list(groups.values())
+    placed_keys = {key for group in plan.groups if "rank" in group for key in group}
+    for key, value in group_options.items():
+        if value is not None and key not in placed_keys and any("rank" in group for group in plan.groups):
+            raise ValueError(f"make_param_groups: {key}={value!r} is read by {', '.join(key_readers(key)) or 'no projector'}"
+                             ", and no projected group of this model has one of those; remove it, or choose the "
+                             "projector or update_rule that reads it")
     return plan
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -86,16 +87,45 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             warnings.warn(plain_warning, UserWarning, stacklevel=2)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Validate a group (filling projector defaults where it has ``rank``) and add it.
+        """Add a group as torch does (named parameters included), then validate it, filling projector defaults
+        where it has ``rank``; an invalid group is taken out again before the error is raised.
 
         Unknown keys and invalid values raise, naming the group and key (see :mod:`galore_plus.group_options`).
         """
-        params = param_group["params"]
-        if not isinstance(params, set):
-            param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        for message in prepare_group(param_group, len(self.param_groups), self.defaults):
-            warnings.warn(message, UserWarning, stacklevel=2)
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            messages = prepare_group(group, len(self.param_groups) - 1, self.defaults)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        for message in messages:
+            warnings.warn(message, UserWarning, stacklevel=2)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Torch's state (defaults, state, param_groups) and what a step and ``state_dict()`` read besides:
+        ``seed``, ``optim_bits``, the skipped-step counters and the warnings already given."""
+        return {**super().__getstate__(), "seed": self.seed, "optim_bits": self.optim_bits,
+                "_skipped": self._skipped, "_warned": self._warned}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Torch's ``__setstate__``; a plain tensor's ``step`` saved as a Python number (old torch checkpoints) becomes a
+        tensor, as torch's AdamW converts it. A pickle without our attributes gets the constructor's defaults."""
+        differentiable = "differentiable" in state.get("defaults", {})
+        super().__setstate__(state)
+        if not differentiable:   # torch's __setstate__ adds it; GaLorePlusAdamW has no differentiable mode
+            self.defaults.pop("differentiable", None)
+        self.__dict__.setdefault("seed", 0)
+        self.__dict__.setdefault("optim_bits", 32)
+        self.__dict__.setdefault("_skipped", SkippedSteps())
+        self.__dict__.setdefault("_warned", set())
+        for group in self.param_groups:
+            if "rank" in group:
+                continue
+            for param in group["params"]:
+                param_state = self.state.get(param)
+                if param_state and "step" in param_state and not isinstance(param_state["step"], Tensor):
+                    param_state["step"] = torch.tensor(float(param_state["step"]), dtype=plain_step_dtype())
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -153,8 +183,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
                 quant.adamw_step_8bit(param, param.grad, state, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
                 continue
             if not state:
-                scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-                state["step"] = torch.tensor(0.0, dtype=scalar_dtype)
+                state["step"] = torch.tensor(0.0, dtype=plain_step_dtype())
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             params.append(param)
@@ -186,6 +215,8 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         else:
             layout = LocalLayout(param, group["transposed"])
         context = StepContext(self.seed, position, self.optim_bits, label, self._warn_once, self._skipped)
+        if isinstance(group["lr"], Tensor):   # a one-element tensor lr, read as torch's AdamW reads it without capturable
+            group = {**group, "lr": float(group["lr"])}
         step_projected_weight(layout, self.state[param], group, context)
 
     def _warn_once(self, kind: str, message: str) -> None:
@@ -200,18 +231,39 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like torch after checking the checkpoint fits (:mod:`galore_plus.checkpoint`), keeping
-        projected weights' state in its saved dtype (float32).
+        projected weights' state and 8-bit moments as saved.
 
         A foreign checkpoint (galore_torch), another rank or other shapes raise before anything is
-        changed. ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's
-        dtype, which would round the float32 basis and moments of a bfloat16 weight (and, with
-        ``optim_bits=8``, the float32 absmax of every 8-bit moment).
+        changed. The load_state_dict pre-hooks run before that check and the post-hooks after the state is
+        restored, each once, as torch orders them. As in torch, the saved state of the i-th saved id (in the saved groups' order) goes to the
+        i-th parameter, whatever the ids are. ``torch.optim.Optimizer.load_state_dict`` casts every tensor of
+        a floating-point parameter's state to the parameter's dtype: that would round the float32 basis and
+        moments of a bfloat16 weight and turn the residual's index and 8-bit codes into floats, so those
+        states are copied back as saved (dtype kept, on the parameter's device).
         """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
         state_dict = checked_state_dict(self, state_dict)
-        super().load_state_dict(state_dict)
-        for _, group, position, param in self.indexed_params():
-            saved = state_dict["state"].get(position)
-            if saved is not None and ("rank" in group or self.optim_bits == 8):
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
+        saved_ids = (saved_id for group in state_dict["param_groups"] for saved_id in group["params"])
+        for (_, group, _, param), saved_id in zip(self.indexed_params(), saved_ids):
+            saved = state_dict["state"].get(saved_id)
+            if saved is not None and ("rank" in group or (self.optim_bits == 8 and quant.uses_8bit_adamw(param))):
                 for key, value in saved.items():
                     if isinstance(value, Tensor):
                         self.state[param][key] = value.to(device=param.device, copy=True)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+def plain_step_dtype() -> torch.dtype:
+    """The dtype of a plain tensor's ``step`` counter: torch's AdamW's (float64 under a float64 default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

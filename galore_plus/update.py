@@ -104,4 +104,4 @@ def apply_update(
             target.addcmul_(block, factor_rows(gradient.factor, rows), value=-step_size)
         if low_rank is not None:
             a, b = low_rank.rows(rows)
-            target.addmm_(a, b, alpha=-step_size)
+            target.addmm_(a.to(target.dtype), b.to(target.dtype), alpha=-step_size)   # float64 weight: float32 terms

@@ -17,7 +17,8 @@ synchronise), and must never write a non-finite value.
   ``scale="auto"`` resolves as in :mod:`galore_plus.auto_scale`.
   N is Adam's bias-corrected direction (:func:`galore_plus.dispatch.lowrank_adam_direction`).
 * ``"apollo"``: the gradient scaled per channel or per tensor by ||N|| / ||R||, norm-growth limited
-  (APOLLO; :mod:`galore_plus.apollo_update`, group key ``scale_type``; ``scale`` enters as its square root).
+  (APOLLO; :mod:`galore_plus.apollo_update`, group key ``scale_type``; ``scale`` enters as its square root;
+  APOLLO's limiter is fixed at 1.01 and the sparse residual is not implemented with it).
   N = M / (sqrt(V) + eps), without bias correction (:func:`galore_plus.apollo_update.apollo_moments_direction`).
 * ``"muon"``: Muon's Newton-Schulz-orthogonalised step of P N + (G - P R), N the Nesterov momentum of R
   (:mod:`galore_plus.muon_update`; ``betas[0]`` is the momentum).
@@ -92,10 +93,13 @@ class UpdateRule:
     * ``direction(low_rank, exp_avg, exp_avg_sq, step, beta1, beta2, eps)``: updates the two
       moments in place with this step's low-rank gradient R and returns the direction N that
       ``apply`` reads as ``inputs.direction`` (the step also checks that N is finite).
+    * ``keys``: the group keys it (or what it composes with, the sparse residual) reads besides
+      those every projected step reads; a group with this rule may set no other rule key.
     """
 
     apply: ApplyFunction
     direction: DirectionFunction = lowrank_adam_direction
+    keys: tuple[str, ...] = ()
 
 
 def whole_rms(low_rank: Tensor, inputs: UpdateInputs) -> Tensor:
@@ -149,7 +153,8 @@ def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, An
 
 
 UPDATE_RULES: dict[str, UpdateRule] = {
-    "galore": UpdateRule(galore_update),
-    "apollo": UpdateRule(apollo_rule, direction=apollo_moments_direction),
+    "galore": UpdateRule(galore_update, keys=("full_rank_residual", "norm_growth_limit", "residual_ratio",
+                                              "residual_warmup", "residual_mode")),
+    "apollo": UpdateRule(apollo_rule, direction=apollo_moments_direction, keys=("scale_type",)),
     "muon": UpdateRule(muon_rule, direction=muon_momentum_direction),
 }

@@ -174,14 +174,14 @@ def step_basis(
     """
     projector = PROJECTORS[group["projector"]]
     count, refresh = basis_schedule(state, group, step)
+    shape = basis_shape(layout.shape, group["rank"], side)
+    if projector.stores_basis and not refresh:   # before the generator: a step without a refresh creates no object
+        return stored_basis(state, shape), None
     generator = basis_generator(context.seed, context.position, count, layout.device)
     if not projector.stores_basis:
         if refresh:
             record_refresh(state, group, step, None, None, side)
         return projector.basis(None, layout.shape, group, side, generator, None), None
-    shape = basis_shape(layout.shape, group["rank"], side)
-    if not refresh:
-        return stored_basis(state, shape), None
     context.skipped.report(context.warn)
     previous = stored_basis(state, shape)
     rows = projector.rows(group, layout.shape, generator)

@@ -185,7 +185,7 @@ def test_a_float32_basis_checkpoint_continues_with_4_bit_bases_from_the_next_ref
 @pytest.mark.parametrize("keys, message", [
     ({"basis_bits": 8}, r"must be one of \(32, 4\)"),
     ({"basis_bits": True}, "must be one of"),
-    ({"basis_bits": 4, "projector": "random"}, "projector 'random' stores no basis"),
+    ({"basis_bits": 4, "projector": "random"}, "projector 'random' and update rule 'galore' do not read it"),
 ])
 def test_bad_basis_bits_name_the_group_and_key(keys, message):
     weight = torch.nn.Parameter(torch.randn(8, 8))

@@ -110,11 +110,24 @@ def test_group_and_parameter_counts_must_match():
         opt.load_state_dict({"model": {}})
 
 
-def test_plain_step_must_be_a_tensor():
+def test_a_plain_step_saved_as_a_number_loads_as_torch_loads_it():
+    """Older torch checkpoints keep a plain tensor's ``step`` as a Python number: torch's AdamW turns it into a
+    tensor (Adam.__setstate__), and so do we; both then take the same step."""
     saved = trained_state()
     saved["state"][1]["step"] = 3
-    _, opt = fresh()
-    assert_unchanged_by_failed_load(opt, saved, ["state key 'step': is a int, torch's AdamW keeps a tensor"])
+    params, opt = fresh()
+    opt.load_state_dict(saved)
+    reference = torch.nn.Parameter(params[1].detach().clone())
+    theirs = torch.optim.AdamW([reference], lr=1e-2)
+    group = {**theirs.state_dict()["param_groups"][0], "params": [0]}
+    theirs.load_state_dict({"state": {0: copy.deepcopy(saved["state"][1])}, "param_groups": [group]})
+    ours_step, their_step = opt.state[params[1]]["step"], theirs.state[reference]["step"]
+    assert isinstance(ours_step, torch.Tensor) and ours_step.dtype == their_step.dtype and float(ours_step) == 3.0
+    grad = torch.randn(16, generator=torch.Generator().manual_seed(5))
+    params[0].grad, params[1].grad, reference.grad = torch.randn(24, 16), grad.clone(), grad.clone()
+    opt.step()
+    theirs.step()
+    assert torch.equal(params[1].detach(), reference.detach())
 
 
 def test_keys_missing_from_an_older_checkpoint_are_refilled_and_it_resumes_exactly():

@@ -86,7 +86,8 @@ def test_weighted_square_total_equals_that_of_the_formed_matrix(m, n, rank, side
     formed = c * g + (basis.double() @ low_rank.double() if side == "left" else low_rank.double() @ basis.double())
     dim = 0 if side == "left" else 1
     assert grad_squares.shape == channel_shape and total.dim() == 0 and total.dtype == torch.float64
-    torch.testing.assert_close(grad_squares, g.square().sum(dim, keepdim=True), rtol=1e-6, atol=0)
+    # positive terms: a float32 square and sum of m values is within gamma_{m+1} of the exact sum (float64: far inside)
+    torch.testing.assert_close(grad_squares, g.square().sum(dim, keepdim=True), rtol=gamma(m + 1, torch.float32), atol=0)
     expected = (weights.double() * formed.square().sum(dim, keepdim=True)).sum()
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5 * float((c * g).square().sum() + 1))
 
@@ -101,18 +102,58 @@ def small_residual_gradient(m: int, n: int, rank: int, share: float, seed: int) 
     return grad64.float(), grad64
 
 
+def gamma(count: int, dtype: torch.dtype) -> float:
+    """Higham's gamma_k = k u / (1 - k u): the relative error bound of a sum or dot product of k terms in ``dtype``,
+    whatever the order of summation and whether products are fused (u: half the machine epsilon)."""
+    unit = torch.finfo(dtype).eps / 2
+    return count * unit / (1 - count * unit)
+
+
+def output_side_error_budget(grad, basis, x, weights, parts):
+    """(E, I, B) for sum_j w_j ||G_j + P X_j||^2 computed by :func:`weighted_square_total` from float32 G and P, the
+    rows split into ``parts`` (one process each: its row slice, and the square sums and R it was given; the same
+    tensors, as a matrix kernel need not round a product the same way twice), against that sum in exact arithmetic.
+
+    The function computes exactly (in exact arithmetic) sum_p sum_j w_j (g~_pj + 2 X_j . R~_pj) + sum_j w_j X_j . M X_j,
+    where g~ (each process's rows' squares, float32 sums, :func:`channel_square_sums`) and R~ = P_p^T G_p (a float32
+    product) are its rounded inputs. So its error is E = sum_p sum_j w_j ((g~ - g)_pj + 2 X_j . (R~ - R)_pj), the
+    inputs' rounding alone, which the test computes in float64; |E| <= I = gamma_m sum_j w_j (g_j + 2 |X_j| . |P|^T
+    |G_j|) on any machine. What the function adds is float64 (and, for X . (M - I) X, float32) rounding, at most B:
+    every value it sums is bounded by A_j = |||G_j| + |P| |X_j|||^2, each float64 sum has fewer than m + n + 2r + 8
+    terms (gram over m rows, channels over n), the float32 term is at most gamma_{2r+2} |X_j|^T |M - I| |X_j|, and
+    the float64 reference adds as much again (the factor 4 covers both, and A_j bounding each of the three terms)."""
+    m, n = grad.shape
+    rank = basis.shape[1]
+    g64, p64, x64, w64 = grad.double(), basis.double(), x.double(), weights.double()
+    error = torch.zeros((), dtype=torch.float64)
+    for rows, grad_squares, own_low_rank in parts:
+        squares = grad_squares - g64[rows].square().sum(0, keepdim=True)
+        own = own_low_rank.double() - p64[rows].t() @ g64[rows]
+        error = error + (w64 * (squares + 2 * (x64 * own).sum(0, keepdim=True))).sum()
+    inputs = gamma(m, torch.float32) * (w64 * (g64.square().sum(0, keepdim=True)
+                                               + 2 * (x64.abs() * (p64.abs().t() @ g64.abs())).sum(0, keepdim=True))).sum()
+    sizes = (w64 * (g64.abs() + p64.abs() @ x64.abs()).square().sum(0, keepdim=True)).sum()
+    deviation = (p64.t() @ p64 - torch.eye(rank, dtype=torch.float64)).abs()
+    small = (w64 * (x64.abs() * (deviation @ x64.abs())).sum(0, keepdim=True)).sum()
+    arithmetic = 4 * gamma(m + n + 2 * rank + 8, torch.float64) * sizes + 2 * gamma(2 * rank + 2, torch.float32) * small
+    return error, inputs, arithmetic
+
+
 def test_rows_split_over_two_processes_give_the_whole_weights_total():
     """Output side, rows of G and P split 100 / 156 over two threads whose ``total`` is an all-reduce: each gets the
-    whole weight's total (each adds its rows' part of M = P^T P and of R), as precise as one process's where the
-    residual holds about 1e-4 of G's energy (4e-5 and 9e-5 measured)."""
+    whole weight's total (each adds its rows' part of M = P^T P and of R). With the residual at about 1e-4 of G's
+    energy, every total differs from the exact one by its float32 inputs' rounding E (:func:`output_side_error_budget`:
+    G's squares and R, the only float32 values that cancel) to within the float64 bound B, and so by at most I + B;
+    which of the values inside I a machine gets depends on its matrix kernel (AVX2 and AVX-512 differ)."""
     grad, _ = small_residual_gradient(256, 128, 8, 1e-4, seed=1)
     basis = svd_basis(grad, 8, "left")
     low_rank = project(grad, basis, "left")
     weights = residual_scaling(torch.ones_like(low_rank), low_rank, "left").square()
     term = LowRankTerm(-low_rank, basis, "left")
-    whole = weighted_square_total(channel_square_sums(grad, True), weights, 1.0, term, low_rank)
+    whole_inputs = [(slice(0, 256), channel_square_sums(grad, True), low_rank)]
+    whole = weighted_square_total(whole_inputs[0][1], weights, 1.0, term, low_rank)
     exact = (weights.double() * (grad.double() - basis.double() @ low_rank.double()).square().sum(0)).sum()
-    barrier, shared, results = threading.Barrier(2), [None, None], [None, None]
+    barrier, shared, results, split_inputs = threading.Barrier(2), [None, None], [None, None], [None, None]
 
     def process(rank: int, rows: slice) -> None:
         def total(value):
@@ -122,9 +163,9 @@ def test_rows_split_over_two_processes_give_the_whole_weights_total():
             barrier.wait()
             return summed
 
-        own = project(grad[rows], basis[rows], "left")
-        results[rank] = weighted_square_total(channel_square_sums(grad[rows], True), weights, 1.0,
-                                              LowRankTerm(-low_rank, basis[rows], "left"), own, total)
+        split_inputs[rank] = (rows, channel_square_sums(grad[rows], True), project(grad[rows], basis[rows], "left"))
+        results[rank] = weighted_square_total(split_inputs[rank][1], weights, 1.0,
+                                              LowRankTerm(-low_rank, basis[rows], "left"), split_inputs[rank][2], total)
 
     threads = [threading.Thread(target=process, args=(rank, rows)) for rank, rows in
                enumerate((slice(0, 100), slice(100, 256)))]
@@ -132,26 +173,34 @@ def test_rows_split_over_two_processes_give_the_whole_weights_total():
         thread.start()
     for thread in threads:
         thread.join()
-    assert abs(float(whole / exact) - 1) < 1e-4
-    for result in results:
-        assert abs(float(result / exact) - 1) < 1e-4
+    assert float(results[0]) == float(results[1])
+    for value, parts in ((whole, whole_inputs), (results[0], split_inputs)):
+        error, inputs, arithmetic = output_side_error_budget(grad, basis, -low_rank, weights, parts)
+        assert abs(float(value - exact - error)) <= float(arithmetic)
+        assert abs(float(value - exact)) <= float(inputs + arithmetic)
+    assert float(arithmetic) < 1e-6 * float(exact)          # the bound is tight enough to catch a float32 term
 
 
 def test_the_residual_norm_keeps_its_precision_when_the_residual_is_small():
-    """A gradient with 1e-4 of its energy outside the basis: the norm from square sums (float32 G and R), whose
-    differences cancel 4 of float32's 7 digits, is within 1e-4 of the float64 norm of the formed residual (2e-5
-    measured); with float32 low-rank terms it is 2e-4 off."""
+    """A gradient with 1e-4 of its energy outside the basis: the stored norm (from square sums, the float32 G's and R's
+    of which cancel 4 of float32's 7 digits) is the exact norm of the residual of those float32 inputs but for their
+    rounding E (:func:`output_side_error_budget`), to within the float64 bound B and the float32 rounding of the
+    stored value; so it is within I + B of it on any machine."""
     rank = 8
     grad, grad64 = small_residual_gradient(256, 128, rank, 1e-4, seed=0)
     basis = svd_basis(grad, rank, "left")
     low_rank = project(grad, basis, "left")
     direction = torch.ones_like(low_rank)
-    _, _, stored = fira_update(channel_square_sums(grad, True), low_rank, low_rank, direction, basis, "left", 1.0,
-                               None, 1.01, 1.0)
-    phi = residual_scaling(direction, low_rank, "left").double()
-    exact = (phi * (grad.double() - basis.double() @ low_rank.double())).norm()
+    grad_squares = channel_square_sums(grad, True)
+    _, _, stored = fira_update(grad_squares, low_rank, low_rank, direction, basis, "left", 1.0, None, 1.01, 1.0)
+    phi = residual_scaling(direction, low_rank, "left")
+    exact = (phi.double() * (grad.double() - basis.double() @ low_rank.double())).square().sum()
     assert 0.5e-4 < float((grad.double() - basis.double() @ low_rank.double()).square().sum() / grad64.square().sum())
-    assert abs(float(stored) / float(exact) - 1) < 1e-4
+    error, inputs, arithmetic = output_side_error_budget(grad, basis, -low_rank, phi.square(),
+                                                         [(slice(0, 256), grad_squares, low_rank)])
+    stored_rounding = 3 * gamma(1, torch.float32) * exact                    # the float32 norm, squared
+    assert abs(float(stored.double().square() - exact - error)) <= float(arithmetic + stored_rounding)
+    assert abs(float(stored.double().square() - exact)) <= float(inputs + arithmetic + stored_rounding)
 
 
 def test_scaling_is_per_column_on_the_output_side_and_per_row_on_the_input_side():

@@ -1,5 +1,6 @@
 """Parameter-group keys and hyperparameters are checked when the optimizer is built, naming group and key."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -34,12 +35,51 @@ def test_unknown_group_keys_are_refused_with_the_closest_valid_key(group, misspe
         assert f"did you mean '{suggestion}'?" in message
 
 
-def test_keys_added_to_the_projected_defaults_become_valid(monkeypatch):
+def test_a_key_added_to_the_defaults_is_valid_where_a_registry_entry_declares_it(monkeypatch):
+    """Who reads a key comes from the entries' ``keys``: declared by the default projector, a new key is accepted
+    there, refused in an svd group (naming the projector that reads it) and in a plain group."""
     monkeypatch.setitem(group_options.PROJECTED_GROUP_DEFAULTS, "new_knob", 1)
+    entry = group_options.PROJECTORS["randomized"]
+    monkeypatch.setitem(group_options.PROJECTORS, "randomized", dataclasses.replace(entry, keys=entry.keys + ("new_knob",)))
     opt = build({"rank": 2, "new_knob": 3})
     assert opt.param_groups[1]["new_knob"] == 3
+    with pytest.raises(ValueError, match="key 'new_knob': projector 'svd' and update rule 'galore' do not read it, so "
+                                         "it would change nothing; it is read by projector 'randomized'"):
+        build({"rank": 2, "projector": "svd", "new_knob": 3})
     with pytest.raises(ValueError, match="key 'new_knob': is only meaningful in a projected group"):
         build({"new_knob": 3})
+
+
+@pytest.mark.parametrize("group, key, readers", [
+    ({"projector": "svd", "oversample": 99}, "oversample", "projector 'randomized', projector 'cross_head'"),
+    ({"projector": "svd", "num_heads": 4}, "num_heads", "projector 'cross_head'"),
+    ({"projector": "svd", "scale_type": "tensor"}, "scale_type", "update rule 'apollo'"),
+    ({"projector": "randomized", "scale_type": "tensor"}, "scale_type", "update rule 'apollo'"),
+    ({"projector": "cross_head", "num_heads": 2, "proj_type": "left"}, "proj_type", "projector 'svd'"),
+    ({"projector": "random", "moment_transfer": True}, "moment_transfer", "projector 'svd'"),
+    ({"projector": "random", "update_rule": "apollo", "norm_growth_limit": 2.0}, "norm_growth_limit",
+     "update rule 'galore'"),
+])
+def test_a_key_the_groups_projector_and_rule_never_read_is_refused_naming_who_reads_it(group, key, readers):
+    with pytest.raises(ValueError, match=rf"param group 1 \('attn'\), key '{key}': projector .* do not read it.*read by {readers}"):
+        build({"rank": 2, **group})
+
+
+@pytest.mark.parametrize("group", [{"projector": "svd"}, {"projector": "cross_head", "num_heads": 2},
+                                   {"projector": "random", "update_rule": "apollo"}])
+def test_groups_copied_from_a_built_optimizer_are_accepted_again(group):
+    """A built group holds every key at its default, read or not; a key at its default changes nothing, so it is
+    accepted (only a tuned value of a key nobody reads is refused)."""
+    first = build({"rank": 2, **group})
+    again = GaLorePlusAdamW([dict(g) for g in first.param_groups])
+    assert again.param_groups[1] == first.param_groups[1]
+
+
+def test_every_projector_key_is_read_by_every_step_or_declared_by_an_entry():
+    declared = set(group_options.STEP_KEYS)
+    for table in (group_options.PROJECTORS, group_options.UPDATE_RULES):
+        declared |= {key for entry in table.values() for key in entry.keys}
+    assert declared == set(group_options.projector_only_keys())
 
 
 def test_scheduler_and_named_parameter_keys_are_accepted():

@@ -288,3 +288,28 @@ def test_target_modules_select_the_same_layers_as_add_adapters(target_modules):
                  next(g for g in plan.groups if g["name"] == group)}
     adapted = set(add_adapters(model, "lora", rank=2, target_modules=target_modules))
     assert projected == adapted and len(adapted) == 4
+
+
+def test_group_options_go_only_to_the_groups_whose_projector_reads_them():
+    """head_projector is read by cross_head only, oversample by cross_head and randomized, proj_type not by
+    cross_head: each projected group gets the options its projector reads, and the optimizer accepts them all."""
+    model = tiny_llama()
+    plan = plan_param_groups(model, rank=4, head_projector="randomized", oversample=4, proj_type="reverse_std")
+    query, value = (group_of(plan, f"model.layers.0.self_attn.{name}.weight") for name in ("q_proj", "v_proj"))
+    assert query["head_projector"] == "randomized" and query["oversample"] == 4 and "proj_type" not in query
+    assert "head_projector" not in value and value["oversample"] == 4 and value["proj_type"] == "reverse_std"
+    GaLorePlusAdamW(plan.groups)
+
+
+def test_a_group_option_no_projected_group_reads_raises_naming_who_reads_it():
+    with pytest.raises(ValueError, match="cross_head_heads=2 is read by projector 'cross_head', and no projected group"):
+        make_param_groups(tiny_llama(), rank=4, cross_head=False, cross_head_heads=2)
+    with pytest.raises(ValueError, match="scale_type='tensor' is read by update rule 'apollo'"):
+        make_param_groups(tiny_llama(), rank=4, scale_type="tensor")
+
+
+def test_presets_make_accepted_groups():
+    from galore_plus import APOLLO, APOLLO_MINI
+    for preset in (APOLLO, APOLLO_MINI):
+        options = {"rank": 4, **preset}
+        GaLorePlusAdamW(make_param_groups(tiny_llama(), cross_head=False, **options))

@@ -28,7 +28,7 @@ def param(*shape):
         ({"gap_overlap_threshold": 1.5}, ValueError, "'gap_overlap_threshold': must be in (0, 1]"),
         ({"gap_patience": 0}, ValueError, "'gap_patience': must be >= 1"),
         ({"scale": "automatic"}, TypeError, "'scale': must be a finite number or 'auto'"),
-        ({"cross_head_heads": 2.0}, TypeError, "'cross_head_heads': must be an int"),
+        ({"projector": "cross_head", "num_heads": 4, "cross_head_heads": 2.0}, TypeError, "'cross_head_heads': must be an int"),
         ({"projector": "cross_head", "num_heads": 4, "cross_head_heads": 0}, ValueError, "'cross_head_heads': must be >= 1"),
         ({"rank": 4, "projector": "cross_head", "num_heads": 4, "cross_head_heads": 1}, ValueError,
          "'cross_head_heads': 1 heads of 2 rows of parameter 0 of shape (8, 8) give fewer rows than rank = 4"),

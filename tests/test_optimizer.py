@@ -1,6 +1,8 @@
 """GaLorePlusAdamW: AdamW equivalence, GaLore equivalence, semantics, resume, RNG isolation, bad input."""
 
+import copy
 import io
+import pickle
 import warnings
 
 import pytest
@@ -524,3 +526,109 @@ def test_a_checkpoint_older_than_a_group_key_loads_with_the_default():
     run(opt_b, params_b, stream[2:])
     assert opt_b.param_groups[1]["basis_bits"] == 32
     assert torch.equal(params[1], params_b[1])
+
+
+def two_weights_trained(steps: int = 3, bits: int = 32, **group):
+    generator = torch.Generator().manual_seed(7)
+    params = [torch.nn.Parameter(torch.randn(8, 6, generator=generator)) for _ in range(2)]
+    opt = GaLorePlusAdamW([{"params": params, "rank": 2, **group}], lr=1e-2, optim_bits=bits)
+    for _ in range(steps):
+        for param in params:
+            param.grad = torch.randn(8, 6, generator=generator)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("group", [{}, {"residual_ratio": 0.2, "residual_warmup": 1}, {"projector": "svd"}])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_state_is_restored_by_the_saved_ids_as_torch_does(group, bits):
+    """Saved ids renumbered (and swapped): the i-th saved id's state goes to the i-th parameter, with every tensor's
+    dtype as saved (residual index int, 8-bit codes uint8), and the next step runs."""
+    params, opt = two_weights_trained(bits=bits, **group)
+    saved = copy.deepcopy(opt.state_dict())
+    renumbered = {"state": {10: saved["state"][1], 20: saved["state"][0]},
+                  "param_groups": [{**saved["param_groups"][0], "params": [20, 10]}]}
+    fresh = GaLorePlusAdamW([{"params": params, "rank": 2, **group}], lr=1e-2, optim_bits=bits)
+    fresh.load_state_dict(renumbered)
+    for param, position in zip(params, (0, 1)):
+        for key, value in saved["state"][position].items():
+            if isinstance(value, torch.Tensor):
+                assert fresh.state[param][key].dtype == value.dtype, key
+                assert torch.equal(fresh.state[param][key], value), key
+    for param in params:
+        param.grad = torch.randn(8, 6)
+    fresh.step()
+
+
+def test_deepcopy_and_pickle_keep_what_a_step_and_a_save_read():
+    params, opt = two_weights_trained()
+    opt.seed = 5
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert (copied.seed, copied.optim_bits) == (5, 32)
+        for param in copied.param_groups[0]["params"]:
+            param.grad = torch.ones(8, 6)
+        copied.step()
+        copied.state_dict()
+
+
+def test_named_parameters_in_a_projected_group():
+    generator = torch.Generator().manual_seed(0)
+    named = [("a.weight", torch.nn.Parameter(torch.randn(8, 6, generator=generator)))]
+    plain = [named[0][1].detach().clone().requires_grad_()]
+    opts = [GaLorePlusAdamW([{"params": params, "rank": 2}], lr=1e-2) for params in (named, plain)]
+    assert opts[0].param_groups[0]["param_names"] == ["a.weight"]
+    for _ in range(3):
+        grad = torch.randn(8, 6, generator=generator)
+        for opt in opts:
+            opt.param_groups[0]["params"][0].grad = grad.clone()
+            opt.step()
+    assert torch.equal(named[0][1], plain[0])
+
+
+@pytest.mark.parametrize("projector", ["svd", "randomized", "random"])
+def test_a_float64_weight_steps_in_float32_and_keeps_its_precision(projector):
+    """float64 weights: the step is computed in float32 (the float32 basis and moments, from the float32 gradient) and
+    added to the float64 weight, so each step's change equals a float32 weight's change to within the rounding of a
+    float32 weight (its new value, a few u * |p|) per step."""
+    generator = torch.Generator().manual_seed(1)
+    start = torch.randn(10, 6, generator=generator)
+    wide = torch.nn.Parameter(start.double())
+    narrow = torch.nn.Parameter(start.clone())
+    opts = [GaLorePlusAdamW([{"params": [p], "rank": 2, "projector": projector, "update_proj_gap": 2}], lr=1e-2)
+            for p in (wide, narrow)]
+    for step in range(1, 5):
+        grad = torch.randn(10, 6, generator=generator)
+        wide.grad, narrow.grad = grad.double(), grad.clone()
+        for opt in opts:
+            opt.step()
+        assert wide.dtype == torch.float64
+        assert opts[0].state[wide]["exp_avg"].dtype == torch.float32
+        bound = 4 * step * torch.finfo(torch.float32).eps * float(start.abs().max() + 1)
+        assert float((wide - narrow.double()).abs().max()) <= bound
+
+
+@pytest.mark.parametrize("lr", [torch.tensor(1e-2), torch.tensor([1e-2]), torch.tensor([[1e-2]])])
+def test_a_one_element_tensor_lr_of_any_shape_steps_as_the_float(lr):
+    results = []
+    for value in (lr, 1e-2):
+        generator = torch.Generator().manual_seed(2)
+        param = torch.nn.Parameter(torch.randn(8, 6, generator=generator))
+        opt = GaLorePlusAdamW([{"params": [param], "rank": 2, "full_rank_residual": True}], lr=value)
+        for _ in range(3):
+            param.grad = torch.randn(8, 6, generator=generator)
+            opt.step()
+        results.append(param.detach())
+    assert torch.equal(*results)
+
+
+def test_tensor_lr_errors_are_torchs():
+    param = torch.nn.Parameter(torch.randn(8, 6))
+    for kwargs, words in ((dict(lr=torch.tensor(1e-3), foreach=True), "lr as a Tensor is not supported"),
+                          (dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element")):
+        with pytest.raises(ValueError, match=words):
+            GaLorePlusAdamW([{"params": [param], "rank": 2}], **kwargs)
+        with pytest.raises(ValueError, match=words):
+            torch.optim.AdamW([param], **kwargs)
+    with pytest.raises(ValueError, match="param group 1, key 'lr': lr as a Tensor"):
+        GaLorePlusAdamW([{"params": [param], "rank": 2}, {"params": [torch.nn.Parameter(torch.randn(3))],
+                                                          "lr": torch.tensor(0.1)}], foreach=True)

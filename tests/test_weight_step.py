@@ -155,7 +155,7 @@ def test_update_rules_get_the_gradient_itself_in_the_weights_dtype(monkeypatch, 
         seen.append(inputs.grad)
         real.apply(inputs, state, group)
 
-    monkeypatch.setitem(update_rules.UPDATE_RULES, rule, update_rules.UpdateRule(recording, real.direction))
+    monkeypatch.setitem(update_rules.UPDATE_RULES, rule, update_rules.UpdateRule(recording, real.direction, keys=real.keys))
     weight = torch.nn.Parameter(torch.randn(10, 6).bfloat16())
     opt = GaLorePlusAdamW([{"params": [weight], "rank": 3, "update_rule": rule, "projector": "svd",
                             "full_rank_residual": full_rank_residual}], lr=0.1)
@@ -305,8 +305,8 @@ def test_steps_without_a_refresh_read_nothing_on_the_host(projector, mode, bits,
         pytest.importorskip("bitsandbytes")
     tall = torch.nn.Parameter(torch.randn(16, 12))  # right side (left too for cross_head's rows)
     wide = torch.nn.Parameter(torch.randn(12, 16, dtype=torch.bfloat16))  # left side for svd / randomized
-    group = {"params": [tall, wide], "rank": 4, "update_proj_gap": 3, "projector": projector, "head_dim": 4,
-             "update_rule": rule}
+    group = {"params": [tall, wide], "rank": 4, "update_proj_gap": 3, "projector": projector, "update_rule": rule,
+             "head_dim": 4 if projector == "cross_head" else None}
     if mode is not None:
         group.update(residual_ratio=0.1, residual_warmup=1, residual_mode=mode)
     opt = GaLorePlusAdamW([group], lr=1e-2, weight_decay=0.1, optim_bits=bits)
