@@ -452,7 +452,7 @@ def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict, comma
     meta = dict(settings, **notes, methods=[spec.name for spec in specs], seeds=args.seeds, torch=torch.__version__,
                 machine=platform.machine(), cpus=os.cpu_count(), command=command,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seconds=time.perf_counter() - started,
-                cpu_seconds=sum(run.get("train_seconds", 0.0) for run in pool.runs.values()))
+                cpu_seconds=sum(run.get("cpu_seconds", 0.0) for run in pool.runs.values()))
     files = write_tables(rows, runs, meta, args.out)
     files.update({os.path.basename(path): path for path in write_plots(rows, runs, meta, args.out)})
     print(regime_label(meta))

@@ -153,6 +153,7 @@ def train_run(
     train_losses: list[float] = []
     peak = {"params": 0, "grads": 0, "state": 0}
     train_seconds = step_seconds = 0.0
+    cpu_start = time.process_time()
     bar = tqdm(range(1, settings.steps + 1), desc=f"{spec.name} lr {optim_settings.lr:g} seed {seed}",
                disable=not progress, leave=False)
     with timer.patched():
@@ -183,6 +184,7 @@ def train_run(
             if step % settings.eval_every == 0 or step == settings.steps:
                 curve.append((step, heldout_loss(model, validation_windows, settings.eval_batch_size)))
                 bar.set_postfix(validation=f"{curve[-1][1]:.3f}", refresh=False)
+    cpu_seconds = time.process_time() - cpu_start
     test_loss = heldout_loss(model, test_windows, settings.eval_batch_size)
     variants = {} if spec.variants is None else spec.variants(
         model, lambda variant: heldout_loss(variant, test_windows, settings.eval_batch_size))
@@ -196,6 +198,7 @@ def train_run(
         "test_loss": test_loss,
         "variant_test_losses": variants,
         "train_seconds": train_seconds,
+        "cpu_seconds": cpu_seconds,  # the process's CPU time for the whole loop (evaluations included)
         "step_ms": 1000 * step_seconds / settings.steps,
         "refresh_seconds": timer.seconds,
         "refresh_calls": timer.calls,
