@@ -420,8 +420,8 @@ METHODS: list[MethodSpec] = [
                        residual_mode="exact", sets=("anchors",)),
     replace(galore_plus_method("galore_plus_muon", "GaLore+ placement with update_rule='muon': Nesterov momentum of R "
                                "(b1 0.95), P N + (G - P R) orthogonalised by Newton-Schulz, scale 1",
-                               placement=GALORE_PLUS_DEFAULT_PLACEMENT, sets=("levers", "muon"), update_rule="muon",
-                               scale=1.0, betas=(0.95, 0.999)), lr_grids=MUON_LR_GRIDS),
+                               placement=GALORE_PLUS_DEFAULT_PLACEMENT, sets=("default", "levers", "muon"),
+                               update_rule="muon", scale=1.0, betas=(0.95, 0.999)), lr_grids=MUON_LR_GRIDS),
     replace(galore_plus_method("galore_muon", "svd placement (GaLore) with update_rule='muon' (b1 0.95, scale 1)",
                                placement=SVD_PLACEMENT, sets=("levers", "muon"), update_rule="muon", scale=1.0,
                                betas=(0.95, 0.999)), lr_grids=MUON_LR_GRIDS),
