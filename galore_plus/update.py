@@ -14,6 +14,10 @@ copy of those rows of G, in any dtype; float64 stays float64) with one ``addcmul
 of P X | X Q with one ``addmm_``. On CUDA, :func:`galore_plus.dispatch.apply_update` runs instead a
 Triton kernel that does the whole update in one pass over the weight and the gradient
 (:mod:`galore_plus.kernels.weight_update`); this function is its reference.
+
+A stack of E matrices (E, m, n) is updated the same way, its row blocks spanning every expert
+(``baddbmm_`` for P X | X Q; f and the skip mask are then one value per expert, (E, 1, 1), or per
+channel of each expert, (E, m, 1) or (E, 1, n)).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import Tensor
 
 from .projectors import Side
 from .row_blocks import row_slices, widened_dtype, widened_row_blocks
+from .stacks import add_product_
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,10 @@ class LowRankTerm:
     side: Side
 
     def rows(self, rows: slice) -> tuple[Tensor, Tensor]:
-        """(a, b) with a @ b the rows ``rows`` of the back-projection."""
+        """(a, b) with a @ b the rows ``rows`` of the back-projection (of every matrix of a stack)."""
         if self.side == "left":
-            return self.basis[rows], self.low_rank
-        return self.low_rank[rows], self.basis
+            return self.basis[..., rows, :], self.low_rank
+        return self.low_rank[..., rows, :], self.basis
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,10 @@ class ScaledGradient:
 
 
 def factor_rows(factor: Tensor, rows: slice) -> Tensor:
-    """The part of a factor f (0-d, (m, 1) or (1, n)) that multiplies the rows ``rows`` of an (m, n) matrix."""
-    per_row = factor.dim() == 2 and factor.shape[0] != 1
-    return factor[rows] if per_row else factor
+    """The part of a factor f (0-d, (m, 1) or (1, n); for a stack (E, 1, 1), (E, m, 1) or (E, 1, n)) that
+    multiplies the rows ``rows`` of an (m, n) matrix (of each matrix of the stack)."""
+    per_row = factor.dim() >= 2 and factor.shape[-2] != 1
+    return factor[..., rows, :] if per_row else factor
 
 
 def decayed_rows(param: Tensor, factor: Tensor | None, block_values: int | None) -> Iterator[tuple[slice, Tensor]]:
@@ -69,13 +75,13 @@ def decayed_rows(param: Tensor, factor: Tensor | None, block_values: int | None)
     if buffered:
         blocks = widened_row_blocks(param, block_values)
     else:
-        blocks = ((rows, param[rows]) for rows in row_slices(tuple(param.shape), block_values))
+        blocks = ((rows, param[..., rows, :]) for rows in row_slices(tuple(param.shape), block_values))
     for rows, target in blocks:
         if factor is not None:
             target.mul_(factor)
         yield rows, target
         if buffered:
-            param[rows].copy_(target)
+            param[..., rows, :].copy_(target)
 
 
 def apply_update(
@@ -103,5 +109,4 @@ def apply_update(
             block.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             target.addcmul_(block, factor_rows(gradient.factor, rows), value=-step_size)
         if low_rank is not None:
-            a, b = low_rank.rows(rows)
-            target.addmm_(a, b, alpha=-step_size)
+            add_product_(target, *low_rank.rows(rows), alpha=-step_size)
