@@ -226,12 +226,15 @@ def test_a_stack_with_a_wrong_checkpoint_shape_is_refused():
         other_opt.load_state_dict(opt.state_dict())
 
 
+@pytest.mark.parametrize("bits", [32, 8])
 @pytest.mark.parametrize("projector, rule", [("svd", "galore"), ("randomized", "galore"), ("random", "apollo")])
-def test_a_stacks_steps_without_a_refresh_read_nothing_on_the_host(projector, rule):
+def test_a_stacks_steps_without_a_refresh_read_nothing_on_the_host(projector, rule, bits):
+    if bits == 8:
+        pytest.importorskip("bitsandbytes")
     stack = torch.nn.Parameter(torch.randn(EXPERTS, M, N, dtype=torch.bfloat16))
     group = {"params": [stack], "rank": RANK, "update_proj_gap": 3, "projector": projector, "update_rule": rule,
              "full_rank_residual": rule == "galore"}
-    opt = GaLorePlusAdamW([group], lr=1e-2)
+    opt = GaLorePlusAdamW([group], lr=1e-2, optim_bits=bits)
     reads = {}
     for t in range(1, 7):
         stack.grad = torch.randn(EXPERTS, M, N, dtype=torch.bfloat16)
@@ -242,3 +245,23 @@ def test_a_stacks_steps_without_a_refresh_read_nothing_on_the_host(projector, ru
     refreshes = (1, 4) if projector != "random" else ()
     assert {t: calls for t, calls in reads.items() if t not in refreshes} == {t: [] for t in range(1, 7)
                                                                                  if t not in refreshes}
+
+
+def test_8bit_codes_of_a_skipped_expert_are_kept_where_blocks_align():
+    """A skipped expert's moments are re-quantised from their dequantised values, which gives the same codes."""
+    pytest.importorskip("bitsandbytes")
+    stack = torch.nn.Parameter(torch.randn(2, 64, 32))
+    opt = GaLorePlusAdamW([{"params": [stack], "rank": 4, "projector": "svd"}], lr=1e-2, optim_bits=8)
+    for t in range(4):
+        stack.grad = torch.randn(2, 64, 32)
+        if t == 3:
+            stack.grad[1, 5, 5] = float("inf")
+            before = {key: value.clone() for key, value in opt.state[stack].items() if isinstance(value, torch.Tensor)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+    state = opt.state[stack]
+    for key in ("exp_avg", "exp_avg_sq"):
+        codes, absmax = state[f"{key}_codes"], state[f"{key}_absmax"]  # one block of 256 values per expert
+        assert torch.equal(codes[1], before[f"{key}_codes"][1]) and torch.equal(absmax[1], before[f"{key}_absmax"][1])
+        assert not torch.equal(codes[0], before[f"{key}_codes"][0])
