@@ -289,13 +289,13 @@ def sharded_model_and_optimizer() -> tuple[nn.Module, GaLorePlusAdamW]:
     return model, GaLorePlusAdamW(param_groups(model, residuals=False, levers=FSDP_LEVERS), lr=1e-2, seed=3)
 
 
-def unsupported_step_error(dim: int, **group_options) -> str:
+def unsupported_step_error(dim: int, shape: tuple[int, ...] = (8, 16), **group_options) -> str:
     """The error of a step on a DTensor weight sharded on ``dim``, or '' if none was raised."""
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    weight = nn.Parameter(distribute_tensor(torch.ones(8, 16), mesh, [Shard(dim)]))
-    weight.grad = distribute_tensor(torch.ones(8, 16), mesh, [Shard(dim)])
+    weight = nn.Parameter(distribute_tensor(torch.ones(shape), mesh, [Shard(dim)]))
+    weight.grad = distribute_tensor(torch.ones(shape), mesh, [Shard(dim)])
     try:
         GaLorePlusAdamW([{"params": [weight], "rank": 2, "name": "sharded", **group_options}]).step()
     except NotImplementedError as error:
@@ -304,7 +304,8 @@ def unsupported_step_error(dim: int, **group_options) -> str:
 
 
 def unsupported_errors() -> dict[str, str]:
-    return {"column_sharded": unsupported_step_error(1), "residuals": unsupported_step_error(0, residual_ratio=0.25)}
+    return {"column_sharded": unsupported_step_error(1), "residuals": unsupported_step_error(0, residual_ratio=0.25),
+            "expert_stack": unsupported_step_error(0, (4, 8, 16))}
 
 
 def nan_on_one_rank_changes_nothing(rank: int, rows: slice) -> dict[str, bool]:
@@ -402,6 +403,8 @@ def test_fsdp2_equals_single_process_and_resumes_from_a_distributed_checkpoint_o
         assert "param group 0 ('sharded'), key 'rank'" in result["errors"]["column_sharded"]
         assert "Shard(dim=1)" in result["errors"]["column_sharded"]
         assert "key 'residual_ratio'" in result["errors"]["residuals"]
+        assert "param group 0 ('sharded'), key 'rank': a sharded (DTensor) weight of shape (4, 8, 16) is not a matrix" \
+            in result["errors"]["expert_stack"]
 
 
 def apollo_groups(model: TwoLayer) -> list[dict]:

@@ -136,3 +136,22 @@ def test_resume_of_a_tiny_mixtral_is_bit_exact(optim_bits):
         assert torch.equal(param, dict(resumed.named_parameters())[name]), name
     stack = "model.layers.0.mlp.experts.gate_up_proj"
     assert not torch.equal(start[stack], dict(model.named_parameters())[stack])
+
+
+def test_per_layer_steps_of_a_tiny_mixtral_equal_ordinary_steps():
+    from galore_plus.per_layer import enable_per_layer_steps
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 64, (2, 12), generator=generator) for _ in range(3)]
+    models = []
+    for per_layer in (False, True):
+        model = tiny("Mixtral")
+        opt = GaLorePlusAdamW(make_param_groups(model, rank=8, update_proj_gap=2), lr=1e-3)
+        if per_layer:
+            enable_per_layer_steps(opt)
+        train(model, opt, batches)
+        models.append(dict(model.named_parameters()))
+    normal, layered = models
+    for name, param in normal.items():
+        assert torch.equal(param, layered[name]), name
+    assert not torch.equal(normal["model.layers.1.mlp.experts.down_proj"], tiny("Mixtral").model.layers[1].mlp.experts.down_proj)
