@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .random_basis import gaussian_basis
-from .row_blocks import widened_dtype, widened_row_blocks
+from .row_blocks import experts_of, widened_dtype, widened_row_blocks
 from .stacks import Generators, add_product_, expert_seed, seeded_normal, stack_size
 
 Side = Literal["left", "right"]
@@ -94,22 +94,21 @@ def project(grad: Tensor, basis: Tensor, side: Side, block_values: int | None = 
     (:func:`~galore_plus.row_blocks.widened_row_blocks`, about ``block_values`` values), never as a
     whole, and multiplied with the float32 basis: right side, the rows of G Q^T of those rows; left
     side, P^T G summed over blocks of rows of G and P (contiguous rows of G, not strided columns).
-    A stack G (E, m, n) with bases (E, m, r) | (E, r, n) gives (E, r, n) | (E, m, r), batched.
+    A stack G (E, m, n) with bases (E, m, r) | (E, r, n) gives (E, r, n) | (E, m, r), in the blocks of
+    :func:`~galore_plus.row_blocks.row_slices` (rows of one expert, or several whole experts at once).
     """
     if widened_dtype(grad.dtype) == grad.dtype:
         return basis.mT @ grad if side == "left" else grad @ basis.mT
     *batch, m, n = grad.shape
     if side == "left":
         low_rank = torch.zeros(*batch, basis.shape[-1], n, dtype=torch.float32, device=grad.device)
-        for rows, block in widened_row_blocks(grad, block_values):
-            add_product_(low_rank, basis[..., rows, :].mT, block)
+        for block, values in widened_row_blocks(grad, block_values):
+            add_product_(low_rank[experts_of(block)], basis[block].mT, values)
         return low_rank
     low_rank = torch.empty(*batch, m, basis.shape[-2], dtype=torch.float32, device=grad.device)
-    for rows, block in widened_row_blocks(grad, block_values):
-        if batch:
-            low_rank[..., rows, :] = block @ basis.mT
-        else:
-            torch.mm(block, basis.t(), out=low_rank[rows])
+    for block, values in widened_row_blocks(grad, block_values):
+        product = torch.mm if values.dim() == 2 else torch.bmm
+        product(values, basis[experts_of(block)].mT, out=low_rank[block])
     return low_rank
 
 

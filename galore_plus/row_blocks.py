@@ -9,29 +9,47 @@ for every OpenMP thread: on a loaded machine that wait dominates (4M values meas
 bfloat16 and float16 values convert to float32 exactly, so a block holds the same numbers as the
 corresponding rows of a whole float32 copy.
 
-A stack of E matrices (E, m, n) (a mixture-of-experts weight) is walked the same way: a block is the
-rows ``[..., rows, :]`` of every matrix at once, of about :data:`ROW_BLOCK_VALUES` values in all.
+A stack of E matrices (E, m, n) (a mixture-of-experts weight) is walked in blocks of about as many
+values: a block of rows of one expert (index ``(e, rows)``, a 2-D view) when an expert holds more
+values than a block, else several whole experts (index ``(experts, slice(None))``, a 3-D view). The
+blocks of a matrix are its row slices, as before. :func:`experts_of` gives the index of a block's
+experts, which picks their part of a tensor with one matrix per expert (a basis, a low-rank moment).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Union
 
 import torch
 from torch import Tensor
 
 ROW_BLOCK_VALUES = 1 << 22
 
+Block = Union[slice, tuple[Union[int, slice], slice]]
 
-def row_slices(shape: tuple[int, ...], block_values: int | None = None) -> list[slice]:
-    """Consecutive blocks of rows of an (m, n) matrix, or of the rows of every matrix of an (E, m, n) stack,
-    each of about ``block_values`` (default :data:`ROW_BLOCK_VALUES`) values and at least one row. Two
-    tensors of the same shape but for m get the same blocks, so their row blocks can be walked side by side."""
+
+def row_slices(shape: tuple[int, ...], block_values: int | None = None) -> list[Block]:
+    """Consecutive blocks of an (m, n) matrix (row slices) or of an (E, m, n) stack (module docstring), each of
+    about ``block_values`` (default :data:`ROW_BLOCK_VALUES`) values and at least one row. Two tensors of the
+    same shape but for n get the same blocks, so their blocks can be walked side by side (and a block of a
+    matrix indexes both the weight and its gradient: ``tensor[block]``)."""
     values = ROW_BLOCK_VALUES if block_values is None else block_values
-    m, row_values = shape[-2], math.prod(shape[:-2]) * shape[-1]
-    rows = max(1, values // max(1, row_values))
-    return [slice(start, min(start + rows, m)) for start in range(0, m, rows)]
+    m, n = shape[-2:]
+    rows = max(1, values // max(1, n))
+    slices = [slice(start, min(start + rows, m)) for start in range(0, m, rows)]
+    if len(shape) == 2:
+        return slices
+    experts = shape[0]
+    if len(slices) > 1:
+        return [(expert, block) for expert in range(experts) for block in slices]
+    together = max(1, values // max(1, m * n))
+    return [(slice(start, min(start + together, experts)), slice(None)) for start in range(0, experts, together)]
+
+
+def experts_of(block: Block) -> tuple:
+    """The index of a block's experts in a tensor with one matrix per expert: () for a matrix's block."""
+    return () if isinstance(block, slice) else (block[0],)
 
 
 def widened_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,22 +57,22 @@ def widened_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def widened_row_blocks(matrix: Tensor, block_values: int | None = None) -> Iterator[tuple[slice, Tensor]]:
-    """(rows, copy of ``matrix[..., rows, :]`` in :func:`widened_dtype`) for the blocks of :func:`row_slices`, of a
+def widened_row_blocks(matrix: Tensor, block_values: int | None = None) -> Iterator[tuple[Block, Tensor]]:
+    """(block, copy of ``matrix[block]`` in :func:`widened_dtype`) for the blocks of :func:`row_slices`, of a
     2-D ``matrix`` (or an (E, m, n) stack) of any dtype.
 
     The copy lives in one buffer that the next block overwrites: use it (or write it back into
-    ``matrix[rows]``) before asking for the next block. It is a copy even for a float32 ``matrix``,
+    ``matrix[block]``) before asking for the next block. It is a copy even for a float32 ``matrix``,
     so it may be changed in place.
     """
     blocks = row_slices(tuple(matrix.shape), block_values)
     if not blocks:
         return
-    buffer = torch.empty(*matrix.shape[:-2], blocks[0].stop, matrix.shape[-1], dtype=widened_dtype(matrix.dtype),
-                         device=matrix.device)
+    buffer = torch.empty(matrix[blocks[0]].numel(), dtype=widened_dtype(matrix.dtype), device=matrix.device)
     for block in blocks:
-        target = buffer[..., : block.stop - block.start, :]
-        target.copy_(matrix[..., block, :])
+        source = matrix[block]
+        target = buffer[: source.numel()].view(source.shape)
+        target.copy_(source)
         yield block, target
 
 
@@ -68,10 +86,10 @@ def channel_square_sums(matrix: Tensor, per_column: bool, block_values: int | No
     """
     *batch, m, n = matrix.shape
     sums = torch.zeros((*batch, 1, n) if per_column else (*batch, m, 1), dtype=torch.float64, device=matrix.device)
-    for rows, block in widened_row_blocks(matrix, block_values):
-        squares = block.square_()
+    for block, values in widened_row_blocks(matrix, block_values):
+        squares = values.square_()
         if per_column:
-            sums.add_(squares.sum(-2, keepdim=True))
+            sums[experts_of(block)].add_(squares.sum(-2, keepdim=True))
         else:
-            sums[..., rows, :] = squares.sum(-1, keepdim=True)
+            sums[block] = squares.sum(-1, keepdim=True)
     return sums

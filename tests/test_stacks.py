@@ -97,12 +97,14 @@ def test_experts_draw_from_their_own_generators():
     assert torch.equal(two, three[:2])
 
 
+@pytest.mark.parametrize("block_values", [2 * N, 2 * M * N], ids=["two rows of one expert", "two whole experts"])
 @pytest.mark.parametrize("projector", ["svd", "randomized"])
-def test_a_bfloat16_stack_in_several_row_blocks(projector, monkeypatch):
-    """Row blocks that span every expert (two rows of each per block here) give the experts' steps."""
+def test_a_bfloat16_stack_in_several_blocks(projector, block_values, monkeypatch):
+    """Blocks of rows of one expert, or of several whole experts (the last block holding fewer), give the experts'
+    steps."""
     import galore_plus.row_blocks as row_blocks
 
-    monkeypatch.setattr(row_blocks, "ROW_BLOCK_VALUES", 2 * EXPERTS * N)
+    monkeypatch.setattr(row_blocks, "ROW_BLOCK_VALUES", block_values)
     grads = gradients((EXPERTS, M, N), torch.bfloat16)
     for lever in ("plain", "fira", "apollo_channel"):
         stack, experts = stack_and_experts(options(projector, lever), grads, dtype=torch.bfloat16)
