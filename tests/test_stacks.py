@@ -141,12 +141,14 @@ def test_a_non_finite_expert_is_skipped_alone():
 
 
 @pytest.mark.parametrize("projector, lever", [("svd", "plain"), ("randomized", "fira"), ("random", "apollo_channel"),
-                                              ("svd", "transfer")])
+                                              ("svd", "transfer"), ("randomized", "residual"), ("svd", "adaptive")])
 def test_a_convolution_kernel_steps_as_its_reshaped_matrix(projector, lever):
     grads = gradients((6, 2, 3, 3))
     start = torch.randn(6, 2, 3, 3, generator=torch.Generator().manual_seed(9))
     kernel, matrix = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.reshape(6, 18).clone())
-    group = options(projector, lever)
+    matrix_only = {"residual": {"residual_ratio": 0.1, "residual_warmup": 1},
+                   "adaptive": {"adaptive_gap": True, "gap_patience": 1, "gap_overlap_threshold": 0.2}}
+    group = dict(options(projector, "plain"), **matrix_only[lever]) if lever in matrix_only else options(projector, lever)
     opts = [GaLorePlusAdamW([{"params": [p], **group}], lr=1e-2, weight_decay=0.1, seed=3) for p in (kernel, matrix)]
     for grad in grads:
         kernel.grad, matrix.grad = grad.clone(), grad.reshape(6, 18).clone()
