@@ -62,7 +62,8 @@ class ParamGroupPlan:
     """The groups for GaLorePlusAdamW and, by parameter name, where each parameter went.
 
     ``placement`` maps every trainable parameter's name to its group name; ``unplaced`` maps the
-    name of each targeted weight that could not be projected to the reason.
+    name of each tensor of two or more dimensions left in AdamW that is not plain by design
+    (embeddings, output heads, routers, biases) to the reason.
     """
 
     groups: list[dict[str, Any]]
