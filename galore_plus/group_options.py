@@ -381,6 +381,8 @@ def _validate_projected_param(group: dict, index: int, position: int, param: tor
         _fail(group, index, "rank", f"{where} has dtype {param.dtype}; only real floating-point weights can be projected", TypeError)
     if param.dim() == 3:
         _validate_stack(group, index, where)
+        if param.shape[0] == 0:
+            _fail(group, index, "rank", f"{where} is a stack of no expert matrices; put it in a group without 'rank'")
     if param.dim() == 4 and group["transposed"]:
         _fail(group, index, "transposed", f"{where} is a convolution kernel, stepped as the matrix (out, in kh kw); "
                                           "transposed=True is for matrices and stacks of them")

@@ -177,6 +177,12 @@ def test_what_stacks_do_not_implement_is_refused_naming_group_and_key(keys, key)
         GaLorePlusAdamW([{"params": [torch.nn.Parameter(torch.zeros(3, 12, 8))], "rank": 2, "name": "experts", **keys}])
 
 
+def test_an_empty_stack_is_refused():
+    with pytest.raises(ValueError, match=r"param group 0, key 'rank': parameter 0 of shape \(0, 12, 8\) is a stack of "
+                                         "no expert matrices"):
+        GaLorePlusAdamW([{"params": [torch.nn.Parameter(torch.zeros(0, 12, 8))], "rank": 2}])
+
+
 def test_a_transposed_kernel_is_refused():
     with pytest.raises(ValueError, match=r"param group 0, key 'transposed': parameter 0 of shape \(6, 2, 3, 3\)"):
         GaLorePlusAdamW([{"params": [torch.nn.Parameter(torch.zeros(6, 2, 3, 3))], "rank": 2, "transposed": True}])
