@@ -13,14 +13,18 @@ allocates in ``optimizer.state``:
   ``random`` projector (regenerated every step); two low-rank moments (float32 or 8-bit); with
   ``residual_ratio > 0`` the residual: |I| = ceil(ratio m n) entries of two float32 moments and an
   int16/int32 column index, plus m + 1 int32 row offsets; with ``update_rule="apollo"`` or
-  ``full_rank_residual`` the limiter's norm (one float32).
+  ``full_rank_residual`` the limiter's norm (one float32);
+* a stack of E expert matrices (E, m, n) counts E times one matrix's basis, moments and norm (the
+  8-bit and 4-bit codes of the stack as one tensor, a float32 absmax per block of it); a
+  convolution kernel counts as the matrix (out, in kh kw).
 
 Gradients are the parameters' dtype; in per-layer mode (:mod:`galore_plus.per_layer`) only one
 parameter's gradient exists at a time, so the largest one is counted. Not counted: activations,
 the temporary buffers of one step, and the allocator's rounding.
 
 Command line: ``python -m galore_plus.memory --model llama2-7b`` (or ``--config file.json`` or
-``--config checkpoint_folder``) prints the table of AdamW, AdamW 8-bit, GaLore, GaLore+, GaLore+ with
+``--config checkpoint_folder``; ``--model mixtral-8x7b`` or ``qwen3-30b-a3b`` for mixture-of-experts
+models, whose fused expert stacks are projected) prints the table of AdamW, AdamW 8-bit, GaLore, GaLore+, GaLore+ with
 4-bit bases, APOLLO and APOLLO-Mini (rank 1; the others at ranks 128, 256 and 512), 32- and 8-bit
 moments, with and without per-layer steps.
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -57,6 +62,12 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
     "tinyllama-1.1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                            num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_local_experts=8,
+                         num_experts_per_tok=2),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          vocab_size=151936, num_experts=128, num_experts_per_tok=8, tie_word_embeddings=False),
 }
 
 
@@ -99,18 +110,19 @@ def basis_bytes(numel: int, group: dict[str, Any]) -> int:
     return quantized_basis_nbytes(numel) if group["basis_bits"] == 4 else 4 * numel
 
 
-def projected_state_bytes(shape: tuple[int, int], group: dict[str, Any], optim_bits: int) -> int:
-    """Basis, low-rank moments, residual and update-rule state of one projected weight of stepped shape ``shape``
-    (defaults filled)."""
-    m, n = shape
-    rank = group["rank"]
+def projected_state_bytes(shape: tuple[int, ...], group: dict[str, Any], optim_bits: int) -> int:
+    """Basis, low-rank moments, residual and update-rule state of one projected weight of stepped shape ``shape``,
+    (m, n) or a stack (E, m, n) (defaults filled)."""
+    *batch, m, n = shape
+    experts, rank = math.prod(batch), group["rank"]
     side = projection_side(shape, group["proj_type"], group["projector"])
     basis_numel, moment_numel = (m * rank, rank * n) if side == "left" else (rank * n, m * rank)
+    basis_numel, moment_numel = experts * basis_numel, experts * moment_numel
     moment_bytes = quantized_nbytes(moment_numel) if optim_bits == 8 else 4 * moment_numel
     limited = group["update_rule"] == "apollo" or group["full_rank_residual"]
-    rule_bytes = LIMITER_NORM_BYTES if limited else 0
-    return (basis_bytes(basis_numel, group) + 2 * moment_bytes + residual_state_bytes(shape, group["residual_ratio"])
-            + rule_bytes)
+    rule_bytes = experts * LIMITER_NORM_BYTES if limited else 0
+    residual_bytes = residual_state_bytes((m, n), group["residual_ratio"]) if not batch else 0
+    return basis_bytes(basis_numel, group) + 2 * moment_bytes + residual_bytes + rule_bytes
 
 
 def plain_state_bytes(param: Tensor, optim_bits: int) -> int:

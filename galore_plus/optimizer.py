@@ -204,7 +204,8 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         )
 
     def _step_projected(self, param: Tensor, group: dict[str, Any], group_index: int, position: int) -> None:
-        """One GaLore+ step of a 2-D weight (see :mod:`galore_plus.weight_step`), in its layout."""
+        """One GaLore+ step of a matrix, expert stack or convolution kernel (see :mod:`galore_plus.weight_step`), in
+        its layout."""
         grad = param.grad
         label = group_label(group, group_index)
         if grad.is_sparse or grad.is_complex():
@@ -212,6 +213,10 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
                             f"got a {'sparse' if grad.is_sparse else 'complex'} gradient")
         if is_sharded(param):
             layout = row_shard_layout(param, group, label, self.optim_bits)
+        elif param.dim() == 4 and not param.is_contiguous():
+            raise TypeError(f"{label}, key 'rank': the convolution kernel of shape {tuple(param.shape)} is stepped as "
+                            "the matrix (out, in kh kw), a view of a contiguous kernel, and this one is not contiguous "
+                            "(channels_last?); keep the weight contiguous or put it in a group without 'rank'")
         else:
             layout = LocalLayout(param, group["transposed"])
         context = StepContext(self.seed, position, self.optim_bits, label, self._warn_once, self._skipped)

@@ -47,7 +47,9 @@ class UpdateInputs:
     """One weight's step, as an update rule sees it (every tensor is this process's rows).
 
     ``weight``: the parameter (transposed to (m, n) for ``transposed`` groups), any float dtype;
-    ``shape``: (m, n) of the whole weight (a sharded weight's ``weight`` holds some of its rows);
+    ``shape``: (m, n) of the whole weight (a sharded weight's ``weight`` holds some of its rows), or
+    (E, m, n) for a stack of matrices, whose every tensor below has the leading dimension E and whose
+    norms and limiter states are one per expert, (E, 1, 1);
     ``grad``: its gradient in the parameter's dtype (no float32 copy of a bfloat16 one: a rule
     reads it a block of rows at a time, :mod:`galore_plus.row_blocks`; may hold NaN/Inf: then
     ``finite`` is False); ``low_rank``: R = P^T G | G Q^T (summed over ranks on the left side); ``direction``: N, the rule's Adam
@@ -101,8 +103,8 @@ class UpdateRule:
 
 def whole_rms(low_rank: Tensor, inputs: UpdateInputs) -> Tensor:
     """The RMS of a low-rank tensor of this step over the whole weight (:func:`whole_square_sum`)."""
-    rows = low_rank.shape[0] if inputs.side == "left" else inputs.shape[0]
-    return (whole_square_sum(low_rank, inputs.side, inputs.total) / (rows * low_rank.shape[1])).sqrt()
+    rows = low_rank.shape[-2] if inputs.side == "left" else inputs.shape[-2]
+    return (whole_square_sum(low_rank, inputs.side, inputs.total) / (rows * low_rank.shape[-1])).sqrt()
 
 
 def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -125,7 +127,7 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
     state["residual_norm"] = torch.where(inputs.finite, norm, previous)
     if auto:
         squares = weighted_square_total(grad_squares, 1.0, factor, low_rank, inputs.own_low_rank, inputs.total)
-        update_rms = squares.clamp(min=0).sqrt().to(factor.dtype) / math.sqrt(inputs.shape[0] * inputs.shape[1])
+        update_rms = squares.clamp(min=0).sqrt().to(factor.dtype) / math.sqrt(inputs.shape[-2] * inputs.shape[-1])
         scale = rms_matching_scale(whole_rms(inputs.direction, inputs), update_rms)
         factor, low_rank = factor * scale, LowRankTerm(low_rank.low_rank * scale, low_rank.basis, low_rank.side)
     apply_update(inputs.weight, lr, decay, inputs.finite, low_rank=low_rank,

@@ -10,6 +10,11 @@ Order of a step: schedule -> refresh (or the stored basis) -> R = P^T G | G Q^T 
 dequantised) -> refresh hooks -> moments updated and the update rule's direction N -> finiteness ->
 sparse residual at I -> update rule -> residual written -> moments stored (8-bit: quantised).
 
+A weight is a matrix (m, n) or a stack of E independent matrices (E, m, n) (mixture-of-experts
+weights; a convolution kernel (out, in, kh, kw) is stepped as the matrix (out, in kh kw)): a stack
+is stepped batched, each expert with its own basis, moments, norms and finiteness (a (E, 1, 1)
+bool), as if its experts were separate weights (:mod:`galore_plus.stacks`).
+
 A step without a refresh reads nothing on the host: finiteness is a 0-d bool tensor on the device.
 When R, N or V is not finite, ``torch.where`` keeps the old moments and the update rule leaves
 the weight unchanged, masking N (which may then be non-finite) where it multiplies it in; the
@@ -40,9 +45,9 @@ from torch import Tensor
 
 from . import quant
 from .basis_quant import basis_shape, store_basis, stored_basis
-from .finite import all_finite
+from .finite import matrix_finite
 from .moment_transfer import transfer_moments_at_refresh
-from .projectors import PROJECTORS, Shape, Side, basis_generator, project, projection_side
+from .projectors import PROJECTORS, Shape, Side, basis_generators, project, projection_side
 from .refresh import Warn, refreshed_basis
 from .refresh_schedule import (
     after_refresh, fixed_refresh_count, max_gap, overlap_value, schedule_from_state, store_schedule,
@@ -56,7 +61,8 @@ REFRESH_HOOKS: list[RefreshHook] = [transfer_moments_at_refresh]
 
 
 class WeightLayout(Protocol):
-    """Where one weight's rows live; (m, n) is the weight as projected (transposed groups already transposed)."""
+    """Where one weight's rows live; (m, n) or (E, m, n) is the weight as projected (transposed groups already
+    transposed, a convolution kernel as a matrix)."""
 
     shape: Shape
     device: torch.device
@@ -99,14 +105,16 @@ class SkippedSteps:
     def add(self, label: str, kept: Tensor) -> None:
         """Count one weight step of group ``label``, skipped when the 0-d bool ``kept`` is False.
 
-        Steps are counted on the host and kept ones on the device (one addition, no host read).
+        Steps are counted on the host and kept ones on the device (one addition, no host read). A
+        stack's ``kept`` (E, 1, 1) counts one step per expert.
         """
         key = (label, kept.device)
+        count = kept.to(torch.int64) if kept.dim() == 0 else kept.sum()
         if key in self.kept:
-            self.kept[key].add_(kept)
+            self.kept[key].add_(count)
         else:
-            self.kept[key] = kept.to(torch.int64)
-        self.steps[key] = self.steps.get(key, 0) + 1
+            self.kept[key] = count
+        self.steps[key] = self.steps.get(key, 0) + kept.numel()
 
     def report(self, warn: Warn) -> None:
         """Read the counts (a host synchronisation), warn if any step was skipped, and reset them."""
@@ -177,7 +185,7 @@ def step_basis(
     shape = basis_shape(layout.shape, group["rank"], side)
     if projector.stores_basis and not refresh:   # before the generator: a step without a refresh creates no object
         return stored_basis(state, shape), None
-    generator = basis_generator(context.seed, context.position, count, layout.device)
+    generator = basis_generators(context.seed, context.position, count, layout.shape, layout.device)
     if not projector.stores_basis:
         if refresh:
             record_refresh(state, group, step, None, None, side)
@@ -196,7 +204,8 @@ def step_basis(
 def step_projected_weight(
     layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext
 ) -> None:
-    """One GaLore+ step of a 2-D weight; a step with non-finite values changes nothing but t (see module docs)."""
+    """One GaLore+ step of a matrix or a stack of them; a step with non-finite values changes nothing but t (see
+    module docs)."""
     step = state.get("step", 0) + 1
     side = projection_side(layout.shape, group["proj_type"], group["projector"])
     basis, previous = step_basis(layout, state, group, side, step, context)
@@ -218,7 +227,7 @@ def step_projected_weight(
     rule = UPDATE_RULES[group["update_rule"]]
     direction = rule.direction(low_rank, *moments, step, beta1, beta2, group["eps"])
     # R need not be checked: beta2 < 1, so a non-finite R makes V = b2 V + (1 - b2) R^2 non-finite
-    finite = layout.all_ranks(all_finite(direction, moments[1]))
+    finite = layout.all_ranks(matrix_finite(direction, moments[1]))
     for moment, old in zip(moments, before):
         torch.where(finite, moment, old, out=moment)
     weight = layout.weight()

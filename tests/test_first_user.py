@@ -179,7 +179,7 @@ WARNED_INPUTS = {
     "kwargs dict reused for a second Trainer": (reused_trainer_kwargs, "reused for a second Trainer"),
     "rank as large as the projected side": (lambda _: one_weight_optimizer(32), "saves no memory"),
     "weights too small for the rank": (lambda _: make_param_groups(built("llama_gqa"), rank=32),
-                                       r"could not be projected .* full-size moments \([\d.]+ KiB\)"),
+                                       r"are not projected .* full-size moments \([\d.]+ KiB\)"),
 }
 
 

@@ -37,6 +37,8 @@ class ParamBag(nn.Module):
         self.plain_bf16 = param(64, 80, dtype=torch.bfloat16)
         self.bias = param(64)
         self.small_bf16 = param(10, dtype=torch.bfloat16)
+        self.experts_bf16 = param(3, 24, 40, dtype=torch.bfloat16)  # a stack: 8-bit blocks straddle experts
+        self.kernel = param(8, 4, 3, 3)
         self.directions = [torch.randn(p.shape, generator=generator) for p in self.parameters()]
 
     def loss(self, step: int) -> torch.Tensor:
@@ -48,6 +50,7 @@ class ParamBag(nn.Module):
             {"params": [self.query], "rank": 8, "projector": "cross_head", "num_heads": 4, **residual},
             {"params": [self.wide], "rank": 1, **residual},
             {"params": [self.tall_bf16], "rank": 8, "proj_type": "reverse_std", **residual},
+            {"params": [self.experts_bf16, self.kernel], "rank": 5, "full_rank_residual": True},
             {"params": [self.embed, self.plain_bf16, self.bias, self.small_bf16]},
         ]
 
@@ -121,6 +124,49 @@ def test_meta_model_estimate_equals_a_real_model_training(bits, fields):
         real(tokens, labels=tokens).loss.backward()
         opt.step()
     assert estimate.optimizer_state == state_nbytes(opt)
+
+
+TINY_MIXTRAL = dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_local_experts=4,
+                    num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("options", [dict(rank=8), dict(rank=8, basis_bits=4)], ids=["32-bit bases", "4-bit bases"])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_mixtral_estimate_equals_its_training(bits, options):
+    """The fused expert stacks (E, m, n) count E matrices' state; meta and real models agree with the allocation."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(TINY_MIXTRAL)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    meta = build_meta_model(config, torch.float32)
+    torch.manual_seed(0)
+    real = AutoModelForCausalLM.from_config(config)
+    estimate = estimate_memory(make_param_groups(meta, **options), bits)
+    groups = make_param_groups(real, **options)
+    assert estimate == estimate_memory(groups, bits)
+    assert any(p.dim() == 3 for group in groups if "rank" in group for p in group["params"])
+    opt = GaLorePlusAdamW(groups, lr=1e-3, optim_bits=bits)
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        opt.zero_grad()
+        real(tokens, labels=tokens).loss.backward()
+        opt.step()
+    assert estimate.optimizer_state == state_nbytes(opt)
+
+
+@pytest.mark.parametrize("name, count", [("mixtral-8x7b", 46_702_792_704), ("qwen3-30b-a3b", 30_532_122_624)])
+def test_moe_tables_galore_plus_8bit_state_is_under_a_quarter_of_adamw_8bit(name, count):
+    """Parameter counts of the public models (Mixtral-8x7B 46.7B, Qwen3-30B-A3B 30.5B)."""
+    pytest.importorskip("bitsandbytes")
+    model = build_meta_model(load_config(name, None), torch.bfloat16)
+    rows = memory_table(model, [128])
+    by_key = {(r["method"], r["bits"], r["per_layer"]): r["estimate"] for r in rows}
+    assert by_key[("AdamW", 32, False)].parameters == 2 * count
+    adamw_8bit = by_key[("AdamW 8-bit", 8, False)].optimizer_state
+    assert adamw_8bit > count  # at least one byte per value for each of two moments of most tensors
+    assert by_key[("GaLore+", 8, False)].optimizer_state <= adamw_8bit / 4
 
 
 def test_llama2_7b_table():
