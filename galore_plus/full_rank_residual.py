@@ -111,10 +111,16 @@ def weighted_square_total(
     process adds the terms of its own rows (on the left side its rows' part of M and of R), which
     sum to the whole weight's.
     """
+    weights = weights.double() if isinstance(weights, Tensor) else weights
+    return total((weights * channel_square_terms(grad_squares, factor, low_rank, own_low_rank)).sum())
+
+
+def channel_square_terms(grad_squares: Tensor, factor: Tensor | float, low_rank: LowRankTerm, own_low_rank: Tensor) -> Tensor:
+    """||c_j G_j + (P X | X Q)_j||^2 of this process's rows, one float64 value per channel ((1, n) on the left
+    side, (m, 1) on the right): the terms :func:`weighted_square_total` weights and sums (same arguments)."""
     left = low_rank.side == "left"
     dim = 0 if left else 1
     x, own, basis = low_rank.low_rank.double(), own_low_rank.double(), low_rank.basis.double()
-    weights = weights.double() if isinstance(weights, Tensor) else weights
     factor = factor.double() if isinstance(factor, Tensor) else factor
     gram = basis.t() @ basis if left else basis @ basis.t()
     deviation = (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).to(low_rank.low_rank.dtype)
@@ -122,7 +128,7 @@ def weighted_square_total(
     deviation_term = narrow * (deviation @ narrow if left else narrow @ deviation)
     quadratic = x.square().sum(dim, keepdim=True) + deviation_term.sum(dim, keepdim=True).double()
     cross = (x * own).sum(dim, keepdim=True)
-    return total((weights * (factor * factor * grad_squares + 2 * factor * cross + quadratic)).sum())
+    return factor * factor * grad_squares + 2 * factor * cross + quadratic
 
 
 def norm_growth_divisor(measured: Tensor, previous_norm: Tensor | None, limit: float | None) -> Tensor | float:
