@@ -18,25 +18,13 @@ import torch
 from torch import nn
 
 from galore_plus import GaLorePlusAdamW
-from galore_plus.per_layer import ConsumedGradient, enable_per_layer_steps
+from galore_plus.per_layer import enable_per_layer_steps
+from test_per_layer import TinyNet  # a right-side (48 x 24) and a left-side (24 x 48) projected weight, a bias, a norm
 
 K = 2
 LR = 1e-2
 SCALE = 0.25
 EPS32 = torch.finfo(torch.float32).eps
-
-
-class TinyNet(nn.Module):
-    """A right-side (48 x 24) and a left-side (24 x 48) projected weight, a plain bias and norm."""
-
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(24, 48)
-        self.norm = nn.LayerNorm(48)
-        self.down = nn.Linear(48, 24, bias=False)
-
-    def forward(self, x):
-        return self.down(torch.tanh(self.norm(self.up(x))))
 
 
 def make(bits: int = 32, **keys) -> tuple[TinyNet, GaLorePlusAdamW]:
