@@ -136,7 +136,8 @@ class PerLayerSteps:
         if self.backward_passes == self.accumulation_steps:
             raise RuntimeError(f"per-layer accumulation: backward pass {self.backward_passes + 1} since the last "
                                f"optimizer.step(), but accumulation_steps={self.accumulation_steps}. Call "
-                               "optimizer.step() after every accumulation_steps backward passes (at most)")
+                               "optimizer.step() after every accumulation_steps backward passes (at most). This "
+                               "pass's gradient may already be added to a plain tensor's .grad: redo the update")
         self.backward_passes += 1
         self._counted_this_backward = True
         Variable._execution_engine.queue_callback(self._end_backward)
