@@ -6,6 +6,11 @@ communication hook of per-layer mode and FSDP2 row shards. What differs between 
 which rows are local, how the rows a refresh reads are gathered, the sum of the left-side low-rank
 gradient over ranks, the cross-rank agreement on finiteness, and how moment zeros are made.
 
+Per-layer accumulation (:mod:`galore_plus.accumulate`) splits the order at R: each micro-batch runs
+:func:`accumulate_projected_gradient` (the first one the schedule and refresh, every one R into the
+weight's accumulator), and the boundary runs :func:`step_accumulated_weight`, the rest of the order
+from the accumulated R (:func:`finish_step`, shared with :func:`step_projected_weight`).
+
 Order of a step: schedule -> refresh (or the stored basis) -> R = P^T G | G Q^T -> moments (8-bit:
 dequantised) -> refresh hooks -> moments updated and the update rule's direction N -> finiteness ->
 sparse residual at I -> update rule -> residual written -> moments stored (8-bit: quantised).
