@@ -179,16 +179,17 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def accumulate_parameter(
-        self, param: Tensor, group_index: int, position: int, accumulator: Accumulator | None
+        self, param: Tensor, group_index: int, position: int, accumulator: Accumulator | None, micro_batches: int
     ) -> Accumulator:
         """Add ``param.grad`` of a projected weight to its per-layer accumulator (:mod:`galore_plus.accumulate`).
 
         ``accumulator`` is None for the first micro-batch of an update; the returned one goes to the
-        next call and then to :meth:`step_accumulated_parameter`. Used by per-layer accumulation.
+        next call and then to :meth:`step_accumulated_parameter`; ``micro_batches`` is the
+        accumulation steps k. Used by per-layer accumulation.
         """
         group = self.param_groups[group_index]
         layout, context = self._weight_layout(param, group, group_index, position)
-        return accumulate_projected_gradient(layout, self.state[param], group, context, accumulator)
+        return accumulate_projected_gradient(layout, self.state[param], group, context, accumulator, micro_batches)
 
     @torch.no_grad()
     def step_accumulated_parameter(self, param: Tensor, group_index: int, position: int,

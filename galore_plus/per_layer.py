@@ -124,7 +124,7 @@ class PerLayerSteps:
             if "rank" not in self.optimizer.param_groups[group_index]:
                 return  # a plain tensor's gradient accumulates in .grad as usual and is stepped by optimizer.step()
             self.accumulators[param] = self.optimizer.accumulate_parameter(
-                param, group_index, position, self.accumulators.get(param))
+                param, group_index, position, self.accumulators.get(param), self.accumulation_steps)
             param.grad = None
 
         return accumulate

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .accumulate import Accumulator, lagged_fira_update
+from .accumulate import Accumulator, fira_boundary_update
 from .apollo_update import apollo_factor, apollo_moments_direction, apollo_step_size
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
 from .dispatch import apply_update, lowrank_adam_direction
@@ -115,8 +115,8 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
                      low_rank=LowRankTerm(inputs.direction, inputs.basis, inputs.side))
         return
     if inputs.accumulated is not None:
-        lagged_fira_update(inputs.weight, inputs.direction, inputs.basis, inputs.side, inputs.step, inputs.finite,
-                           inputs.accumulated, state, group)
+        fira_boundary_update(inputs.weight, inputs.direction, inputs.basis, inputs.side, inputs.finite,
+                             inputs.accumulated, state, group)
         return
     beta1, beta2 = group["betas"]
     previous = state.get("residual_norm", torch.full((), math.inf, device=inputs.grad.device))

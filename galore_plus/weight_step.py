@@ -216,10 +216,11 @@ def step_projected_weight(
 
 def accumulate_projected_gradient(
     layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext,
-    accumulator: Accumulator | None,
+    accumulator: Accumulator | None, micro_batches: int,
 ) -> Accumulator:
     """Per-layer accumulation: add this micro-batch's gradient to the weight's accumulator (None: the first
-    micro-batch of the update, which also refreshes the basis when one is due); see :mod:`galore_plus.accumulate`."""
+    micro-batch of the update, which also refreshes the basis when one is due); ``micro_batches``: k, the
+    accumulation steps (Fira's per-micro-batch terms are scaled by 1 / k); see :mod:`galore_plus.accumulate`."""
     step = state.get("step", 0) + 1
     side = projection_side(layout.shape, group["proj_type"], group["projector"])
     if accumulator is None:
@@ -228,7 +229,7 @@ def accumulate_projected_gradient(
         basis, previous = stored_basis(state, basis_shape(layout.shape, group["rank"], side)), accumulator.previous
     grad = layout.gradient()
     return add_micro_batch(accumulator, layout.weight(), grad, project(grad, basis, side), basis, side, previous,
-                           state, group, step)
+                           state, group, step, micro_batches)
 
 
 def step_accumulated_weight(
