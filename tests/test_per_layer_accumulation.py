@@ -280,3 +280,40 @@ def test_bad_accumulation_steps_and_clipping_without_accumulation_are_refused():
             enable_per_layer_steps(opt, accumulation_steps=bad)
     with pytest.raises(RuntimeError, match="accumulation_steps=k"):
         enable_per_layer_steps(opt).clip_grad_norm_(1.0)
+
+
+def test_full_rank_residual_with_one_micro_batch_equals_a_float64_reference():
+    """With one micro-batch, galore_plus.accumulate's Fira is Fira with the previous update's N: a dense float64
+    re-implementation on fixed gradients (the loss is linear in the weight), svd basis of step 1 (right side)."""
+    generator = torch.Generator().manual_seed(3)
+    weight = nn.Parameter(torch.randn(48, 24, generator=generator))
+    grads = [torch.randn(48, 24, generator=generator) * (1 + t) for t in range(5)]
+    start = weight.detach().double().clone()
+    lr, wd, alpha, limit, (beta1, beta2), eps = LR, 0.1, SCALE, 1.01, (0.9, 0.999), 1e-8
+    opt = GaLorePlusAdamW([{"params": [weight], "rank": 8, "projector": "svd", "update_proj_gap": 100, "scale": alpha,
+                            "full_rank_residual": True}], lr=lr, weight_decay=wd)
+    enable_per_layer_steps(opt, accumulation_steps=1)
+    for grad in grads:
+        (weight * grad).sum().backward()
+        opt.step()
+
+    w = start
+    basis = torch.linalg.svd(grads[0].double(), full_matrices=False)[2][:8]
+    m = v = torch.zeros(48, 8, dtype=torch.float64)
+    previous_direction_norm = previous_norm = None
+    for t, grad in enumerate(grads, 1):
+        g = grad.double()
+        r = g @ basis.t()
+        m, v = beta1 * m + (1 - beta1) * r, beta2 * v + (1 - beta2) * r * r
+        n = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+        if previous_direction_norm is not None:
+            c = previous_direction_norm / (r.norm(dim=1, keepdim=True) + 1e-8)
+            s = c * (g - alpha * r @ basis)
+            measured = s.norm() / ((1 - beta2 ** (t - 1)) ** 0.5 / (1 - beta1 ** (t - 1)))
+            divisor = 1.0 if previous_norm is None else max(measured / (previous_norm + 1e-8), limit) / limit
+            w = w - lr * s / divisor
+            previous_norm = measured / divisor
+        w = w * (1 - lr * wd) - lr * alpha * n @ basis
+        previous_direction_norm = n.norm(dim=1, keepdim=True)
+    assert (w - start).abs().mean() > lr * alpha
+    torch.testing.assert_close(weight.detach().double(), w, rtol=0, atol=len(grads) * lr * 3.2 * 64 * EPS32)
