@@ -95,7 +95,7 @@ class Accumulator:
 
     def nbytes(self) -> int:
         """Bytes of the tensors kept until the boundary (``previous`` is the replaced basis, kept only at a refresh)."""
-        tensors = [self.low_rank, self.outside, self.residual_grad, self.previous]
+        tensors = [self.low_rank, self.outside, self.residual_grad, self.previous, self.applied_norm]
         return sum(tensor.nbytes for tensor in tensors if tensor is not None)
 
 

@@ -124,12 +124,15 @@ def channel_count(shape: tuple[int, int], side: str) -> int:
 
 def accumulator_bytes(shape: tuple[int, int], group: dict[str, Any]) -> int:
     """Per-layer accumulation's accumulator of one projected weight (:mod:`galore_plus.accumulate`): R's sum in
-    float32, one float64 per channel (the energy outside the subspace) and, with a residual, float32 values at I.
-    At a refresh step the replaced basis is kept until the boundary as well (not counted: steady state)."""
+    float32, one float64 per channel (the energy outside the subspace), with a residual float32 values at I, and
+    with Fira's residual the float32 norm of the terms applied. At a refresh step the replaced basis is kept until
+    the boundary as well (not counted: steady state)."""
     m, n = shape
     side = projection_side(shape, group["proj_type"], group["projector"])
     low_rank_numel = group["rank"] * n if side == "left" else m * group["rank"]
-    return 4 * low_rank_numel + 8 * channel_count(shape, side) + 4 * residual_count(group["residual_ratio"], shape)
+    fira_bytes = LIMITER_NORM_BYTES if group["full_rank_residual"] else 0
+    return (4 * low_rank_numel + 8 * channel_count(shape, side) + 4 * residual_count(group["residual_ratio"], shape)
+            + fira_bytes)
 
 
 def plain_state_bytes(param: Tensor, optim_bits: int) -> int:
