@@ -188,13 +188,14 @@ def per_layer_ddp_errors() -> dict[str, str]:
     errors = {}
     model = build_model()
     unused = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    for name, ddp, optimizer in (
-        ("find_unused", unused, GaLorePlusAdamW(model.parameters())),
+    for name, ddp, optimizer, accumulation in (
+        ("find_unused", unused, GaLorePlusAdamW(model.parameters()), None),
         ("foreign_param", nn.parallel.DistributedDataParallel(model.query),
-         GaLorePlusAdamW([{"params": [model.out.weight], "name": "out"}])),
+         GaLorePlusAdamW([{"params": [model.out.weight], "name": "out"}]), None),
+        ("accumulation_steps", nn.parallel.DistributedDataParallel(model), GaLorePlusAdamW(model.parameters()), 2),
     ):
         try:
-            enable_per_layer_steps(optimizer, ddp_model=ddp)
+            enable_per_layer_steps(optimizer, ddp_model=ddp, accumulation_steps=accumulation)
         except ValueError as error:
             errors[name] = str(error)
     return errors
@@ -332,6 +333,8 @@ def test_per_layer_steps_under_ddp_equal_ordinary_ddp_and_the_single_process_run
     for result in ranks:
         assert "find_unused_parameters=True" in result["errors"]["find_unused"]
         assert "param group 0 ('out'), key 'params'" in result["errors"]["foreign_param"]
+        assert "accumulation_steps: under DistributedDataParallel, accumulate with ddp.no_sync()" in (
+            result["errors"]["accumulation_steps"])
 
 
 def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
