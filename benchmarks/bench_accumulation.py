@@ -14,7 +14,7 @@ Reported: test-split loss per seed and mode, the mean and the spread over seeds,
 difference. Not a test: prints measurements (docs/memory.md records them).
 
     python -m benchmarks.bench_accumulation                       # small model, 3 seeds
-    python -m benchmarks.bench_accumulation --updates 60 --seeds 0 1
+    python -m benchmarks.bench_accumulation --full-rank-residual off
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def train(mode: str, seed: int, args: argparse.Namespace, train_data: torch.Tens
     """Train one run and return its test loss (nats per byte)."""
     model = build_model(args.model, args.seq_len + 1, seed)
     groups = make_param_groups(model, rank=args.rank, update_proj_gap=args.gap, residual_ratio=args.residual_ratio,
-                               residual_warmup=args.residual_warmup, weight_decay=0.0)
+                               residual_warmup=args.residual_warmup, weight_decay=0.0,
+                               full_rank_residual=args.full_rank_residual == "on")
     optimizer = GaLorePlusAdamW(groups, lr=args.lr, seed=seed)
     warmup = max(1, args.updates // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_schedule(step, warmup, args.updates))
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--residual-warmup", type=int, default=10)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--full-rank-residual", choices=["on", "off"], default="on",
+                        help="Fira's full-rank residual on every projected group (default on, as make_param_groups)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     train_data, _, test_data = stdlib_source_splits(2_000_000, 200_000)
     test_windows = eval_windows(test_data, args.seq_len, 256)
     print(f"{args.model} model, {args.updates} updates of {args.micro_batches} x {args.batch} x {args.seq_len} bytes, "
-          f"rank {args.rank}, gap {args.gap}, lr {args.lr}, clip {args.max_grad_norm}, seeds {args.seeds}")
+          f"rank {args.rank}, gap {args.gap}, lr {args.lr}, clip {args.max_grad_norm}, full-rank residual "
+          f"{args.full_rank_residual}, seeds {args.seeds}")
     losses: dict[str, list[float]] = {mode: [] for mode in MODES}
     for seed in args.seeds:
         for mode in MODES:
