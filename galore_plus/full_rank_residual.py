@@ -121,27 +121,48 @@ def weighted_square_total(
     """
     left = low_rank.side == "left"
     dim = -2 if left else -1
-    x, own, basis = low_rank.low_rank.double(), own_low_rank.double(), low_rank.basis.double()
     weights = weights.double() if isinstance(weights, Tensor) else weights
     factor = factor.double() if isinstance(factor, Tensor) else factor
-    gram = basis.mT @ basis if left else basis @ basis.mT
-    linear = matrix_sum(weights * (factor * factor * grad_squares + 2 * factor * (x * own).sum(dim, keepdim=True)))
+    gram = _gram(low_rank)
+    linear = matrix_sum(weights * _linear_terms(grad_squares, factor, low_rank, own_low_rank))
     if not left:
-        return total(linear + _quadratic_total(weights, low_rank.low_rank, gram, dim))
+        return total(linear + matrix_sum(weights * _quadratic_terms(low_rank.low_rank, gram, dim)))
     summed = total(torch.cat([linear.reshape(-1), gram.flatten()]))
     count = linear.numel()
-    return summed[:count].view_as(linear) + _quadratic_total(weights, low_rank.low_rank,
-                                                             summed[count:].view_as(gram), dim)
+    quadratic = _quadratic_terms(low_rank.low_rank, summed[count:].view_as(gram), dim)
+    return summed[:count].view_as(linear) + matrix_sum(weights * quadratic)
 
 
-def _quadratic_total(weights: Tensor | float, narrow: Tensor, gram: Tensor, dim: int) -> Tensor:
-    """sum_j w_j X_j . (M X_j) (channels j along ``dim``, per matrix of a stack) as ||X_j||^2 in float64 plus
+def channel_square_terms(grad_squares: Tensor, factor: Tensor | float, low_rank: LowRankTerm,
+                         own_low_rank: Tensor) -> Tensor:
+    """||c_j G_j + (P X | X Q)_j||^2 of a weight held whole by this process, one float64 value per channel ((1, n)
+    on the left side, (m, 1) on the right): the terms :func:`weighted_square_total` weights and sums."""
+    dim = -2 if low_rank.side == "left" else -1
+    factor = factor.double() if isinstance(factor, Tensor) else factor
+    return (_linear_terms(grad_squares, factor, low_rank, own_low_rank)
+            + _quadratic_terms(low_rank.low_rank, _gram(low_rank), dim))
+
+
+def _gram(low_rank: LowRankTerm) -> Tensor:
+    """M = P^T P | Q Q^T of this process's basis rows, float64."""
+    basis = low_rank.basis.double()
+    return basis.mT @ basis if low_rank.side == "left" else basis @ basis.mT
+
+
+def _linear_terms(grad_squares: Tensor, factor: Tensor | float, low_rank: LowRankTerm, own_low_rank: Tensor) -> Tensor:
+    """c_j^2 g_j + 2 c_j X_j . R_own,j per channel, float64."""
+    dim = -2 if low_rank.side == "left" else -1
+    cross = (low_rank.low_rank.double() * own_low_rank.double()).sum(dim, keepdim=True)
+    return factor * factor * grad_squares + 2 * factor * cross
+
+
+def _quadratic_terms(narrow: Tensor, gram: Tensor, dim: int) -> Tensor:
+    """X_j . (M X_j) per channel (along ``dim``, per matrix of a stack) as ||X_j||^2 in float64 plus
     X_j . ((M - I) X_j) in X's dtype, which loses nothing for a near-orthonormal basis (M - I small) and needs no
     float64 m x r x r product."""
     deviation = (gram - torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)).to(narrow.dtype)
     deviation_term = narrow * (deviation @ narrow if dim == -2 else narrow @ deviation)
-    quadratic = narrow.double().square().sum(dim, keepdim=True) + deviation_term.sum(dim, keepdim=True).double()
-    return matrix_sum(weights * quadratic)
+    return narrow.double().square().sum(dim, keepdim=True) + deviation_term.sum(dim, keepdim=True).double()
 
 
 def norm_growth_divisor(measured: Tensor, previous_norm: Tensor | None, limit: float | None) -> Tensor | float:

@@ -73,15 +73,16 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes of parameters, gradients and optimizer state; ``total`` is their sum."""
+    """Bytes of parameters, gradients, optimizer state and per-layer accumulators; ``total`` is their sum."""
 
     parameters: int
     gradients: int
     optimizer_state: int
+    accumulators: int = 0
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer_state
+        return self.parameters + self.gradients + self.optimizer_state + self.accumulators
 
 
 def as_param_groups(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -110,9 +111,11 @@ def basis_bytes(numel: int, group: dict[str, Any]) -> int:
     return quantized_basis_nbytes(numel) if group["basis_bits"] == 4 else 4 * numel
 
 
-def projected_state_bytes(shape: tuple[int, ...], group: dict[str, Any], optim_bits: int) -> int:
+def projected_state_bytes(shape: tuple[int, ...], group: dict[str, Any], optim_bits: int,
+                          accumulation: bool = False) -> int:
     """Basis, low-rank moments, residual and update-rule state of one projected weight of stepped shape ``shape``,
-    (m, n) or a stack (E, m, n) (defaults filled)."""
+    (m, n) or a stack (E, m, n) (defaults filled); with per-layer ``accumulation`` and Fira's residual, also its
+    factor (float32 per channel)."""
     *batch, m, n = shape
     experts, rank = math.prod(batch), group["rank"]
     side = projection_side(shape, group["proj_type"], group["projector"])
@@ -121,8 +124,28 @@ def projected_state_bytes(shape: tuple[int, ...], group: dict[str, Any], optim_b
     moment_bytes = quantized_nbytes(moment_numel) if optim_bits == 8 else 4 * moment_numel
     limited = group["update_rule"] == "apollo" or group["full_rank_residual"]
     rule_bytes = experts * LIMITER_NORM_BYTES if limited else 0
+    if accumulation and group["full_rank_residual"]:
+        rule_bytes += 4 * experts * channel_count((m, n), side)
     residual_bytes = residual_state_bytes((m, n), group["residual_ratio"]) if not batch else 0
     return basis_bytes(basis_numel, group) + 2 * moment_bytes + residual_bytes + rule_bytes
+
+
+def channel_count(shape: tuple[int, int], side: str) -> int:
+    """Channels of an (m, n) weight along the side not projected: n columns on the output side, m rows on the input side."""
+    return shape[1] if side == "left" else shape[0]
+
+
+def accumulator_bytes(shape: tuple[int, int], group: dict[str, Any]) -> int:
+    """Per-layer accumulation's accumulator of one projected weight (:mod:`galore_plus.accumulate`): R's sum in
+    float32, one float64 per channel (the energy outside the subspace), with a residual float32 values at I, and
+    with Fira's residual the float32 norm of the terms applied. At a refresh step the replaced basis is kept until
+    the boundary as well (not counted: steady state)."""
+    m, n = shape
+    side = projection_side(shape, group["proj_type"], group["projector"])
+    low_rank_numel = group["rank"] * n if side == "left" else m * group["rank"]
+    fira_bytes = LIMITER_NORM_BYTES if group["full_rank_residual"] else 0
+    return (4 * low_rank_numel + 8 * channel_count(shape, side) + 4 * residual_count(group["residual_ratio"], shape)
+            + fira_bytes)
 
 
 def plain_state_bytes(param: Tensor, optim_bits: int) -> int:
@@ -132,17 +155,34 @@ def plain_state_bytes(param: Tensor, optim_bits: int) -> int:
     return STEP_BYTES + 2 * param.numel() * param.element_size()
 
 
-def optimizer_state_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], optim_bits: int = 32) -> int:
+def filled_groups(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups, projected ones with their defaults filled (copies)."""
+    groups = []
+    for group in as_param_groups(params):
+        filled = dict(group)
+        if "rank" in filled:
+            fill_projected_defaults(filled)
+        groups.append(filled)
+    return groups
+
+
+def optimizer_state_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], optim_bits: int = 32,
+                          accumulation: bool = False) -> int:
     """Bytes of GaLorePlusAdamW's state for these parameter groups once every tensor has stepped."""
     total = 0
-    for group in as_param_groups(params):
+    for group in filled_groups(params):
         if "rank" in group:
-            filled = dict(group)
-            fill_projected_defaults(filled)
-            total += sum(projected_state_bytes(stepped_shape(p, filled), filled, optim_bits) for p in filled["params"])
+            total += sum(projected_state_bytes(stepped_shape(p, group), group, optim_bits, accumulation)
+                         for p in group["params"])
         else:
             total += sum(plain_state_bytes(p, optim_bits) for p in group["params"])
     return total
+
+
+def accumulation_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> int:
+    """Bytes of every projected weight's per-layer accumulator (:func:`accumulator_bytes`)."""
+    return sum(accumulator_bytes(stepped_shape(p, group), group)
+               for group in filled_groups(params) if "rank" in group for p in group["params"])
 
 
 def unique_params(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[Tensor]:
@@ -154,23 +194,36 @@ def unique_params(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[T
     return list(seen.values())
 
 
-def gradient_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], per_layer: bool = False) -> int:
-    """All gradients, or in per-layer mode the largest single gradient."""
-    sizes = [p.numel() * p.element_size() for p in unique_params(params) if p.requires_grad]
-    if not sizes:
+def gradient_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], per_layer: bool = False,
+                   accumulation: bool = False) -> int:
+    """All gradients, or in per-layer mode the largest single gradient; with per-layer ``accumulation`` every
+    plain tensor's gradient (kept until the boundary) plus the largest projected weight's (freed in its hook)."""
+    groups = as_param_groups(params)
+    trained = [p for p in unique_params(groups) if p.requires_grad]
+    if not trained:
         return 0
-    return max(sizes) if per_layer else sum(sizes)
+    if not per_layer:
+        return sum(p.nbytes for p in trained)
+    if not accumulation:
+        return max(p.nbytes for p in trained)
+    projected = {id(p) for group in groups if "rank" in group for p in group["params"]}
+    return (sum(p.nbytes for p in trained if id(p) not in projected)
+            + max((p.nbytes for p in trained if id(p) in projected), default=0))
 
 
 def estimate_memory(
-    params: Iterable[Tensor] | Iterable[dict[str, Any]], optim_bits: int = 32, per_layer: bool = False
+    params: Iterable[Tensor] | Iterable[dict[str, Any]], optim_bits: int = 32, per_layer: bool = False,
+    accumulation: bool = False,
 ) -> MemoryEstimate:
-    """Parameters, gradients and optimizer state of training these groups with GaLorePlusAdamW."""
+    """Parameters, gradients, optimizer state and (``per_layer`` with ``accumulation``, i.e. ``accumulation_steps``
+    given to ``enable_per_layer_steps``) the accumulators of training these groups with GaLorePlusAdamW."""
     groups = as_param_groups(params)
+    accumulation = accumulation and per_layer
     return MemoryEstimate(
         parameters=sum(p.numel() * p.element_size() for p in unique_params(groups)),
-        gradients=gradient_bytes(groups, per_layer),
-        optimizer_state=optimizer_state_bytes(groups, optim_bits),
+        gradients=gradient_bytes(groups, per_layer, accumulation),
+        optimizer_state=optimizer_state_bytes(groups, optim_bits, accumulation),
+        accumulators=accumulation_bytes(groups) if accumulation else 0,
     )
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .accumulate import Accumulator, fira_boundary_update
 from .apollo_update import apollo_factor, apollo_moments_direction, apollo_step_size
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
 from .dispatch import apply_update, lowrank_adam_direction
@@ -59,12 +60,14 @@ class UpdateInputs:
     weight unchanged; ``local_low_rank``: this process's rows' part of R before the sum over ranks
     (P^T G of these rows on the left side; None: ``low_rank`` itself, as in a single process and on
     the right side); ``total``: the sum over processes of a tensor each computed from its own rows
-    (the tensor itself in a single process; no host read).
+    (the tensor itself in a single process; no host read); ``accumulated``: at the boundary of per-layer
+    accumulation, the weight's :class:`~galore_plus.accumulate.Accumulator` (``grad`` is then None and
+    ``low_rank`` the accumulated R; only the rules' terms :mod:`galore_plus.accumulate` defines are allowed).
     """
 
     weight: Tensor
     shape: Shape
-    grad: Tensor
+    grad: Tensor | None
     low_rank: Tensor
     direction: Tensor
     basis: Tensor
@@ -73,6 +76,7 @@ class UpdateInputs:
     finite: Tensor
     local_low_rank: Tensor | None = None
     total: Total = single_process_total
+    accumulated: Accumulator | None = None
 
     @property
     def own_low_rank(self) -> Tensor:
@@ -115,6 +119,10 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
         scale = lowrank_auto_scale(inputs.shape, group["rank"], inputs.side) if auto else group["scale"]
         apply_update(inputs.weight, lr * scale, decay, inputs.finite,
                      low_rank=LowRankTerm(inputs.direction, inputs.basis, inputs.side))
+        return
+    if inputs.accumulated is not None:
+        fira_boundary_update(inputs.weight, inputs.direction, inputs.basis, inputs.side, inputs.finite,
+                             inputs.accumulated, state, group)
         return
     beta1, beta2 = group["betas"]
     previous = state.get("residual_norm", torch.full((), math.inf, device=inputs.grad.device))

@@ -6,6 +6,11 @@ communication hook of per-layer mode and FSDP2 row shards. What differs between 
 which rows are local, how the rows a refresh reads are gathered, the sum of the left-side low-rank
 gradient over ranks, the cross-rank agreement on finiteness, and how moment zeros are made.
 
+Per-layer accumulation (:mod:`galore_plus.accumulate`) splits the order at R: each micro-batch runs
+:func:`accumulate_projected_gradient` (the first one the schedule and refresh, every one R into the
+weight's accumulator), and the boundary runs :func:`step_accumulated_weight`, the rest of the order
+from the accumulated R (:func:`finish_step`, shared with :func:`step_projected_weight`).
+
 Order of a step: schedule -> refresh (or the stored basis) -> R = P^T G | G Q^T -> moments (8-bit:
 dequantised) -> refresh hooks -> moments updated and the update rule's direction N -> finiteness ->
 sparse residual at I -> update rule -> residual written -> moments stored (8-bit: quantised).
@@ -44,6 +49,7 @@ import torch
 from torch import Tensor
 
 from . import quant
+from .accumulate import Accumulator, add_micro_batch
 from .basis_quant import basis_shape, store_basis, stored_basis
 from .finite import matrix_finite
 from .moment_transfer import transfer_moments_at_refresh
@@ -213,6 +219,50 @@ def step_projected_weight(
     grad = layout.gradient()
     local_low_rank = project(grad, local_basis, side)
     low_rank = layout.reduce_low_rank(local_low_rank, side)
+    finish_step(layout, state, group, context, step, side, basis, previous, low_rank, grad=grad,
+                local_low_rank=local_low_rank)
+
+
+def accumulate_projected_gradient(
+    layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext,
+    accumulator: Accumulator | None, micro_batches: int,
+) -> Accumulator:
+    """Per-layer accumulation: add this micro-batch's gradient to the weight's accumulator (None: the first
+    micro-batch of the update, which also refreshes the basis when one is due); ``micro_batches``: k, the
+    accumulation steps (Fira's per-micro-batch terms are scaled by 1 / k); see :mod:`galore_plus.accumulate`."""
+    step = state.get("step", 0) + 1
+    side = projection_side(layout.shape, group["proj_type"], group["projector"])
+    if accumulator is None:
+        basis, previous = step_basis(layout, state, group, side, step, context)
+    else:
+        basis, previous = stored_basis(state, basis_shape(layout.shape, group["rank"], side)), accumulator.previous
+    grad = layout.gradient()
+    return add_micro_batch(accumulator, layout.weight(), grad, project(grad, basis, side), basis, side, previous,
+                           state, group, step, micro_batches)
+
+
+def step_accumulated_weight(
+    layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext, accumulator: Accumulator
+) -> None:
+    """The step at the boundary of per-layer accumulation, from the weight's accumulator instead of a gradient."""
+    step = state.get("step", 0) + 1
+    side = projection_side(layout.shape, group["proj_type"], group["projector"])
+    basis = stored_basis(state, basis_shape(layout.shape, group["rank"], side))
+    finish_step(layout, state, group, context, step, side, basis, accumulator.previous,
+                accumulator.clipped_low_rank(), accumulator=accumulator)
+
+
+def finish_step(
+    layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext, step: int, side: Side,
+    basis: Tensor, previous: Tensor | None, low_rank: Tensor, grad: Tensor | None = None,
+    local_low_rank: Tensor | None = None, accumulator: Accumulator | None = None,
+) -> None:
+    """The step from R = ``low_rank`` on: moments, direction, finiteness, residual, update rule.
+
+    The full-size terms read ``grad`` (an ordinary step) or, at per-layer accumulation's boundary
+    (``grad`` None), ``accumulator``.
+    """
+    local_basis = layout.local_basis(basis, side)
     stored = quant.load_moments(state) if context.optim_bits == 8 else {}
     if "exp_avg" not in state:
         state["exp_avg"] = layout.moment_zeros(low_rank, side)
@@ -231,9 +281,11 @@ def step_projected_weight(
     for moment, old in zip(moments, before):
         torch.where(finite, moment, old, out=moment)
     weight = layout.weight()
-    residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite)
+    grad_at = accumulator.clipped_residual_grad() if accumulator is not None else None
+    residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite,
+                               grad_at=grad_at)
     inputs = UpdateInputs(weight, layout.shape, grad, low_rank, direction, local_basis, side, step,
-                          finite, local_low_rank, layout.total)
+                          finite, local_low_rank, layout.total, accumulator)
     rule.apply(inputs, state, group)
     if residual is not None:
         write_residual(weight, residual)

@@ -188,13 +188,14 @@ def per_layer_ddp_errors() -> dict[str, str]:
     errors = {}
     model = build_model()
     unused = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    for name, ddp, optimizer in (
-        ("find_unused", unused, GaLorePlusAdamW(model.parameters())),
+    for name, ddp, optimizer, accumulation in (
+        ("find_unused", unused, GaLorePlusAdamW(model.parameters()), None),
         ("foreign_param", nn.parallel.DistributedDataParallel(model.query),
-         GaLorePlusAdamW([{"params": [model.out.weight], "name": "out"}])),
+         GaLorePlusAdamW([{"params": [model.out.weight], "name": "out"}]), None),
+        ("accumulation_steps", nn.parallel.DistributedDataParallel(model), GaLorePlusAdamW(model.parameters()), 2),
     ):
         try:
-            enable_per_layer_steps(optimizer, ddp_model=ddp)
+            enable_per_layer_steps(optimizer, ddp_model=ddp, accumulation_steps=accumulation)
         except ValueError as error:
             errors[name] = str(error)
     return errors
@@ -223,6 +224,52 @@ def train_accumulating(ddp: nn.Module, optimizer: torch.optim.Optimizer, rows: s
         optimizer.zero_grad()
 
 
+def svd_groups(model: TwoLayer) -> list[dict]:
+    """svd projectors without levers (exact accumulation), one refresh (the first update, taken by all runs alike)."""
+    return [{"params": [model.query.weight, model.out.weight], "rank": 4, "projector": "svd", "update_proj_gap": 100},
+            {"params": [model.query.bias, model.out.bias]}]
+
+
+def quarters(rows: slice) -> list[slice]:
+    """``rows`` split in 2 micro-batches of equal size."""
+    middle = (rows.start + rows.stop) // 2
+    return [slice(rows.start, middle), slice(middle, rows.stop)]
+
+
+def svd_accumulating_ddp(rows: slice) -> dict[str, torch.Tensor]:
+    """DDP per-layer steps: a first update from one backward, then 2 micro-batches per update (no_sync for the first)."""
+    model = build_model()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1e-3)
+    optimizer = GaLorePlusAdamW(svd_groups(model), lr=1e-2, seed=3)
+    enable_per_layer_steps(optimizer, ddp_model=ddp)
+    train(ddp, optimizer, rows, slice(0, 1))
+    for x, y in batches()[1:]:
+        first, second = quarters(rows)
+        with ddp.no_sync():
+            (0.5 * nn.functional.mse_loss(ddp(x[first]), y[first])).backward()
+        (0.5 * nn.functional.mse_loss(ddp(x[second]), y[second])).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def svd_accumulating_single_process() -> dict[str, torch.Tensor]:
+    """The same micro-batches in one process: the first update ordinary, then per-layer accumulation of the
+    ranks' 4 micro-batches (each loss a quarter: DDP averages the ranks' sums of two halves)."""
+    model = build_model()
+    optimizer = GaLorePlusAdamW(svd_groups(model), lr=1e-2, seed=3)
+    train(model, optimizer, slice(None), slice(0, 1))
+    enable_per_layer_steps(optimizer, accumulation_steps=2 * WORLD_SIZE)
+    share = GLOBAL_BATCH // WORLD_SIZE
+    for x, y in batches()[1:]:
+        for rank in range(WORLD_SIZE):
+            for rows in quarters(slice(rank * share, (rank + 1) * share)):
+                (0.25 * nn.functional.mse_loss(model(x[rows]), y[rows])).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
 def per_layer_ddp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
     """Ordinary and per-layer DDP (several small buckets) in the configurations of ``PER_LAYER_RUNS``, one job."""
     init_gloo(rank, port, world_size)
@@ -247,6 +294,7 @@ def per_layer_ddp_worker(rank: int, port: int, out_dir: str, world_size: int) ->
             "state": optimizer.state_dict()["state"], "consumed": consumed,
         }
     results["errors"] = per_layer_ddp_errors()
+    results["svd_accumulating"] = svd_accumulating_ddp(rows)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finish_gloo()
 
@@ -272,9 +320,21 @@ def test_per_layer_steps_under_ddp_equal_ordinary_ddp_and_the_single_process_run
                 assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (run, key)
         for result in ranks:
             assert result[run]["consumed"] == [True] * STEPS, run
+    # DDP accumulation (no_sync, DDP's buckets) == single-process per-layer accumulation in the subspace, svd without
+    # levers, between refreshes: float32 rounding of 5 updates of lr * scale * N (|N| <~ 3.2), 64 ulps each
+    single = svd_accumulating_single_process()
+    tolerance = 5 * 1e-2 * 0.25 * 3.2 * 64 * torch.finfo(torch.float32).eps
+    after_first = build_model()
+    train(after_first, GaLorePlusAdamW(svd_groups(after_first), lr=1e-2, seed=3), slice(None), slice(0, 1))
+    for name, before in after_first.named_parameters():
+        assert torch.equal(ranks[0]["svd_accumulating"][name], ranks[1]["svd_accumulating"][name]), name
+        assert_moved(single[name], before.detach(), name)
+        torch.testing.assert_close(ranks[0]["svd_accumulating"][name], single[name], rtol=0, atol=tolerance)
     for result in ranks:
         assert "find_unused_parameters=True" in result["errors"]["find_unused"]
         assert "param group 0 ('out'), key 'params'" in result["errors"]["foreign_param"]
+        assert "accumulation_steps: under DistributedDataParallel, accumulate with ddp.no_sync()" in (
+            result["errors"]["accumulation_steps"])
 
 
 def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:

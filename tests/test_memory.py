@@ -92,6 +92,42 @@ def test_estimate_equals_allocation(bits, residual_ratio, per_layer):
     assert estimate.total == estimate.parameters + estimate.gradients + estimate.optimizer_state
 
 
+@pytest.mark.parametrize("residual_ratio", [0.0, 0.02])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_estimate_with_per_layer_accumulation_equals_allocation(bits, residual_ratio):
+    """Plain gradients kept until the boundary, one projected gradient at a time, the accumulators (measured just
+    before the boundary) and the state with Fira's per-channel factor (cross_head and randomized have Fira on)."""
+    if bits == 8:
+        pytest.importorskip("bitsandbytes")
+    model = ParamBag()
+    groups = model.groups(residual_ratio)
+    groups[3]["params"] = [model.kernel]  # per-layer accumulation refuses expert stacks: the stack stays plain
+    groups[-1]["params"].append(model.experts_bf16)
+    params = list(model.parameters())
+    peak = [0]
+
+    def record(_param):
+        peak[0] = max(peak[0], sum(p.grad.nbytes for p in params if p.grad is not None))
+
+    for param in params:
+        param.register_post_accumulate_grad_hook(record)
+    opt = GaLorePlusAdamW(groups, lr=1e-3, optim_bits=bits)
+    handle = enable_per_layer_steps(opt, accumulation_steps=2)
+    accumulated = []
+    for step in range(3):
+        for micro_batch in range(2):
+            model.loss(2 * step + micro_batch).backward()
+        accumulated.append(handle.accumulator_bytes())
+        opt.step()
+        opt.zero_grad()
+    estimate = estimate_memory(groups, bits, per_layer=True, accumulation=True)
+    assert estimate.gradients == peak[0]
+    assert estimate.accumulators == accumulated[-1] > 0  # after the residual warmup: values at I too
+    assert estimate.optimizer_state == state_nbytes(opt)
+    assert estimate.total == estimate.parameters + estimate.gradients + estimate.optimizer_state + estimate.accumulators
+    assert estimate_memory(groups, bits, per_layer=False, accumulation=True).accumulators == 0
+
+
 def test_residual_and_8bit_change_the_state_as_documented():
     model = ParamBag()
     with_residual = estimate_memory(model.groups(0.02), 32).optimizer_state
