@@ -6,6 +6,7 @@
     python -m benchmarks.bench_step --refresh-cost            # refresh cost per projector, 4096 x 4096, 32 heads
     python -m benchmarks.bench_step --only random APOLLO      # the random basis and APOLLO (ours, apollo_torch's) only
     python -m benchmarks.bench_step --levers                  # + the step-time ratio of each lever (docs/levers.md)
+    python -m benchmarks.bench_step --experts 8 14336 4096 --threads 1 --cpu-time   # one Mixtral-8x7B expert stack
 
 Each optimizer steps the seven weights of one layer (q, k, v, o, gate, up, down) for ``gap``
 steps with fixed gradients, so every projected weight refreshes its basis exactly once; the
@@ -24,6 +25,11 @@ as a ratio to the same optimizer without it. There every optimizer takes one unt
 (its first refresh), then ``gap`` timed steps, so the timed window holds one refresh that replaces
 a basis (where moment transfer and the adaptive gap's overlap do their work). The adaptive gap
 saves refreshes only over many gaps; its row shows what it costs, not what it saves.
+
+``--experts E M N`` times instead one expert stack (E, M, N) in bfloat16 (Mixtral-8x7B's ``down_proj``
+transposed is 8 x 14336 x 4096), stepped as one batched weight, as a loop over its E experts (E separate
+2-D weights, views of the same storage, in one optimizer) and by torch's AdamW: the first step of
+each (a refresh) and the mean of ``--plain-steps`` steps after it (no refresh), each optimizer fresh.
 
 ``--refresh-cost`` measures instead, for each projector on one (size x size) weight with ``heads``
 heads (default: the LLaMA-2-7B q_proj, 4096 x 4096, 32 heads, rank 128), what a refresh adds to a
@@ -215,6 +221,57 @@ def refresh_cost(
     return results
 
 
+def expert_stack_times(
+    shape: tuple[int, int, int], rank: int, projector: str, plain_steps: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, tuple[float | None, float]]:
+    """Label -> (seconds of the first step, a refresh, or None for AdamW; mean seconds of the next ``plain_steps``).
+
+    One bfloat16 stack and its gradient are shared by all rows: the loop's experts are views of it.
+    """
+    generator = torch.Generator().manual_seed(0)
+    stack = torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16))
+    stack.grad = (torch.randn(shape, generator=generator) * 1e-3).to(torch.bfloat16)
+    experts = [torch.nn.Parameter(stack.detach()[e]) for e in range(shape[0])]
+    for e, expert in enumerate(experts):
+        expert.grad = stack.grad[e]
+    group = {"rank": rank, "update_proj_gap": plain_steps + 1, "projector": projector}
+    factories = {
+        "torch AdamW (foreach)": lambda: torch.optim.AdamW([stack], lr=1e-5, foreach=True),
+        f"GaLorePlusAdamW {projector}, batched stack": lambda: GaLorePlusAdamW([{"params": [stack], **group}], lr=1e-5),
+        f"GaLorePlusAdamW {projector}, loop of {shape[0]} experts": lambda: GaLorePlusAdamW(
+            [{"params": experts, **group}], lr=1e-5),
+    }
+    results = {}
+    for label, factory in factories.items():
+        optimizer = factory()
+        start = clock()
+        optimizer.step()
+        first = clock() - start
+        start = clock()
+        for _ in range(plain_steps):
+            optimizer.step()
+        results[label] = (None if label.startswith("torch") else first, (clock() - start) / plain_steps)
+        del optimizer
+    return results
+
+
+def print_expert_stack(shape: tuple[int, int, int], rank: int, projector: str, plain_steps: int, cpu_time: bool) -> None:
+    clock = time.process_time if cpu_time else time.perf_counter
+    print(f"expert stack {' x '.join(map(str, shape))} bfloat16, rank {rank}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, {'process CPU' if cpu_time else 'wall'} time")
+    results = expert_stack_times(shape, rank, projector, plain_steps, clock)
+    loop = next(times for label, times in results.items() if "loop" in label)
+    adamw = results["torch AdamW (foreach)"][1]
+    print(f"{'optimizer':>44} {'refresh step s':>15} {'step s':>8} {'x AdamW':>8} {'loop / this':>12}")
+    for label, (first, plain) in results.items():
+        first_text = f"{first:>15.3f}" if first is not None else f"{'-':>15}"
+        versus_loop = "" if label.startswith("torch") else f"{loop[1] / plain:>12.2f}"
+        print(f"{label:>44} {first_text} {plain:>8.3f} {plain / adamw:>8.2f} {versus_loop}")
+    batched = next(times for label, times in results.items() if "batched" in label)
+    print(f"refresh step: loop / batched = {loop[0] / batched[0]:.2f}")
+
+
 def print_refresh_cost(size: int, heads: int, rank: int, plain_steps: int, refreshes: int, cpu_time: bool) -> None:
     clock = time.process_time if cpu_time else time.perf_counter
     print(f"refresh cost, {size}x{size} weight, {heads} heads, rank {rank}, torch {torch.__version__}, "
@@ -262,14 +319,20 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, floa
     parser.add_argument("--refreshes", type=int, default=5, help="--refresh-cost: warm refreshes timed (svd: 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--levers", action="store_true", help="also time each lever of docs/levers.md")
+    parser.add_argument("--experts", nargs=3, type=int, default=None, metavar=("E", "M", "N"),
+                        help="time one bfloat16 expert stack (E, M, N): batched, a loop over its experts, AdamW")
+    parser.add_argument("--projector", default="randomized", help="--experts: the projector (default randomized)")
     parser.add_argument("--cpu-time", action="store_true",
-                        help="--refresh-cost: time with the process's CPU time, which other load on a shared "
+                        help="--refresh-cost, --experts: time with the process's CPU time, which other load on a shared "
                              "machine disturbs less than wall time (use with --threads 1)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.refresh_cost:
         print_refresh_cost(args.size, args.heads, args.rank, args.plain_steps, args.refreshes, args.cpu_time)
+        return None
+    if args.experts is not None:
+        print_expert_stack(tuple(args.experts), args.rank, args.projector, args.plain_steps, args.cpu_time)
         return None
     device = torch.device(args.device)
     hidden, intermediate, heads, kv_heads = LAYERS[args.layer]

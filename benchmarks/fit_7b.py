@@ -5,6 +5,8 @@
     python -m benchmarks.fit_7b --method galore+32      # also galore8, galore32, adamw8, adamw32
     python -m benchmarks.fit_7b --config tiny.json      # any transformers config with model_type
     python -m benchmarks.fit_7b --threads 1             # one torch thread (faster on a loaded machine)
+    python -m benchmarks.fit_7b --steps 2 --tokens 512 --micro-batches 4 --max-grad-norm 1.0
+                                                        # per-layer accumulation of 4 micro-batches, clipping
 
 Before anything is built, ``galore_plus.memory`` estimates parameters + gradients + optimizer state
 of the chosen method; a method whose estimate exceeds ``--budget-gib`` (default: the machine's
@@ -22,6 +24,13 @@ the estimate. After the steps, in the same process: the time of the rank-r proje
 alone (G Q^T and N Q, or P^T G and P N, float32, for every projected weight's shape), and the
 refresh time of one decoder layer's weights with ``svd`` and with GaLore+'s projectors, scaled by
 the layer count. Results go to ``--out`` (Markdown and JSON).
+
+With ``--micro-batches k`` (k > 1) or ``--max-grad-norm`` > 0, per-layer steps accumulate in the
+subspace (``enable_per_layer_steps(optimizer, accumulation_steps=k)``, :mod:`galore_plus.accumulate`):
+each step is k forward+backward passes of ``--batch`` x tokens (micro-batch i uses the token seed
+``--seed`` + i, the same in every step), each loss divided by k, then clipping
+(``handle.clip_grad_norm_``; ``clip_grad_norm_`` with ``--no-per-layer``) and ``optimizer.step()``.
+The accumulators' bytes, measured just before each boundary, are recorded beside the estimator's.
 """
 
 from __future__ import annotations
@@ -72,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, nargs="+", default=[32],
                         help="tokens per sequence; each further value adds one step at that length (default 32)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per batch (default 1)")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="micro-batches (of --batch sequences) accumulated per step (default 1)")
+    parser.add_argument("--max-grad-norm", type=float, default=0.0, help="clip each step's gradient norm (default 0: off)")
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--residual-ratio", type=float, default=0.012, help="GaLore+ residual on q/k (default 0.012)")
     parser.add_argument("--residual-warmup", type=int, default=1,
@@ -96,8 +108,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.full_rank_residual = {None: None, "on": True, "off": False}[args.full_rank_residual]
     if args.model is None and args.config is None:
         args.model = "llama2-7b"
-    if args.steps < 1 or min(args.tokens) < 2 or args.batch < 1 or (args.threads is not None and args.threads < 1):
-        parser.error("--steps, --batch and --threads must be >= 1 and --tokens >= 2")
+    if (args.steps < 1 or min(args.tokens) < 2 or args.batch < 1 or args.micro_batches < 1
+            or (args.threads is not None and args.threads < 1)):
+        parser.error("--steps, --batch, --micro-batches and --threads must be >= 1 and --tokens >= 2")
     return args
 
 
@@ -114,6 +127,13 @@ def training_groups(model: nn.Module, method: str, rank: int, residual_ratio: fl
     return groups
 
 
+def accumulation_steps(args: argparse.Namespace) -> int | None:
+    """``accumulation_steps`` of the per-layer steps: --micro-batches when accumulating or clipping, else None."""
+    if args.no_per_layer or (args.micro_batches == 1 and args.max_grad_norm <= 0):
+        return None
+    return args.micro_batches
+
+
 def method_label(method: str, bits: int, rank: int, per_layer: bool) -> str:
     """E.g. ``GaLore+ 8-bit, rank 128, per-layer steps`` or ``AdamW 8-bit, ordinary steps``."""
     name = method if method.endswith("-bit") else f"{method} {bits}-bit"
@@ -127,7 +147,7 @@ def check_budget(config: Any, args: argparse.Namespace) -> MemoryEstimate:
     meta = build_meta_model(config, DTYPE)
     estimate = estimate_memory(training_groups(meta, method, args.rank, args.residual_ratio, args.residual_warmup,
                                                args.full_rank_residual),
-                               bits, per_layer=not args.no_per_layer)
+                               bits, per_layer=not args.no_per_layer, accumulation=accumulation_steps(args) is not None)
     if estimate.total > args.budget_gib * GIB:
         raise SystemExit(
             f"refused before building anything: {args.method} "
@@ -232,11 +252,13 @@ class OptimizerClock:
         self._started, self._peak_before = 0.0, 0
 
 
-def attach_hooks(optimizer: GaLorePlusAdamW, clock: OptimizerClock, per_layer: bool) -> PerLayerSteps | None:
-    """The clock's hooks around the per-layer steps (or around nothing, with ``per_layer`` False)."""
+def attach_hooks(optimizer: GaLorePlusAdamW, clock: OptimizerClock, per_layer: bool,
+                 accumulation: int | None = None) -> PerLayerSteps | None:
+    """The clock's hooks around the per-layer steps (or around nothing, with ``per_layer`` False); ``accumulation``:
+    their ``accumulation_steps``."""
     clock.attach_before()
     clock.steps_in_hooks = per_layer
-    handle = enable_per_layer_steps(optimizer) if per_layer else None
+    handle = enable_per_layer_steps(optimizer, accumulation_steps=accumulation) if per_layer else None
     clock.attach_after()
     return handle
 
@@ -253,29 +275,41 @@ def token_batch(vocab_size: int, batch: int, tokens: int, seed: int) -> Tensor:
 
 
 def train_step(model: nn.Module, optimizer: GaLorePlusAdamW, clock: OptimizerClock, refresh: RefreshTimer,
-               batch: Tensor, progress: bool, label: str) -> dict[str, Any]:
-    """One forward+backward+step; times, loss, peak resident memory and tensor bytes of the step."""
+               batches: list[Tensor], progress: bool, label: str, per_layer: PerLayerSteps | None = None,
+               max_grad_norm: float = 0.0) -> dict[str, Any]:
+    """Forward+backward of each micro-batch in ``batches`` (loss / their count), clipping, one step; times, loss,
+    peak resident memory, tensor bytes and (per-layer accumulation) the accumulators' bytes of the step."""
     clock.reset()
     refresh_before, calls_before = refresh.seconds, refresh.calls
     reset_peak_resident()
     resident_at_start = resident_bytes()
-    bar = tqdm(total=len(clock.params), desc=label, unit="param", disable=not progress, leave=True)
+    bar = tqdm(total=len(clock.params) * len(batches), desc=label, unit="param", disable=not progress, leave=True)
     clock.on_step_end = bar.update
+    accumulating = per_layer is not None and per_layer.accumulation_steps is not None
+    grad_norm = None
     start = time.perf_counter()
     with refresh.patched():
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+        loss = 0.0
+        for batch in batches:
+            micro_loss = model(input_ids=batch, labels=batch).loss / len(batches)
+            micro_loss.backward()
+            loss += micro_loss.item()
         step_start = time.perf_counter()
+        accumulator_bytes = per_layer.accumulator_bytes() if accumulating else None
+        if max_grad_norm > 0:
+            clip = per_layer.clip_grad_norm_ if accumulating else torch.nn.utils.clip_grad_norm_
+            grad_norm = float(clip(max_grad_norm) if accumulating else clip(model.parameters(), max_grad_norm))
+        grads_after_backward = sum(p.grad.nbytes for p in clock.params if type(p.grad) is Tensor)
         optimizer.step()
         optimizer_tail = time.perf_counter() - step_start
-        grads_after_backward = sum(p.grad.nbytes for p in clock.params if type(p.grad) is Tensor)
         optimizer.zero_grad()
     wall = time.perf_counter() - start
     bar.close()
     optimizer_seconds = clock.seconds + optimizer_tail
     refresh_seconds = refresh.seconds - refresh_before
     return dict(
-        tokens=batch.shape[1], loss=loss.item(), wall_s=wall, forward_backward_s=wall - optimizer_seconds,
+        tokens=batches[0].shape[1], micro_batches=len(batches), loss=loss, grad_norm=grad_norm,
+        accumulator_bytes=accumulator_bytes, wall_s=wall, forward_backward_s=wall - optimizer_seconds,
         optimizer_s=optimizer_seconds - refresh_seconds, refresh_s=refresh_seconds, refreshes=refresh.calls - calls_before,
         projected_optimizer_s=clock.projected_seconds - refresh_seconds if clock.steps_in_hooks else None,
         peak_resident_bytes=peak_resident_bytes(), resident_at_start=resident_at_start, resident_at_end=resident_bytes(),
@@ -381,21 +415,32 @@ def markdown_report(record: dict[str, Any]) -> str:
         f"{gib(record['resident_after_build'])} GiB after (peak while building {gib(record['peak_build'])} GiB).",
         "",
         f"Estimate (`galore_plus.memory`): parameters {gib(estimate['parameters'])} + gradients "
-        f"{gib(estimate['gradients'])} + optimizer state {estimate['optimizer_state'] / GIB:.3f} = "
-        f"**{gib(estimate['total'])} GiB** (budget {record['budget_gib']:.1f} GiB).",
+        f"{gib(estimate['gradients'])} + optimizer state {estimate['optimizer_state'] / GIB:.3f}"
+        + (f" + accumulators {estimate['accumulators'] / GIB:.3f}" if estimate.get("accumulators") else "")
+        + f" = **{gib(estimate['total'])} GiB** (budget {record['budget_gib']:.1f} GiB).",
         "",
         "| step | tokens | loss | wall s | fwd+bwd s | optimizer s (no refresh) | refresh s (count) | peak resident GiB "
         "| params GiB | peak live grads GiB | optimizer state GiB | tensors GiB | estimate / tensors |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for index, step in enumerate(record["steps"], 1):
-        tensors = step["param_bytes"] + step["grad_bytes"] + step["state_bytes"]
+        tensors = step["param_bytes"] + step["grad_bytes"] + step["state_bytes"] + (step.get("accumulator_bytes") or 0)
         lines.append(
             f"| {index} | {step['tokens']} | {step['loss']:.4f} | {step['wall_s']:.1f} | {step['forward_backward_s']:.1f} "
             f"| {step['optimizer_s']:.1f} | {step['refresh_s']:.1f} ({step['refreshes']}) "
             f"| {gib(step['peak_resident_bytes'])} | {gib(step['param_bytes'])} | {gib(step['grad_bytes'])} "
             f"| {step['state_bytes'] / GIB:.3f} | {gib(tensors)} | {estimate['total'] / tensors:.3f} |")
     lines += ["", f"Peak resident memory of the whole process: **{gib(record['peak_resident_bytes'])} GiB**."]
+    if record.get("micro_batches", 1) > 1 or record.get("max_grad_norm", 0) > 0:
+        lines += ["", f"{record['micro_batches']} micro-batches per step, clipping at {record['max_grad_norm']:g} "
+                      f"(per-layer accumulation_steps={record['accumulation_steps']}). Per step: gradient norm before "
+                      "clipping, accumulators measured before the boundary (estimate "
+                      f"{estimate.get('accumulators', 0) / GIB:.3f} GiB):", "",
+                  "| step | grad norm | accumulators GiB |", "|---|---|---|"]
+        for index, step in enumerate(record["steps"], 1):
+            norm, held = step.get("grad_norm"), step.get("accumulator_bytes")
+            lines.append(f"| {index} | {'-' if norm is None else f'{norm:.4f}'} | "
+                         f"{'-' if held is None else f'{held / GIB:.3f}'} |")
     if "resident_at_start" in record["steps"][0]:
         lines += ["", "Where each step's peak was reached: resident at the start of the step, plus the growth of the peak "
                       "(VmHWM) inside the per-layer optimizer steps (largest single one and its weight shape), plus the "
@@ -450,6 +495,8 @@ def save_record(record: dict[str, Any], out: Path) -> str:
     record["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{record['model']}_{record['method']}{'' if record['per_layer'] else '_no_per_layer'}"
+    if record.get("micro_batches", 1) > 1 or record.get("max_grad_norm", 0) > 0:
+        stem += f"_accumulate{record['micro_batches']}_clip{record['max_grad_norm']:g}"
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     report = markdown_report(record)
     (out / f"{stem}.md").write_text(report)
@@ -471,8 +518,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
         threads=torch.get_num_threads(), machine=f"{platform.machine()} {os.cpu_count()} CPUs, "
         f"{machine_memory_bytes()[0] / GIB:.1f} GiB", load_before=" ".join(f"{x:.1f}" for x in os.getloadavg()),
+        micro_batches=args.micro_batches, max_grad_norm=args.max_grad_norm, accumulation_steps=accumulation_steps(args),
         estimate=dict(parameters=estimate.parameters, gradients=estimate.gradients,
-                      optimizer_state=estimate.optimizer_state, total=estimate.total),
+                      optimizer_state=estimate.optimizer_state, accumulators=estimate.accumulators,
+                      total=estimate.total),
         available_before=machine_memory_bytes()[1], complete=False,
     )
     print(f"estimate {gib(estimate.total)} GiB fits --budget-gib {args.budget_gib:.1f}; building {record['model']} ...",
@@ -495,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     optimizer = GaLorePlusAdamW(groups, lr=args.lr, optim_bits=bits, seed=args.seed)
     clock = OptimizerClock([p for p in model.parameters() if p.requires_grad],
                            [p for group in groups if "rank" in group for p in group["params"]])
-    per_layer = attach_hooks(optimizer, clock, not args.no_per_layer)
+    per_layer = attach_hooks(optimizer, clock, not args.no_per_layer, accumulation_steps(args))
     refresh = RefreshTimer(torch.device("cpu"))
     lengths = [args.tokens[0]] * args.steps + list(args.tokens[1:])
     record["steps"] = []
@@ -504,8 +553,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def run_steps(count: int) -> None:
         for _ in range(count):
             index = len(record["steps"]) + 1
-            batch = token_batch(config.vocab_size, args.batch, lengths[index - 1], args.seed)
-            step = train_step(model, optimizer, clock, refresh, batch, progress, f"step {index}/{len(lengths)}")
+            batches = [token_batch(config.vocab_size, args.batch, lengths[index - 1], args.seed + micro)
+                       for micro in range(args.micro_batches)]
+            step = train_step(model, optimizer, clock, refresh, batches, progress, f"step {index}/{len(lengths)}",
+                              per_layer, args.max_grad_norm)
             record["steps"].append(step)
             record["peak_resident_bytes"] = max(record["peak_resident_bytes"], step["peak_resident_bytes"])
             print(f"step {index}: {step['tokens']} tokens, loss {step['loss']:.4f}, wall {step['wall_s']:.1f} s (fwd+bwd "
@@ -523,7 +574,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.skip_refresh_comparison:
             detach_hooks(clock, per_layer)
             record["layer_refresh"] = layer_refresh_seconds(model, config, args)
-            per_layer = attach_hooks(optimizer, clock, not args.no_per_layer)
+            per_layer = attach_hooks(optimizer, clock, not args.no_per_layer, accumulation_steps(args))
             print(f"refresh of one layer: {record['layer_refresh']}", flush=True)
             save_record(record, out)
     run_steps(len(args.tokens) - 1)

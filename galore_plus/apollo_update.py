@@ -42,6 +42,7 @@ from .full_rank_residual import (
 from .lowrank_adam import update_moments
 from .projectors import Side
 from .row_blocks import channel_square_sums
+from .stacks import matrix_sum
 
 SCALE_TYPES = ("channel", "tensor")
 NORM_GROWTH_LIMIT = 1.01
@@ -68,7 +69,8 @@ def apollo_step_size(lr: float, step: int, beta1: float, beta2: float) -> float:
 
 def gradient_scaling(direction: Tensor, low_rank_grad: Tensor, side: Side, scale_type: str,
                      total: Total = single_process_total) -> Tensor:
-    """s = ||N|| / (||R|| + 1e-8): shape (m, 1) or (1, n) per channel, 0-d per tensor.
+    """s = ||N|| / (||R|| + 1e-8): shape (m, 1) or (1, n) per channel, 0-d per tensor (for a stack of matrices:
+    (E, m, 1), (E, 1, n) or (E, 1, 1)).
 
     A right-side basis keeps G's rows in R (m, r), so channels are rows; a left-side basis keeps
     its columns in R (r, n), so channels are columns. Per tensor, the norms are the whole weight's
@@ -84,7 +86,7 @@ def scaled_norm(grad: Tensor, scaling: Tensor, side: Side, total: Total = single
     """||s G|| without forming s G: from G's per-channel sums of squares (channels along ``side``, a block of
     rows at a time, any dtype; a 0-d s scales them all), over every process's rows (``total``)."""
     squares = channel_square_sums(grad, side == "left")
-    return total((scaling.double().square() * squares).sum()).sqrt().to(scaling.dtype)
+    return total(matrix_sum(scaling.double().square() * squares)).sqrt().to(scaling.dtype)
 
 
 def apollo_factor(

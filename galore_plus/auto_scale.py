@@ -28,9 +28,9 @@ from .projectors import Side
 AUTO = "auto"
 
 
-def lowrank_auto_scale(shape: tuple[int, int], rank: int, side: Side) -> float:
+def lowrank_auto_scale(shape: tuple[int, ...], rank: int, side: Side) -> float:
     """sqrt(d / r), d the projected dimension of an (m, n) weight (m on the output side, n on the input side)."""
-    projected = shape[0] if side == "left" else shape[1]
+    projected = shape[-2] if side == "left" else shape[-1]
     return math.sqrt(projected / rank)
 
 

@@ -5,7 +5,8 @@ plus one float32 ``absmax`` per block of :data:`BLOCKSIZE` consecutive values; a
 ``NF4[code] * absmax[block]``. The state holds only the codes and the absmax values (plain tensors);
 the basis shape is known from the weight, the rank and the projected side, and the NF4 table is a
 constant of bitsandbytes. The basis is quantised once per refresh and dequantised once per step;
-the dequantised basis is used as it is (not re-orthonormalised).
+the dequantised basis is used as it is (not re-orthonormalised). A stack of bases (E, m, r) is
+quantised as one flat tensor: a block holds values of two experts when m r is not a multiple of 64.
 
 Why NF4 with blocks of 64: basis entries are close to Gaussian, for which NF4's table is built;
 on the LLaMA-2-7B q_proj shape (4096 x 4096, rank 128) it keeps 0.99 of the float32 basis's
@@ -50,9 +51,9 @@ def quantize_basis(basis: Tensor) -> tuple[Tensor, Tensor]:
     return codes, quant_state.absmax
 
 
-def dequantize_basis(codes: Tensor, absmax: Tensor, shape: tuple[int, int]) -> Tensor:
+def dequantize_basis(codes: Tensor, absmax: Tensor, shape: tuple[int, ...]) -> Tensor:
     """The float32 basis of ``shape`` that ``(codes, absmax)`` stand for: NF4[code] * absmax of its block."""
-    numel = shape[0] * shape[1]
+    numel = math.prod(shape)
     packed = codes.flatten()
     indices = torch.stack((packed >> 4, packed & 0xF), dim=1).flatten()[:numel].long()
     values = torch.nn.functional.pad(nf4_table(codes.device)[indices], (0, -numel % BLOCKSIZE))
@@ -64,9 +65,11 @@ def quantized_basis_nbytes(numel: int) -> int:
     return (numel + 1) // 2 + 4 * math.ceil(numel / BLOCKSIZE)
 
 
-def basis_shape(shape: tuple[int, int], rank: int, side: str) -> tuple[int, int]:
-    """Shape of the basis of an (m, n) weight: (m, rank) on the left side, (rank, n) on the right."""
-    return (shape[0], rank) if side == "left" else (rank, shape[1])
+def basis_shape(shape: tuple[int, ...], rank: int, side: str) -> tuple[int, ...]:
+    """Shape of the basis of an (m, n) weight: (m, rank) on the left side, (rank, n) on the right; of an
+    (E, m, n) stack: (E, m, rank) or (E, rank, n)."""
+    *batch, m, n = shape
+    return (*batch, m, rank) if side == "left" else (*batch, rank, n)
 
 
 def store_basis(state: dict[str, Any], basis: Tensor, bits: int) -> Tensor:
@@ -87,7 +90,7 @@ def store_basis(state: dict[str, Any], basis: Tensor, bits: int) -> Tensor:
     return dequantize_basis(state["projector_codes"], state["projector_absmax"], tuple(basis.shape))
 
 
-def stored_basis(state: dict[str, Any], shape: tuple[int, int]) -> Tensor | None:
+def stored_basis(state: dict[str, Any], shape: tuple[int, ...]) -> Tensor | None:
     """The basis in ``state`` as float32 (dequantised when stored in 4 bits), or None before the first refresh.
 
     ``shape`` is the basis shape (:func:`basis_shape`).

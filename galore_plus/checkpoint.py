@@ -127,12 +127,15 @@ def is_plain_value(value: Any) -> bool:
 
 def projected_state_shapes(param: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Shapes of the basis (or its 4-bit codes and absmax), the low-rank moments (or their 8-bit codes), the
-    residual's row offsets and APOLLO's limiter norm."""
-    m, n = stepped_shape(param, group)
+    residual's row offsets and the limiters' norms (a stack of E matrices: with a leading E, norms (E, 1, 1))."""
+    *batch, m, n = stepped_shape(param, group)
     rank = group["rank"]
     side = projection_side((m, n), group["proj_type"], group["projector"])
     basis, low_rank = ((m, rank), (rank, n)) if side == "left" else ((rank, n), (m, rank))
+    basis, low_rank = (*batch, *basis), (*batch, *low_rank)
     moments = {key: low_rank for key in ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes")}
-    basis_numel = basis[0] * basis[1]
+    basis_numel = math.prod(basis)
     four_bit = {"projector_codes": ((basis_numel + 1) // 2, 1), "projector_absmax": (math.ceil(basis_numel / BASIS_BLOCKSIZE),)}
-    return {"projector": basis, **four_bit, **moments, "residual_row_ptr": (m + 1,), "residual_norm": (), "apollo_norm": ()}
+    norm = (*batch, 1, 1) if batch else ()
+    return {"projector": basis, **four_bit, **moments, "residual_row_ptr": (m + 1,), "residual_norm": norm,
+            "apollo_norm": norm}

@@ -25,8 +25,9 @@ def triton_available() -> bool:
 
 
 def use_kernel(tensor: Tensor) -> bool:
-    """Whether the Triton kernel should handle this tensor."""
-    return tensor.is_cuda and triton_available()
+    """Whether the Triton kernel should handle this tensor: a CUDA matrix (a stack of matrices (E, m, n) takes
+    the torch reference, which is batched)."""
+    return tensor.is_cuda and tensor.dim() == 2 and triton_available()
 
 
 def lowrank_adam_direction(

@@ -78,23 +78,30 @@ def compute_gradient(grad: Tensor) -> Tensor:
 
 
 class LocalLayout:
-    """A weight held whole by this process (``transposed`` weights are seen as their transpose)."""
+    """A weight held whole by this process: a matrix (``transposed`` ones seen as their transpose), a stack of
+    matrices (E, m, n) (each transposed for ``transposed``), or a convolution kernel (out, in, kh, kw) seen as
+    the matrix (out, in kh kw), a view of the (contiguous) kernel."""
 
     def __init__(self, param: Tensor, transposed: bool):
         self.param, self.transposed = param, transposed
-        self.shape: Shape = tuple(param.t().shape if transposed else param.shape)
+        self.shape: Shape = tuple(self.stepped(param).shape)
         self.device = param.device
 
+    def stepped(self, tensor: Tensor) -> Tensor:
+        """``tensor`` (the weight or its gradient) as the matrix or stack that is stepped; a view of the weight."""
+        if tensor.dim() == 4:
+            return tensor.view(tensor.shape[0], -1) if tensor is self.param else tensor.reshape(tensor.shape[0], -1)
+        return tensor.mT if self.transposed else tensor
+
     def weight(self) -> Tensor:
-        return self.param.t() if self.transposed else self.param
+        return self.stepped(self.param)
 
     def gradient(self) -> Tensor:
-        grad = compute_gradient(self.param.grad)
-        return grad.t() if self.transposed else grad
+        return self.stepped(compute_gradient(self.param.grad))
 
     def read_rows(self, rows: Tensor | None) -> Tensor:
         grad = self.gradient()
-        return (grad if rows is None else grad.index_select(0, rows.to(grad.device))).float()
+        return (grad if rows is None else grad.index_select(-2, rows.to(grad.device))).float()
 
     def local_basis(self, basis: Tensor, side: Side) -> Tensor:
         return basis
@@ -174,6 +181,10 @@ class RowShardLayout:
 
 def row_shard_layout(param: DTensor, group: dict[str, Any], label: str, optim_bits: int) -> RowShardLayout:
     """The layout of a sharded weight, or NotImplementedError naming the group key that is not supported."""
+    if param.dim() != 2:
+        raise NotImplementedError(f"{label}, key 'rank': a sharded (DTensor) weight of shape {tuple(param.shape)} is not "
+                                  "a matrix; sharded stacks of experts and convolution kernels are not implemented "
+                                  "(put them in a group without 'rank', or do not shard them)")
     if group.get("residual_ratio", 0.0) > 0:
         raise NotImplementedError(f"{label}, key 'residual_ratio': residuals of sharded (DTensor) weights are not "
                                   "implemented; use residual_ratio=0 with FSDP2")

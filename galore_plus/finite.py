@@ -19,3 +19,14 @@ def all_finite(*tensors: Tensor) -> Tensor:
     for tensor in tensors[1:]:
         total = total + tensor.sum(dtype=torch.float64)
     return (total - total) == 0
+
+
+def matrix_finite(*tensors: Tensor) -> Tensor:
+    """:func:`all_finite` of each matrix: a 0-d bool for matrices (m, n), one per expert, (E, 1, 1), for
+    stacks (E, m, n) (all ``tensors`` of the same kind). Nothing is read on the host."""
+    if tensors[0].dim() == 2:
+        return all_finite(*tensors)
+    total = tensors[0].sum((-2, -1), keepdim=True, dtype=torch.float64)
+    for tensor in tensors[1:]:
+        total = total + tensor.sum((-2, -1), keepdim=True, dtype=torch.float64)
+    return (total - total) == 0

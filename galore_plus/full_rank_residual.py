@@ -62,6 +62,7 @@ import torch
 from torch import Tensor
 
 from .projectors import Side
+from .stacks import matrix_sum
 from .update import LowRankTerm
 
 NORM_FLOOR = 1e-8
@@ -76,8 +77,9 @@ def single_process_total(value: Tensor) -> Tensor:
 
 def whole_square_sum(low_rank: Tensor, side: Side, total: Total = single_process_total) -> Tensor:
     """The sum of squares of a low-rank tensor of a step over the whole weight: a left-side one (r x n) is
-    whole on every process, a right-side one (m x r) holds this process's rows (summed by ``total``)."""
-    squares = low_rank.square().sum()
+    whole on every process, a right-side one (m x r) holds this process's rows (summed by ``total``); one sum per
+    expert of a stack."""
+    squares = matrix_sum(low_rank.square())
     return squares if side == "left" else total(squares)
 
 
@@ -92,7 +94,7 @@ def residual_scaling(direction: Tensor, low_rank: Tensor, side: Side) -> Tensor:
     Output side (N, R of shape (r, n)): one value per column, shape (1, n).
     Input side (N, R of shape (m, r)): one value per row, shape (m, 1).
     """
-    dim = 0 if side == "left" else 1
+    dim = -2 if side == "left" else -1
     direction_norm = torch.linalg.vector_norm(direction, dim=dim, keepdim=True)
     return direction_norm / torch.linalg.vector_norm(low_rank, dim=dim, keepdim=True).add_(NORM_FLOOR)
 
@@ -102,7 +104,7 @@ def weighted_square_total(
     total: Total = single_process_total,
 ) -> Tensor:
     """sum_j w_j ||c_j G_j + (P X | X Q)_j||^2 over the channels of the whole weight (columns j on the left side,
-    rows on the right), a float64 0-d tensor; the matrix is never formed.
+    rows on the right), a float64 0-d tensor (one per expert, (E, 1, 1), for a stack); the matrix is never formed.
 
     ``grad_squares``: G's per-channel sums of squares over this process's rows
     (:func:`~galore_plus.row_blocks.channel_square_sums`); ``weights`` w and ``factor`` c: numbers, 0-d or
@@ -118,25 +120,49 @@ def weighted_square_total(
     (with the other terms, in one ``total``), so M - I is small there too.
     """
     left = low_rank.side == "left"
-    dim = 0 if left else 1
-    x, own, basis = low_rank.low_rank.double(), own_low_rank.double(), low_rank.basis.double()
+    dim = -2 if left else -1
     weights = weights.double() if isinstance(weights, Tensor) else weights
     factor = factor.double() if isinstance(factor, Tensor) else factor
-    gram = basis.t() @ basis if left else basis @ basis.t()
-    linear = (weights * (factor * factor * grad_squares + 2 * factor * (x * own).sum(dim, keepdim=True))).sum()
+    gram = _gram(low_rank)
+    linear = matrix_sum(weights * _linear_terms(grad_squares, factor, low_rank, own_low_rank))
     if not left:
-        return total(linear + _quadratic_total(weights, low_rank.low_rank, gram, dim))
-    summed = total(torch.cat([linear.reshape(1), gram.flatten()]))
-    return summed[0] + _quadratic_total(weights, low_rank.low_rank, summed[1:].view_as(gram), dim)
+        return total(linear + matrix_sum(weights * _quadratic_terms(low_rank.low_rank, gram, dim)))
+    summed = total(torch.cat([linear.reshape(-1), gram.flatten()]))
+    count = linear.numel()
+    quadratic = _quadratic_terms(low_rank.low_rank, summed[count:].view_as(gram), dim)
+    return summed[:count].view_as(linear) + matrix_sum(weights * quadratic)
 
 
-def _quadratic_total(weights: Tensor | float, narrow: Tensor, gram: Tensor, dim: int) -> Tensor:
-    """sum_j w_j X_j . (M X_j) (channels j along ``dim``) as ||X_j||^2 in float64 plus X_j . ((M - I) X_j) in X's
-    dtype, which loses nothing for a near-orthonormal basis (M - I small) and needs no float64 m x r x r product."""
-    deviation = (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).to(narrow.dtype)
-    deviation_term = narrow * (deviation @ narrow if dim == 0 else narrow @ deviation)
-    quadratic = narrow.double().square().sum(dim, keepdim=True) + deviation_term.sum(dim, keepdim=True).double()
-    return (weights * quadratic).sum()
+def channel_square_terms(grad_squares: Tensor, factor: Tensor | float, low_rank: LowRankTerm,
+                         own_low_rank: Tensor) -> Tensor:
+    """||c_j G_j + (P X | X Q)_j||^2 of a weight held whole by this process, one float64 value per channel ((1, n)
+    on the left side, (m, 1) on the right): the terms :func:`weighted_square_total` weights and sums."""
+    dim = -2 if low_rank.side == "left" else -1
+    factor = factor.double() if isinstance(factor, Tensor) else factor
+    return (_linear_terms(grad_squares, factor, low_rank, own_low_rank)
+            + _quadratic_terms(low_rank.low_rank, _gram(low_rank), dim))
+
+
+def _gram(low_rank: LowRankTerm) -> Tensor:
+    """M = P^T P | Q Q^T of this process's basis rows, float64."""
+    basis = low_rank.basis.double()
+    return basis.mT @ basis if low_rank.side == "left" else basis @ basis.mT
+
+
+def _linear_terms(grad_squares: Tensor, factor: Tensor | float, low_rank: LowRankTerm, own_low_rank: Tensor) -> Tensor:
+    """c_j^2 g_j + 2 c_j X_j . R_own,j per channel, float64."""
+    dim = -2 if low_rank.side == "left" else -1
+    cross = (low_rank.low_rank.double() * own_low_rank.double()).sum(dim, keepdim=True)
+    return factor * factor * grad_squares + 2 * factor * cross
+
+
+def _quadratic_terms(narrow: Tensor, gram: Tensor, dim: int) -> Tensor:
+    """X_j . (M X_j) per channel (along ``dim``, per matrix of a stack) as ||X_j||^2 in float64 plus
+    X_j . ((M - I) X_j) in X's dtype, which loses nothing for a near-orthonormal basis (M - I small) and needs no
+    float64 m x r x r product."""
+    deviation = (gram - torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)).to(narrow.dtype)
+    deviation_term = narrow * (deviation @ narrow if dim == -2 else narrow @ deviation)
+    return narrow.double().square().sum(dim, keepdim=True) + deviation_term.sum(dim, keepdim=True).double()
 
 
 def norm_growth_divisor(measured: Tensor, previous_norm: Tensor | None, limit: float | None) -> Tensor | float:

@@ -267,10 +267,14 @@ def prepare_group(group: dict, index: int, defaults: dict) -> list[str]:
     return full_rank_warnings(group, index)
 
 
-def stepped_shape(param: torch.Tensor, group: dict) -> tuple[int, int]:
-    """The (m, n) shape the optimizer steps: the weight's transpose for a ``transposed`` group (GPT-2 Conv1D)."""
-    rows, columns = param.shape
-    return (columns, rows) if group.get("transposed") else (rows, columns)
+def stepped_shape(param: torch.Tensor, group: dict) -> tuple[int, ...]:
+    """The shape the optimizer steps: (m, n) of a matrix (its transpose for a ``transposed`` group, GPT-2 Conv1D),
+    (E, m, n) of a stack of E matrices (each transposed for ``transposed``), and (out, in kh kw) of a
+    convolution kernel (out, in, kh, kw)."""
+    if param.dim() == 4:
+        return param.shape[0], math.prod(param.shape[1:])
+    *batch, rows, columns = param.shape
+    return (*batch, columns, rows) if group.get("transposed") else (*batch, rows, columns)
 
 
 def full_rank_warnings(group: dict, index: int) -> list[str]:
@@ -278,7 +282,7 @@ def full_rank_warnings(group: dict, index: int) -> list[str]:
     names = group.get("param_names")
     full = []
     for position, param in enumerate(group["params"]):
-        m, n = stepped_shape(param, group)
+        *_, m, n = stepped_shape(param, group)
         side = projection_side((m, n), group["proj_type"], group["projector"])
         if group["rank"] >= (m if side == "left" else n):
             full.append(f"{names[position] if names else f'parameter {position}'} {tuple(param.shape)}")
@@ -417,13 +421,36 @@ def _validate_heads(group: dict, index: int) -> None:
     _require_int(group, index, key, 1)
 
 
+def _validate_stack(group: dict, index: int, where: str) -> None:
+    """A stack of matrices (E, m, n) is stepped batched: refuse what is implemented for matrices only."""
+    if not PROJECTORS[group["projector"]].stacks:
+        _fail(group, index, "projector", f"{where} is a stack of matrices (E, m, n); projector {group['projector']!r} "
+                                         "takes matrices only: use 'svd', 'randomized' or 'random' for expert stacks")
+    if group["residual_ratio"] > 0:
+        _fail(group, index, "residual_ratio", f"{where} is a stack of matrices (E, m, n); the sparse residual is "
+                                              "implemented for matrices only: use residual_ratio=0 for expert stacks")
+    if group["adaptive_gap"]:
+        _fail(group, index, "adaptive_gap", f"{where} is a stack of matrices (E, m, n), whose experts refresh "
+                                            "together (batched); a per-weight adaptive gap is implemented for matrices "
+                                            "only: use adaptive_gap=False for expert stacks")
+
+
 def _validate_projected_param(group: dict, index: int, position: int, param: torch.Tensor) -> None:
     where = f"parameter {position} of shape {tuple(param.shape)}" + (" (transposed)" if group["transposed"] else "")
-    if param.dim() != 2:
-        _fail(group, index, "rank", f"{where} is not 2-D; put it in a group without 'rank'")
+    if param.dim() not in (2, 3, 4):
+        _fail(group, index, "rank", f"{where} is {param.dim()}-D; a projected weight is a matrix (m, n), a stack of "
+                                    "expert matrices (E, m, n) or a convolution kernel (out, in, kh, kw); put it in a "
+                                    "group without 'rank'")
     if param.is_complex() or not param.is_floating_point():
         _fail(group, index, "rank", f"{where} has dtype {param.dtype}; only real floating-point weights can be projected", TypeError)
-    m, n = reversed(param.shape) if group["transposed"] else param.shape
+    if param.dim() == 3:
+        _validate_stack(group, index, where)
+        if param.shape[0] == 0:
+            _fail(group, index, "rank", f"{where} is a stack of no expert matrices; put it in a group without 'rank'")
+    if param.dim() == 4 and group["transposed"]:
+        _fail(group, index, "transposed", f"{where} is a convolution kernel, stepped as the matrix (out, in kh kw); "
+                                          "transposed=True is for matrices and stacks of them")
+    *_, m, n = stepped_shape(param, group)
     rank = group["rank"]
     if group["projector"] != "cross_head":
         if rank > min(m, n):

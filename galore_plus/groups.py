@@ -9,8 +9,13 @@ Where each weight goes (a *plan*, see :func:`plan_param_groups`):
   of ``head_dim`` rows is one head, and one input-side basis serves all of them;
 * the same projections stored by a transformers ``Conv1D`` (GPT-2's fused ``c_attn`` and
   cross-attention ``q_attn``) -> ``cross_head`` groups with ``transposed=True``, see below;
-* every other targeted ``nn.Linear`` or ``Conv1D`` weight -> one ``projector`` group;
-* everything else -> a plain AdamW group.
+* every other targeted ``nn.Linear`` or ``Conv1D`` weight, and ``nn.Conv2d`` kernel (stepped as the matrix
+  (out, in kh kw)) -> one ``projector`` group;
+* the expert stacks of a mixture-of-experts layer (transformers 5 stores a layer's experts fused, as
+  3-D parameters (E, m, n) of an ``...Experts`` module: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3,
+  GPT-OSS) -> a ``{projector}_experts`` group, each expert its own matrix (``galore_plus.stacks``);
+* everything else -> a plain AdamW group. Embeddings, output heads, routers (``gate``, ``router``,
+  ``shared_expert_gate``, ``...Router`` modules), norms and biases are plain by design.
 
 Conv1D (GPT-2, GPT) stores its weight transposed: shape (in, out), forward ``x @ W``, so its heads
 are column blocks and its input side is the row side. ``cross_head`` needs the ``nn.Linear``
@@ -21,10 +26,12 @@ heads: the q, k and v heads share one input-side basis. The ``svd`` and ``random
 projectors do not care about the layout (``proj_type="std"`` projects the smaller side either
 way), so other Conv1D weights need no flag.
 
-A targeted weight that cannot be projected stays in AdamW and is listed, with the reason, in
-``ParamGroupPlan.unplaced`` (and in a warning from ``make_param_groups`` that says how much memory
-its full-size moments take): a ``rank`` not below the side it would project (which would save
-nothing), or a tensor tied to another parameter (GPT-2's ``lm_head`` and BERT's MLM ``decoder``
+A targeted weight that cannot be projected, and any other tensor of two or more dimensions left in
+AdamW that is not plain by design, is listed, with the reason, in ``ParamGroupPlan.unplaced`` (and in a
+warning from ``make_param_groups`` that says how much memory its full-size moments take): a weight not
+selected by ``target_modules``, a ``rank`` not below the side it would project (which would save
+nothing), a kernel of ``nn.Conv1d`` or ``nn.Conv3d`` (a 3-D tensor would be read as a stack of experts),
+a tensor of a kind make_param_groups does not know, or a tensor tied to another parameter (GPT-2's ``lm_head`` and BERT's MLM ``decoder``
 share the word embeddings; they are output heads, targeted only with ``include_lm_head``). A head
 count that does not divide a query/key projection's outputs, and a ``target_modules`` entry that
 matches no linear layer, raise instead.
@@ -49,6 +56,7 @@ QUERY_NAMES = ("q_proj", "query", "wq", "q_lin", "q_attn")
 KEY_NAMES = ("k_proj", "key", "wk", "k_lin")
 FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "Wqkv", "qkv", "c_attn")
 OUTPUT_HEAD_NAMES = ("lm_head", "output", "embed_out", "classifier", "score", "decoder", "vocab_projector")
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 @dataclass
@@ -56,7 +64,8 @@ class ParamGroupPlan:
     """The groups for GaLorePlusAdamW and, by parameter name, where each parameter went.
 
     ``placement`` maps every trainable parameter's name to its group name; ``unplaced`` maps the
-    name of each targeted weight that could not be projected to the reason.
+    name of each tensor of two or more dimensions left in AdamW that is not plain by design
+    (embeddings, output heads, routers, biases) to the reason.
     """
 
     groups: list[dict[str, Any]]
@@ -109,10 +118,32 @@ def _head_count(model: nn.Module, name: str, num_heads: int | None, num_kv_heads
 
 
 def _projectable_weight(module: nn.Module) -> nn.Parameter | None:
-    """The 2-D weight of an ``nn.Linear`` or transformers ``Conv1D``; None for other modules."""
-    if isinstance(module, nn.Linear) or is_conv1d(module):
+    """The 2-D weight of an ``nn.Linear`` or transformers ``Conv1D``, or the 4-D kernel of an ``nn.Conv2d``; None for
+    other modules."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)) or is_conv1d(module):
         return module.weight
     return None
+
+
+def is_router(name: str, module: nn.Module) -> bool:
+    """Whether a module is a mixture-of-experts router (its few outputs choose experts; kept plain)."""
+    return _leaf(name) in ROUTER_NAMES or type(module).__name__.lower().endswith("router")
+
+
+def expert_stacks(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The 3-D parameters (E, m, n) of a module named like ``...Experts`` (a transformers 5 fused expert layer),
+    by their leaf name; none for other modules."""
+    if "expert" not in type(module).__name__.lower():
+        return {}
+    return {name: param for name, param in module.named_parameters(recurse=False) if param.dim() == 3}
+
+
+def _plain_by_design(name: str, param: nn.Parameter, modules: dict[str, nn.Module]) -> bool:
+    """Embeddings, output heads, routers, norms and biases: kept in AdamW on purpose, no warning."""
+    owner_name = name.rsplit(".", 1)[0] if "." in name else ""
+    owner = modules.get(owner_name)
+    return (param.dim() < 2 or "bias" in _leaf(name) or isinstance(owner, nn.Embedding)
+            or _leaf(owner_name) in OUTPUT_HEAD_NAMES or (owner is not None and is_router(owner_name, owner)))
 
 
 def _check_arguments(arguments: dict[str, Any], group_options: dict[str, Any]) -> None:
@@ -146,7 +177,8 @@ def _check_arguments(arguments: dict[str, Any], group_options: dict[str, Any]) -
 
 def _unmatched_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     """Entries of ``target_modules`` that select no ``nn.Linear``/``Conv1D`` module of ``model``."""
-    names = [name for name, module in model.named_modules() if _projectable_weight(module) is not None]
+    names = [name for name, module in model.named_modules()
+             if _projectable_weight(module) is not None or expert_stacks(module)]
     if isinstance(target_modules, str):
         return [] if any(module_matches(name, target_modules) for name in names) else [target_modules]
     return [entry for entry in target_modules if not any(module_matches(name, [entry]) for name in names)]
@@ -166,6 +198,14 @@ def _target_error(model: nn.Module, unmatched: list[str]) -> ValueError:
 def _projected_side_size(shape: tuple[int, int], cross_head: bool) -> int:
     """The side a weight's basis spans: the input side for ``cross_head``, else (``std``) the smaller side."""
     return shape[1] if cross_head else min(shape)
+
+
+def _matrix_shape(weight: nn.Parameter, transposed: bool) -> tuple[int, int]:
+    """The (m, n) of each matrix the optimizer steps: a kernel as (out, in kh kw), an expert stack's experts."""
+    if weight.dim() == 4:
+        return weight.shape[0], weight[0].numel()
+    rows, columns = weight.shape[-2:]
+    return (columns, rows) if transposed else (rows, columns)
 
 
 def plan_param_groups(
@@ -218,11 +258,23 @@ def plan_param_groups(
         plan.placement[param_name] = group_name
 
     for module_name, module in model.named_modules():
+        if module_matches(module_name, target_modules):
+            for leaf, stack in expert_stacks(module).items():
+                stack_name = f"{module_name}.{leaf}"
+                if not stack.requires_grad or canonical_names[id(stack)] != stack_name:
+                    continue
+                if rank >= min(stack.shape[-2:]):
+                    plan.unplaced[stack_name] = (f"rank={rank} is not below the side of each expert "
+                                                 f"{tuple(stack.shape[-2:])} of {tuple(stack.shape)}, so projecting "
+                                                 "it saves nothing")
+                    continue
+                place(f"{projector}_experts", stack, stack_name, dict(projected_options, projector=projector))
         weight = _projectable_weight(module)
         if weight is None or not weight.requires_grad:
             continue
         is_head = _leaf(module_name) in OUTPUT_HEAD_NAMES
-        if not (module_matches(module_name, target_modules) or (include_lm_head and is_head)):
+        if is_router(module_name, module) or not (module_matches(module_name, target_modules)
+                                                  or (include_lm_head and is_head)):
             continue
         weight_name = f"{module_name}.weight"
         canonical = canonical_names[id(weight)]
@@ -230,9 +282,9 @@ def plan_param_groups(
             if canonical not in plan.placement:
                 plan.unplaced[weight_name] = f"tied to {canonical} (the same tensor); tied weights stay in AdamW"
             continue
-        attention = _leaf(module_name) in QUERY_NAMES + KEY_NAMES + FUSED_QKV_NAMES
+        attention = _leaf(module_name) in QUERY_NAMES + KEY_NAMES + FUSED_QKV_NAMES and weight.dim() == 2
         transposed = is_conv1d(module)
-        shape = tuple(reversed(weight.shape)) if transposed else tuple(weight.shape)
+        shape = _matrix_shape(weight, transposed)
         side = _projected_side_size(shape, cross_head and attention)
         if rank >= side or rank > min(shape):
             plan.unplaced[weight_name] = (f"rank={rank} is not below the side of shape {tuple(weight.shape)} it would "
@@ -256,9 +308,12 @@ def plan_param_groups(
             name = f"{projector}_residual" if residual else projector
             place(name, weight, weight_name, dict(projected_options, projector=projector, **residual))
 
+    modules = dict(model.named_modules())
     for param_name, param in model.named_parameters():
         if param.requires_grad and param_name not in plan.placement:
             place("adamw", param, param_name, {})
+            if param_name not in plan.unplaced and not _plain_by_design(param_name, param, modules):
+                plan.unplaced[param_name] = _plain_reason(param_name, param, modules, target_modules)
     plan.groups = list(groups.values())
     placed_keys = {key for group in plan.groups if "rank" in group for key in group}
     for key, value in group_options.items():
@@ -267,6 +322,20 @@ def plan_param_groups(
                              ", and no projected group of this model has one of those; remove it, or choose the "
                              "projector or update_rule that reads it")
     return plan
+
+
+def _plain_reason(name: str, param: nn.Parameter, modules: dict[str, nn.Module],
+                  target_modules: str | list[str]) -> str:
+    """Why a tensor of two or more dimensions that is not plain by design stays in AdamW."""
+    owner_name = name.rsplit(".", 1)[0] if "." in name else ""
+    owner = modules.get(owner_name)
+    kind = type(owner).__name__ if owner is not None else "the model"
+    if isinstance(owner, (nn.Conv1d, nn.Conv3d)):
+        return (f"a {param.dim()}-D {kind} kernel: only nn.Conv2d kernels are projected (a 3-D tensor in a 'rank' "
+                "group is read as a stack of expert matrices)")
+    if (_projectable_weight(owner) is param or expert_stacks(owner)) and not module_matches(owner_name, target_modules):
+        return "not selected by target_modules"
+    return f"a {param.dim()}-D tensor of {kind} that make_param_groups does not know how to project"
 
 
 def make_param_groups(
@@ -294,9 +363,11 @@ def make_param_groups(
     * query/key projections -> ``cross_head`` groups with ``residual_ratio``, one per head count
       (with ``cross_head=False``: a ``projector`` group with ``residual_ratio``);
     * fused q/k/v projections -> ``cross_head`` with H + 2 K heads (``transposed=True`` for Conv1D);
-    * other matched 2-D ``nn.Linear`` and transformers ``Conv1D`` weights -> one ``projector`` group;
-    * everything else (embeddings, norms, biases, the output head unless ``include_lm_head``, tied
-      weights and matched weights with no side larger than ``rank``) -> a plain AdamW group.
+    * other matched 2-D ``nn.Linear`` and transformers ``Conv1D`` weights and ``nn.Conv2d`` kernels -> one
+      ``projector`` group; the 3-D expert stacks of mixture-of-experts layers -> a ``{projector}_experts`` group;
+    * everything else (embeddings, norms, biases, routers, the output head unless ``include_lm_head``, tied
+      weights and matched weights with no side larger than ``rank``) -> a plain AdamW group; the tensors of
+      two or more dimensions among them that are not plain by design are named in a warning with their bytes.
 
     ``lr``, ``weight_decay``, ``betas`` and ``eps``, when given, are set in every group; the
     parameters named in ``no_decay`` (e.g. norms and biases) go to ``*_no_decay`` groups with
@@ -316,8 +387,8 @@ def make_param_groups(
         more = f" (and {len(plan.unplaced) - 5} more)" if len(plan.unplaced) > 5 else ""
         params = dict(model.named_parameters())
         kept = sum(2 * params[name].numel() * params[name].element_size() for name in plan.unplaced if name in params)
-        warnings.warn(f"{len(plan.unplaced)} targeted weight(s) could not be projected and stay in the plain AdamW "
-                      f"group with full-size moments ({format_bytes(kept)}): {listed}{more}", stacklevel=2)
+        warnings.warn(f"{len(plan.unplaced)} weight(s) of two or more dimensions are not projected and stay in the "
+                      f"plain AdamW group with full-size moments ({format_bytes(kept)}): {listed}{more}", stacklevel=2)
     if residual_ratio > 0 and not any(group.get("residual_ratio", 0) > 0 for group in plan.groups):
         warnings.warn(f"make_param_groups: residual_ratio={residual_ratio} applies to query/key projections "
                       f"({', '.join(QUERY_NAMES + KEY_NAMES + FUSED_QKV_NAMES)}) and no targeted, projected weight "

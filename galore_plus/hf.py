@@ -19,13 +19,17 @@ What it does that the plain Trainer with ``optimizer_cls_and_kwargs`` does not:
   ``weight_decay`` to every group, and applies the Trainer's own no-decay rule
   (``Trainer.get_decay_parameter_names``: biases and normalisation weights get ``weight_decay=0``;
   embeddings are decayed, as by the Trainer's AdamW);
-* ``per_layer=True`` steps each parameter during backward (:mod:`galore_plus.per_layer`). The
-  Trainer of transformers 5.24 computes the global gradient norm after every backward, even with
-  ``max_grad_norm=0``, for its ``grad_norm`` log; in per-layer mode every gradient is already
-  used and freed then, so this Trainer skips that norm (no ``grad_norm`` is logged). Clipping
-  (``max_grad_norm > 0``) and gradient accumulation cannot work in per-layer mode and raise a
-  ``ValueError`` at construction. The same applies to an optimizer with per-layer steps passed
-  through ``optimizers=(optimizer, None)``.
+* ``per_layer=True`` steps each parameter during backward (:mod:`galore_plus.per_layer`). With
+  ``gradient_accumulation_steps > 1`` or ``max_grad_norm > 0`` it uses per-layer accumulation
+  (``enable_per_layer_steps(optimizer, accumulation_steps=gradient_accumulation_steps)``,
+  :mod:`galore_plus.accumulate`): each micro-batch's gradient of a projected weight is projected into
+  the subspace and freed, the weights step once per update at the Trainer's ``optimizer.step()``, so
+  the LR schedule steps once per update, and clipping and the logged ``grad_norm`` use
+  :meth:`~galore_plus.per_layer.PerLayerSteps.clip_grad_norm_`'s norm. Without either, every
+  parameter steps during backward and no ``grad_norm`` is logged (the gradients are gone when the
+  Trainer computes it). An optimizer with per-layer steps passed through ``optimizers=(optimizer,
+  None)`` must have been enabled with ``accumulation_steps=gradient_accumulation_steps`` when the
+  arguments need accumulation or clipping; otherwise a ``ValueError`` says so.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ except ImportError as error:  # pragma: no cover - transformers is an optional e
 
 from .groups import make_param_groups
 from .optimizer import GaLorePlusAdamW
-from .per_layer import enable_per_layer_steps, per_layer_enabled
+from .per_layer import enable_per_layer_steps, per_layer_handle
 
 
 def unwrapped_optimizer(optimizer: Any) -> Any:
@@ -56,8 +60,9 @@ class GaLorePlusTrainer(transformers.Trainer):
     """A ``transformers.Trainer`` that trains with GaLorePlusAdamW (see the module docstring).
 
     ``galore``: keyword arguments of :func:`galore_plus.make_param_groups` (``rank`` is required).
-    ``per_layer``: step each parameter during backward; needs ``max_grad_norm=0`` and no gradient
-    accumulation. ``optim_bits`` and ``seed`` go to :class:`GaLorePlusAdamW`.
+    ``per_layer``: step each parameter during backward, or with gradient accumulation or clipping
+    once per update from the accumulated low-rank gradients. ``optim_bits`` and ``seed`` go to
+    :class:`GaLorePlusAdamW`.
     """
 
     def __init__(self, *args: Any, galore: dict[str, Any] | None = None, per_layer: bool = False,
@@ -76,8 +81,6 @@ class GaLorePlusTrainer(transformers.Trainer):
             raise ValueError(f"GaLorePlusTrainer: {', '.join(from_arguments)} in galore=... come from TrainingArguments "
                              "(learning_rate, weight_decay, adam_beta1/2, adam_epsilon, the Trainer's no-decay rule); "
                              "remove them from galore")
-        if per_layer:
-            check_per_layer_arguments(self.args)
         self.galore = dict(galore or {})
         self.per_layer = per_layer
         self.optim_bits = optim_bits
@@ -102,31 +105,41 @@ class GaLorePlusTrainer(transformers.Trainer):
                 weight_decay=self.args.weight_decay, seed=self.galore_seed, optim_bits=self.optim_bits,
             )
             if self.per_layer:
-                self.per_layer_steps = enable_per_layer_steps(self.optimizer)
-        elif per_layer_enabled(unwrapped_optimizer(self.optimizer)):
-            check_per_layer_arguments(self.args)
+                accumulation = self.args.gradient_accumulation_steps if needs_accumulation(self.args) else None
+                self.per_layer_steps = enable_per_layer_steps(self.optimizer, accumulation_steps=accumulation)
+        else:
+            check_per_layer_handle(unwrapped_optimizer(self.optimizer), self.args)
         return self.optimizer
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:
-        if per_layer_enabled(unwrapped_optimizer(self.optimizer)):
-            check_per_layer_arguments(self.args)
+        handle = per_layer_handle(unwrapped_optimizer(self.optimizer))
+        if handle is not None:
+            check_per_layer_handle(unwrapped_optimizer(self.optimizer), self.args)
+            return handle.clip_grad_norm_(self.args.max_grad_norm)
         return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
-        """The Trainer's logged gradient norm; None in per-layer mode, where the gradients are gone by now."""
-        if per_layer_enabled(unwrapped_optimizer(self.optimizer)):
-            return None
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
+        """The Trainer's logged gradient norm: per-layer accumulation's norm of the update (the clipping norm), or
+        None in per-layer mode without accumulation, where the gradients are gone by now."""
+        handle = per_layer_handle(unwrapped_optimizer(self.optimizer))
+        if handle is None:
+            return super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is None and handle.accumulation_steps is not None:
+            grad_norm = handle.clip_grad_norm_(float("inf"))
+        return grad_norm
 
 
-def check_per_layer_arguments(args: transformers.TrainingArguments) -> None:
-    """Raise a ValueError saying what to change when TrainingArguments need what per-layer steps cannot do."""
-    if args.max_grad_norm and args.max_grad_norm > 0:
-        raise ValueError(f"per-layer steps cannot clip the global gradient norm (max_grad_norm={args.max_grad_norm}): "
-                         "each gradient is used and freed during backward. Set TrainingArguments(max_grad_norm=0), "
-                         "or train without per_layer")
-    if args.gradient_accumulation_steps > 1:
-        raise ValueError(f"per-layer steps cannot accumulate gradients (gradient_accumulation_steps="
-                         f"{args.gradient_accumulation_steps}): every backward steps the weights. Set "
-                         "gradient_accumulation_steps=1 and raise per_device_train_batch_size, or train without "
-                         "per_layer")
+def needs_accumulation(args: transformers.TrainingArguments) -> bool:
+    """Whether TrainingArguments need per-layer accumulation: gradient accumulation or clipping."""
+    return args.gradient_accumulation_steps > 1 or bool(args.max_grad_norm and args.max_grad_norm > 0)
+
+
+def check_per_layer_handle(optimizer: Any, args: transformers.TrainingArguments) -> None:
+    """Raise a ValueError when a user-built optimizer's per-layer steps cannot do what TrainingArguments ask."""
+    handle = per_layer_handle(optimizer)
+    if handle is None or not needs_accumulation(args) or handle.accumulation_steps == args.gradient_accumulation_steps:
+        return
+    raise ValueError(f"per-layer steps with gradient_accumulation_steps={args.gradient_accumulation_steps} and "
+                     f"max_grad_norm={args.max_grad_norm} need enable_per_layer_steps(optimizer, accumulation_steps="
+                     f"{args.gradient_accumulation_steps}); this optimizer's has accumulation_steps="
+                     f"{handle.accumulation_steps}")

@@ -13,14 +13,18 @@ allocates in ``optimizer.state``:
   ``random`` projector (regenerated every step); two low-rank moments (float32 or 8-bit); with
   ``residual_ratio > 0`` the residual: |I| = ceil(ratio m n) entries of two float32 moments and an
   int16/int32 column index, plus m + 1 int32 row offsets; with ``update_rule="apollo"`` or
-  ``full_rank_residual`` the limiter's norm (one float32).
+  ``full_rank_residual`` the limiter's norm (one float32);
+* a stack of E expert matrices (E, m, n) counts E times one matrix's basis, moments and norm (the
+  8-bit and 4-bit codes of the stack as one tensor, a float32 absmax per block of it); a
+  convolution kernel counts as the matrix (out, in kh kw).
 
 Gradients are the parameters' dtype; in per-layer mode (:mod:`galore_plus.per_layer`) only one
 parameter's gradient exists at a time, so the largest one is counted. Not counted: activations,
 the temporary buffers of one step, and the allocator's rounding.
 
 Command line: ``python -m galore_plus.memory --model llama2-7b`` (or ``--config file.json`` or
-``--config checkpoint_folder``) prints the table of AdamW, AdamW 8-bit, GaLore, GaLore+, GaLore+ with
+``--config checkpoint_folder``; ``--model mixtral-8x7b`` or ``qwen3-30b-a3b`` for mixture-of-experts
+models, whose fused expert stacks are projected) prints the table of AdamW, AdamW 8-bit, GaLore, GaLore+, GaLore+ with
 4-bit bases, APOLLO and APOLLO-Mini (rank 1; the others at ranks 128, 256 and 512), 32- and 8-bit
 moments, with and without per-layer steps.
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -57,20 +62,27 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
     "tinyllama-1.1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                            num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_local_experts=8,
+                         num_experts_per_tok=2),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          vocab_size=151936, num_experts=128, num_experts_per_tok=8, tie_word_embeddings=False),
 }
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes of parameters, gradients and optimizer state; ``total`` is their sum."""
+    """Bytes of parameters, gradients, optimizer state and per-layer accumulators; ``total`` is their sum."""
 
     parameters: int
     gradients: int
     optimizer_state: int
+    accumulators: int = 0
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer_state
+        return self.parameters + self.gradients + self.optimizer_state + self.accumulators
 
 
 def as_param_groups(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -99,18 +111,41 @@ def basis_bytes(numel: int, group: dict[str, Any]) -> int:
     return quantized_basis_nbytes(numel) if group["basis_bits"] == 4 else 4 * numel
 
 
-def projected_state_bytes(shape: tuple[int, int], group: dict[str, Any], optim_bits: int) -> int:
-    """Basis, low-rank moments, residual and update-rule state of one projected weight of stepped shape ``shape``
-    (defaults filled)."""
-    m, n = shape
-    rank = group["rank"]
+def projected_state_bytes(shape: tuple[int, ...], group: dict[str, Any], optim_bits: int,
+                          accumulation: bool = False) -> int:
+    """Basis, low-rank moments, residual and update-rule state of one projected weight of stepped shape ``shape``,
+    (m, n) or a stack (E, m, n) (defaults filled); with per-layer ``accumulation`` and Fira's residual, also its
+    factor (float32 per channel)."""
+    *batch, m, n = shape
+    experts, rank = math.prod(batch), group["rank"]
     side = projection_side(shape, group["proj_type"], group["projector"])
     basis_numel, moment_numel = (m * rank, rank * n) if side == "left" else (rank * n, m * rank)
+    basis_numel, moment_numel = experts * basis_numel, experts * moment_numel
     moment_bytes = quantized_nbytes(moment_numel) if optim_bits == 8 else 4 * moment_numel
     limited = group["update_rule"] == "apollo" or group["full_rank_residual"]
-    rule_bytes = LIMITER_NORM_BYTES if limited else 0
-    return (basis_bytes(basis_numel, group) + 2 * moment_bytes + residual_state_bytes(shape, group["residual_ratio"])
-            + rule_bytes)
+    rule_bytes = experts * LIMITER_NORM_BYTES if limited else 0
+    if accumulation and group["full_rank_residual"]:
+        rule_bytes += 4 * experts * channel_count((m, n), side)
+    residual_bytes = residual_state_bytes((m, n), group["residual_ratio"]) if not batch else 0
+    return basis_bytes(basis_numel, group) + 2 * moment_bytes + residual_bytes + rule_bytes
+
+
+def channel_count(shape: tuple[int, int], side: str) -> int:
+    """Channels of an (m, n) weight along the side not projected: n columns on the output side, m rows on the input side."""
+    return shape[1] if side == "left" else shape[0]
+
+
+def accumulator_bytes(shape: tuple[int, int], group: dict[str, Any]) -> int:
+    """Per-layer accumulation's accumulator of one projected weight (:mod:`galore_plus.accumulate`): R's sum in
+    float32, one float64 per channel (the energy outside the subspace), with a residual float32 values at I, and
+    with Fira's residual the float32 norm of the terms applied. At a refresh step the replaced basis is kept until
+    the boundary as well (not counted: steady state)."""
+    m, n = shape
+    side = projection_side(shape, group["proj_type"], group["projector"])
+    low_rank_numel = group["rank"] * n if side == "left" else m * group["rank"]
+    fira_bytes = LIMITER_NORM_BYTES if group["full_rank_residual"] else 0
+    return (4 * low_rank_numel + 8 * channel_count(shape, side) + 4 * residual_count(group["residual_ratio"], shape)
+            + fira_bytes)
 
 
 def plain_state_bytes(param: Tensor, optim_bits: int) -> int:
@@ -120,17 +155,34 @@ def plain_state_bytes(param: Tensor, optim_bits: int) -> int:
     return STEP_BYTES + 2 * param.numel() * param.element_size()
 
 
-def optimizer_state_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], optim_bits: int = 32) -> int:
+def filled_groups(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups, projected ones with their defaults filled (copies)."""
+    groups = []
+    for group in as_param_groups(params):
+        filled = dict(group)
+        if "rank" in filled:
+            fill_projected_defaults(filled)
+        groups.append(filled)
+    return groups
+
+
+def optimizer_state_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], optim_bits: int = 32,
+                          accumulation: bool = False) -> int:
     """Bytes of GaLorePlusAdamW's state for these parameter groups once every tensor has stepped."""
     total = 0
-    for group in as_param_groups(params):
+    for group in filled_groups(params):
         if "rank" in group:
-            filled = dict(group)
-            fill_projected_defaults(filled)
-            total += sum(projected_state_bytes(stepped_shape(p, filled), filled, optim_bits) for p in filled["params"])
+            total += sum(projected_state_bytes(stepped_shape(p, group), group, optim_bits, accumulation)
+                         for p in group["params"])
         else:
             total += sum(plain_state_bytes(p, optim_bits) for p in group["params"])
     return total
+
+
+def accumulation_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> int:
+    """Bytes of every projected weight's per-layer accumulator (:func:`accumulator_bytes`)."""
+    return sum(accumulator_bytes(stepped_shape(p, group), group)
+               for group in filled_groups(params) if "rank" in group for p in group["params"])
 
 
 def unique_params(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[Tensor]:
@@ -142,23 +194,36 @@ def unique_params(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[T
     return list(seen.values())
 
 
-def gradient_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], per_layer: bool = False) -> int:
-    """All gradients, or in per-layer mode the largest single gradient."""
-    sizes = [p.numel() * p.element_size() for p in unique_params(params) if p.requires_grad]
-    if not sizes:
+def gradient_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], per_layer: bool = False,
+                   accumulation: bool = False) -> int:
+    """All gradients, or in per-layer mode the largest single gradient; with per-layer ``accumulation`` every
+    plain tensor's gradient (kept until the boundary) plus the largest projected weight's (freed in its hook)."""
+    groups = as_param_groups(params)
+    trained = [p for p in unique_params(groups) if p.requires_grad]
+    if not trained:
         return 0
-    return max(sizes) if per_layer else sum(sizes)
+    if not per_layer:
+        return sum(p.nbytes for p in trained)
+    if not accumulation:
+        return max(p.nbytes for p in trained)
+    projected = {id(p) for group in groups if "rank" in group for p in group["params"]}
+    return (sum(p.nbytes for p in trained if id(p) not in projected)
+            + max((p.nbytes for p in trained if id(p) in projected), default=0))
 
 
 def estimate_memory(
-    params: Iterable[Tensor] | Iterable[dict[str, Any]], optim_bits: int = 32, per_layer: bool = False
+    params: Iterable[Tensor] | Iterable[dict[str, Any]], optim_bits: int = 32, per_layer: bool = False,
+    accumulation: bool = False,
 ) -> MemoryEstimate:
-    """Parameters, gradients and optimizer state of training these groups with GaLorePlusAdamW."""
+    """Parameters, gradients, optimizer state and (``per_layer`` with ``accumulation``, i.e. ``accumulation_steps``
+    given to ``enable_per_layer_steps``) the accumulators of training these groups with GaLorePlusAdamW."""
     groups = as_param_groups(params)
+    accumulation = accumulation and per_layer
     return MemoryEstimate(
         parameters=sum(p.numel() * p.element_size() for p in unique_params(groups)),
-        gradients=gradient_bytes(groups, per_layer),
-        optimizer_state=optimizer_state_bytes(groups, optim_bits),
+        gradients=gradient_bytes(groups, per_layer, accumulation),
+        optimizer_state=optimizer_state_bytes(groups, optim_bits, accumulation),
+        accumulators=accumulation_bytes(groups) if accumulation else 0,
     )
 
 

@@ -23,7 +23,8 @@ second term gives it the average variance instead (measured on a tiny LLaMA this
 V (C * C) or keeping the moments; docs/levers.md). sum_k C_kj^2 is the squared length of the new
 basis vector inside the old subspace, at most 1 (up to rounding, clamped).
 
-Adam's bias-correction step count continues unchanged.
+Adam's bias-correction step count continues unchanged. A stack of matrices (E, ...) transfers each
+expert's moments with its own C, batched.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .projectors import Side
 
 def basis_change(old: Tensor, new: Tensor, side: Side) -> Tensor:
     """C (r x r): Q_old Q_new^T on the input side, P_new^T P_old on the output side."""
-    return old @ new.t() if side == "right" else new.t() @ old
+    return old @ new.mT if side == "right" else new.mT @ old
 
 
 def transfer_exp_avg(exp_avg: Tensor, change: Tensor, side: Side) -> Tensor:
@@ -50,10 +51,10 @@ def transfer_exp_avg_sq(exp_avg_sq: Tensor, change: Tensor, side: Side) -> Tenso
     each new direction outside the old subspace."""
     weights = change.square()
     if side == "right":
-        outside = (1 - weights.sum(0)).clamp_(min=0)
-        return exp_avg_sq @ weights + exp_avg_sq.mean(1, keepdim=True) * outside
-    outside = (1 - weights.sum(1)).clamp_(min=0)
-    return weights @ exp_avg_sq + outside[:, None] * exp_avg_sq.mean(0, keepdim=True)
+        outside = (1 - weights.sum(-2, keepdim=True)).clamp_(min=0)
+        return exp_avg_sq @ weights + exp_avg_sq.mean(-1, keepdim=True) * outside
+    outside = (1 - weights.sum(-1, keepdim=True)).clamp_(min=0)
+    return weights @ exp_avg_sq + outside * exp_avg_sq.mean(-2, keepdim=True)
 
 
 def transfer_moments(

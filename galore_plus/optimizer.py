@@ -11,13 +11,16 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 from .checkpoint import checked_state_dict
-from .distributed import LocalLayout, is_sharded, row_shard_layout
+from .accumulate import Accumulator
+from .distributed import LocalLayout, RowShardLayout, is_sharded, row_shard_layout
 from .group_options import (
     check_hyperparameters, group_label, keyword_argument_error, plain_adamw_warning, prepare_group,
 )
 from . import quant
 from .refresh_schedule import weight_refresh_count
-from .weight_step import SkippedSteps, StepContext, step_projected_weight
+from .weight_step import (
+    SkippedSteps, StepContext, accumulate_projected_gradient, step_accumulated_weight, step_projected_weight,
+)
 
 
 CONSTRUCTOR_ARGS = ("params", "lr", "betas", "eps", "weight_decay", "seed", "foreach", "optim_bits")
@@ -203,20 +206,53 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )
 
-    def _step_projected(self, param: Tensor, group: dict[str, Any], group_index: int, position: int) -> None:
-        """One GaLore+ step of a 2-D weight (see :mod:`galore_plus.weight_step`), in its layout."""
-        grad = param.grad
+    @torch.no_grad()
+    def accumulate_parameter(
+        self, param: Tensor, group_index: int, position: int, accumulator: Accumulator | None, micro_batches: int
+    ) -> Accumulator:
+        """Add ``param.grad`` of a projected weight to its per-layer accumulator (:mod:`galore_plus.accumulate`).
+
+        ``accumulator`` is None for the first micro-batch of an update; the returned one goes to the
+        next call and then to :meth:`step_accumulated_parameter`; ``micro_batches`` is the
+        accumulation steps k. Used by per-layer accumulation.
+        """
+        group = _number_lr(self.param_groups[group_index])
+        layout, context = self._weight_layout(param, group, group_index, position)
+        return accumulate_projected_gradient(layout, self.state[param], group, context, accumulator, micro_batches)
+
+    @torch.no_grad()
+    def step_accumulated_parameter(self, param: Tensor, group_index: int, position: int,
+                                   accumulator: Accumulator) -> None:
+        """The step of a projected weight from its accumulator (the boundary of per-layer accumulation)."""
+        group = _number_lr(self.param_groups[group_index])
+        layout, context = self._weight_layout(param, group, group_index, position, check_grad=False)
+        step_accumulated_weight(layout, self.state[param], group, context, accumulator)
+
+    def _weight_layout(
+        self, param: Tensor, group: dict[str, Any], group_index: int, position: int, check_grad: bool = True
+    ) -> tuple[LocalLayout | RowShardLayout, StepContext]:
+        """The layout of a projected weight (a matrix, expert stack or convolution kernel) and the context of its
+        step; checks its gradient is dense and real."""
         label = group_label(group, group_index)
-        if grad.is_sparse or grad.is_complex():
+        grad = param.grad
+        if check_grad and (grad.is_sparse or grad.is_complex()):
             raise TypeError(f"{label}, key 'rank': projected weights need dense real gradients, "
                             f"got a {'sparse' if grad.is_sparse else 'complex'} gradient")
         if is_sharded(param):
             layout = row_shard_layout(param, group, label, self.optim_bits)
+        elif param.dim() == 4 and not param.is_contiguous():
+            raise TypeError(f"{label}, key 'rank': the convolution kernel of shape {tuple(param.shape)} is stepped as "
+                            "the matrix (out, in kh kw), a view of a contiguous kernel, and this one is not contiguous "
+                            "(channels_last?); keep the weight contiguous or put it in a group without 'rank'")
         else:
             layout = LocalLayout(param, group["transposed"])
-        context = StepContext(self.seed, position, self.optim_bits, label, self._warn_once, self._skipped)
-        if isinstance(group["lr"], Tensor):   # a one-element tensor lr, read as torch's AdamW reads it without capturable
-            group = {**group, "lr": float(group["lr"])}
+        return layout, StepContext(self.seed, position, self.optim_bits, label, self._warn_once, self._skipped)
+
+    def _step_projected(self, param: Tensor, group: dict[str, Any], group_index: int, position: int) -> None:
+        """One GaLore+ step of a matrix, expert stack or convolution kernel (see :mod:`galore_plus.weight_step`), in
+        its layout."""
+        group = _number_lr(group)
+        layout, context = self._weight_layout(param, group, group_index, position)
         step_projected_weight(layout, self.state[param], group, context)
 
     def _warn_once(self, kind: str, message: str) -> None:
@@ -267,3 +303,8 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
 def plain_step_dtype() -> torch.dtype:
     """The dtype of a plain tensor's ``step`` counter: torch's AdamW's (float64 under a float64 default dtype)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _number_lr(group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with a one-element tensor lr read as a number, as torch's AdamW reads it without ``capturable``."""
+    return {**group, "lr": float(group["lr"])} if isinstance(group["lr"], Tensor) else group

@@ -13,6 +13,15 @@ adds into the marker). ``optimizer.step()`` stays part of the loop: it steps not
 and resets the markers to ``None``, as does ``optimizer.zero_grad()``. A closure passed to
 ``step`` raises, since its backward would already step every parameter.
 
+Gradient accumulation and clipping: ``handle = enable_per_layer_steps(optimizer, accumulation_steps=k)``.
+Then each hook of a projected weight adds the micro-batch's gradient, projected, to an accumulator
+of the low-rank gradient's shape and frees the gradient (:mod:`galore_plus.accumulate` defines what
+the full-size terms and a refresh do); plain tensors' gradients accumulate in ``.grad`` as usual. Up
+to k backward passes, optionally ``handle.clip_grad_norm_(max_norm)``, then ``optimizer.step()``:
+the boundary, where every weight steps once (so an LR scheduler stepped after it steps once per
+update). A backward pass beyond k, or ``state_dict()`` / ``load_state_dict()`` between the backward
+passes of an update, raise: checkpoints are taken at the boundary, and resume exactly from there.
+
 Under DistributedDataParallel, ``enable_per_layer_steps(optimizer, ddp_model=ddp)`` registers a DDP
 communication hook instead of the gradient hooks: each gradient bucket is averaged over the ranks
 (the all-reduce of DDP's default hook) and, when that all-reduce completes, every parameter of the
@@ -25,6 +34,7 @@ step a parameter with its local gradient before DDP reduces it; FSDP-sharded (DT
 are refused always.
 """
 
+import math
 import threading
 import weakref
 from typing import Any, Callable
@@ -36,6 +46,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
+from .accumulate import Accumulator
+from .auto_scale import AUTO
 from .distributed import is_sharded
 from .group_options import group_label
 from .optimizer import GaLorePlusAdamW
@@ -43,12 +55,14 @@ from .optimizer import GaLorePlusAdamW
 CONSUMED_MESSAGE = (
     "per-layer mode: this parameter's gradient was consumed by its optimizer step during backward and freed. "
     "Nothing can read or accumulate into it: global gradient-norm clipping, gradient accumulation (several "
-    "backward passes per optimizer.step()) and gradient logging do not work in per-layer mode. Call "
-    "optimizer.step() (or optimizer.zero_grad()) after every backward, or remove the per-layer handle. "
-    "Under DistributedDataParallel, accumulate with backward passes inside ddp.no_sync()."
+    "backward passes per optimizer.step()) and gradient logging do not work in per-layer mode without "
+    "accumulation. Call optimizer.step() (or optimizer.zero_grad()) after every backward, or enable "
+    "enable_per_layer_steps(optimizer, accumulation_steps=k), which accumulates in the subspace and clips with "
+    "its handle's clip_grad_norm_(max_norm). Under DistributedDataParallel, accumulate with backward passes "
+    "inside ddp.no_sync()."
 )
 
-_ENABLED: weakref.WeakSet = weakref.WeakSet()
+_ENABLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ConsumedGradient(Tensor):
@@ -69,8 +83,13 @@ class ConsumedGradient(Tensor):
 class PerLayerSteps:
     """The hooks of per-layer mode on one optimizer; :meth:`remove` turns the mode off."""
 
-    def __init__(self, optimizer: GaLorePlusAdamW, ddp_model: DistributedDataParallel | None = None):
+    def __init__(self, optimizer: GaLorePlusAdamW, ddp_model: DistributedDataParallel | None = None,
+                 accumulation_steps: int | None = None):
         self.optimizer = optimizer
+        self.accumulation_steps = accumulation_steps
+        self.accumulators: dict[Tensor, Accumulator] = {}
+        self.backward_passes = 0
+        self._counted_this_backward = False
         self.places: dict[Tensor, tuple[int, int]] = {
             param: (group_index, position)
             for group_index, _, position, param in optimizer.indexed_params() if param.requires_grad
@@ -82,11 +101,15 @@ class PerLayerSteps:
         self._end_of_backward_queued = False
         self._bucket_lock = threading.Lock()
         if ddp_model is None:
+            hook = self._hook if accumulation_steps is None else self._accumulate_hook
             for param, (group_index, position) in self.places.items():
-                self._handles.append(param.register_post_accumulate_grad_hook(self._hook(group_index, position)))
+                self._handles.append(param.register_post_accumulate_grad_hook(hook(group_index, position)))
         else:
             ddp_model.register_comm_hook(ddp_model.process_group, self._reduce_then_step)
         self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+        if accumulation_steps is not None:
+            self._handles.append(optimizer.register_state_dict_pre_hook(self._refuse_mid_update))
+            self._handles.append(optimizer.register_load_state_dict_pre_hook(self._refuse_mid_update))
 
     def _hook(self, group_index: int, position: int) -> Callable[[Tensor], None]:
         def step_now(param: Tensor) -> None:
@@ -94,6 +117,85 @@ class PerLayerSteps:
             param.grad = ConsumedGradient(param)
 
         return step_now
+
+    def _accumulate_hook(self, group_index: int, position: int) -> Callable[[Tensor], None]:
+        def accumulate(param: Tensor) -> None:
+            self._count_backward()
+            if "rank" not in self.optimizer.param_groups[group_index]:
+                return  # a plain tensor's gradient accumulates in .grad as usual and is stepped by optimizer.step()
+            self.accumulators[param] = self.optimizer.accumulate_parameter(
+                param, group_index, position, self.accumulators.get(param), self.accumulation_steps)
+            param.grad = None
+
+        return accumulate
+
+    def _count_backward(self) -> None:
+        """Count the backward pass (at its first hook) and refuse one more than ``accumulation_steps``."""
+        if self._counted_this_backward:
+            return
+        if self.backward_passes == self.accumulation_steps:
+            raise RuntimeError(f"per-layer accumulation: backward pass {self.backward_passes + 1} since the last "
+                               f"optimizer.step(), but accumulation_steps={self.accumulation_steps}. Call "
+                               "optimizer.step() after every accumulation_steps backward passes (at most). This "
+                               "pass's gradient may already be added to a plain tensor's .grad: redo the update")
+        self.backward_passes += 1
+        self._counted_this_backward = True
+        Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _end_backward(self) -> None:
+        self._counted_this_backward = False
+
+    def _refuse_mid_update(self, *args: Any) -> None:
+        """state_dict / load_state_dict pre-hook: refused between the backward passes of one update."""
+        if self.backward_passes:
+            raise RuntimeError(
+                f"per-layer accumulation: the optimizer holds {self.backward_passes} backward pass(es) of an update "
+                "in its accumulators (and the plain tensors' .grad), which no state dict holds. Save and load "
+                "checkpoints at the boundary, after optimizer.step(): resuming there is exact")
+
+    @torch.no_grad()
+    def step_accumulated(self) -> None:
+        """The boundary: step every projected weight from its accumulator (called by ``optimizer.step()``)."""
+        for param, accumulator in self.accumulators.items():
+            self.optimizer.step_accumulated_parameter(param, *self.places[param], accumulator)
+        self.accumulators.clear()
+        self.backward_passes = 0
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip the accumulated gradient of this update to the 2-norm ``max_norm``; returns the norm before clipping.
+
+        Per-layer accumulation's ``torch.nn.utils.clip_grad_norm_``: call it after the last backward pass,
+        before ``optimizer.step()``. The squared norm is the sum over plain tensors of ||.grad||^2 (exact,
+        float32) and over projected weights of ||R||^2 plus the accumulated energy outside the subspace
+        (:meth:`galore_plus.accumulate.Accumulator.square_norm`; exact for one micro-batch, without the
+        cross terms of the micro-batches' parts outside the subspace otherwise). Plain gradients are
+        multiplied in place by min(1, max_norm / (norm + 1e-6)); projected weights' accumulated R and
+        values at I are multiplied by it at the step. Nothing is read on the host. ``max_norm=inf``
+        only measures.
+        """
+        if self.accumulation_steps is None:
+            raise RuntimeError("per-layer steps without accumulation consume every gradient during backward, so "
+                               "nothing is left to clip: enable_per_layer_steps(optimizer, accumulation_steps=k)")
+        plain = [param.grad for param in self.params
+                 if param.grad is not None and not isinstance(param.grad, ConsumedGradient)]
+        squares = [torch.linalg.vector_norm(grad, dtype=torch.float32).square() for grad in plain]
+        squares += [accumulator.square_norm() for accumulator in self.accumulators.values()]
+        if not squares:
+            return torch.zeros(())
+        norm = torch.stack([square.to(squares[0].device) for square in squares]).sum().sqrt()
+        if math.isinf(max_norm):
+            return norm
+        coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for grad in plain:
+            grad.mul_(coefficient.to(grad.device, grad.dtype))
+        for accumulator in self.accumulators.values():
+            accumulator.scale = coefficient
+        return norm
+
+    def accumulator_bytes(self) -> int:
+        """Bytes held by the accumulators now (projected weights; plain gradients are not counted)."""
+        return sum(accumulator.nbytes() for accumulator in self.accumulators.values())
 
     @torch.no_grad()
     def step_parameter(self, param: Tensor, grad: Tensor, group_index: int, position: int) -> None:
@@ -149,6 +251,8 @@ class PerLayerSteps:
             raise RuntimeError("per-layer mode: optimizer.step(closure) is not supported; the backward pass "
                                "already steps every parameter, call loss.backward() and then optimizer.step()")
         self.release_consumed()
+        if self.accumulation_steps is not None:
+            self.step_accumulated()
 
     def release_consumed(self) -> None:
         """Set every consumed-gradient marker back to None."""
@@ -158,12 +262,15 @@ class PerLayerSteps:
 
     def remove(self) -> None:
         """Remove the hooks; the optimizer steps normally from then on."""
+        if self.accumulators:
+            raise RuntimeError(f"per-layer accumulation: remove() with {self.backward_passes} backward pass(es) "
+                               "accumulated and not stepped; call optimizer.step() first")
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self.active = False
         self.release_consumed()
-        _ENABLED.discard(self.optimizer)
+        _ENABLED.pop(self.optimizer, None)
 
 
 def per_layer_enabled(optimizer: Any) -> bool:
@@ -171,8 +278,15 @@ def per_layer_enabled(optimizer: Any) -> bool:
     return optimizer in _ENABLED
 
 
+def per_layer_handle(optimizer: Any) -> "PerLayerSteps | None":
+    """The :class:`PerLayerSteps` enabled on ``optimizer``, or None."""
+    handle = _ENABLED.get(optimizer)
+    return handle() if handle is not None else None
+
+
 def enable_per_layer_steps(
-    optimizer: GaLorePlusAdamW, ddp_model: DistributedDataParallel | None = None
+    optimizer: GaLorePlusAdamW, ddp_model: DistributedDataParallel | None = None, *,
+    accumulation_steps: int | None = None,
 ) -> PerLayerSteps:
     """Step every parameter of ``optimizer`` as soon as its gradient is ready (see module docs).
 
@@ -182,6 +296,10 @@ def enable_per_layer_steps(
     after :meth:`PerLayerSteps.remove` the hook only all-reduces, and enabling per-layer steps on the
     same DDP model again raises DDP's own error. Parameters added to the optimizer later
     are stepped by ``optimizer.step()`` as usual.
+
+    ``accumulation_steps=k`` turns on gradient accumulation (see the module docs and
+    :mod:`galore_plus.accumulate`): up to k backward passes, then ``optimizer.step()``, the boundary.
+    Groups whose keys accumulation cannot honour raise a ValueError naming the key.
     """
     if not isinstance(optimizer, GaLorePlusAdamW):
         raise TypeError(f"per-layer steps need a GaLorePlusAdamW, got {type(optimizer).__name__}")
@@ -197,9 +315,43 @@ def enable_per_layer_steps(
                                "would step each parameter with its local gradient before DDP reduces it")
     else:
         _check_ddp_model(optimizer, ddp_model)
-    handle = PerLayerSteps(optimizer, ddp_model)
-    _ENABLED.add(optimizer)
+    if accumulation_steps is not None:
+        _check_accumulation(optimizer, ddp_model, accumulation_steps)
+    handle = PerLayerSteps(optimizer, ddp_model, accumulation_steps)
+    _ENABLED[optimizer] = weakref.ref(handle)  # the handle refers to the optimizer: a strong value would keep it alive
     return handle
+
+
+def _check_accumulation(optimizer: GaLorePlusAdamW, ddp_model: DistributedDataParallel | None,
+                        accumulation_steps: Any) -> None:
+    """Raise unless per-layer accumulation can step every group of ``optimizer`` as :mod:`galore_plus.accumulate` defines."""
+    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+    if ddp_model is not None:
+        raise ValueError("accumulation_steps: under DistributedDataParallel, accumulate with ddp.no_sync() for the "
+                         "first backward passes instead (they accumulate in DDP's gradient buckets, which hold a full "
+                         "copy anyway; the synchronised backward steps from the reduced sum)")
+    for group_index, group in enumerate(optimizer.param_groups):
+        if "rank" not in group:
+            continue
+        label = group_label(group, group_index)
+        refusals = (
+            ("rank", any(param.dim() == 3 for param in group["params"]),
+             "expert stacks (3-D weights) are stepped batched, and accumulation in the subspace is written for one "
+             "matrix; put the stacks in a group of their own and step without accumulation"),
+            ("update_rule", group["update_rule"] == "apollo",
+             "APOLLO's update is a scaled full-size gradient, which accumulation in the subspace never forms"),
+            ("projector", group["projector"] == "random",
+             "a random basis is not orthonormal, so the accumulated R does not measure the gradient's energy"),
+            ("scale", group["full_rank_residual"] and group["scale"] == AUTO,
+             "scale='auto' with full_rank_residual needs the summed gradient's channel norms; use a number"),
+            ("residual_warmup", group["residual_ratio"] > 0 and group["residual_warmup"] == 0,
+             "the sparse residual's index set would be chosen after the micro-batches needed it; use >= 1"),
+        )
+        for key, refused, why in refusals:
+            if refused:
+                raise ValueError(f"{label}, key {key!r}: not supported with per-layer accumulation "
+                                 f"(accumulation_steps={accumulation_steps}): {why}")
 
 
 def _check_ddp_model(optimizer: GaLorePlusAdamW, ddp_model: DistributedDataParallel) -> None:

@@ -5,6 +5,9 @@ A basis is a plain float32 tensor. Its shape tells the side it projects:
 * ``"left"``  (output side, rows):     P of shape (m, r), low-rank gradient R = P^T G (r, n)
 * ``"right"`` (input side, columns):   Q of shape (r, n), low-rank gradient R = G Q^T (m, r)
 
+A stack of E independent matrices G (E, m, n) (:mod:`galore_plus.stacks`) has a stack of bases,
+(E, m, r) or (E, r, n), computed batched by the same functions; ``cross_head`` takes matrices only.
+
 Four strategies give it, registered by name in :data:`PROJECTORS` (a group's ``projector`` key):
 
 * ``svd``         top-r singular vectors by ``torch.linalg.svd`` (GaLore).
@@ -16,8 +19,8 @@ Four strategies give it, registered by name in :data:`PROJECTORS` (a group's ``p
                   stored: regenerated at every step from the seeded generator (APOLLO; see
                   :mod:`galore_plus.random_basis`). It is not orthonormal.
 
-Every random choice draws from a ``torch.Generator`` made by :func:`basis_generator`, never from
-torch's global RNG.
+Every random choice draws from a ``torch.Generator`` made by :func:`basis_generator` (a list of
+them, one per expert, for a stack: :func:`basis_generators`), never from torch's global RNG.
 
 A registry entry is a :class:`Projector`: a basis function of one signature, the gradient rows it
 reads (so a row-sharded weight gathers only those), its fixed side if it has one, and whether the
@@ -34,7 +37,8 @@ import torch
 from torch import Tensor
 
 from .random_basis import gaussian_basis
-from .row_blocks import widened_dtype, widened_row_blocks
+from .row_blocks import experts_of, widened_dtype, widened_row_blocks
+from .stacks import Generators, add_product_, expert_seed, seeded_normal, stack_size
 
 Side = Literal["left", "right"]
 
@@ -42,8 +46,9 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right")
 HEAD_PROJECTORS = ("svd", "randomized")
 
 
-def projection_side(shape: tuple[int, int], proj_type: str, projector: str) -> Side:
-    """Which side of an (m, n) weight is projected, following GaLore's ``proj_type``.
+def projection_side(shape: tuple[int, ...], proj_type: str, projector: str) -> Side:
+    """Which side of an (m, n) weight (or of each matrix of an (E, m, n) stack) is projected, following GaLore's
+    ``proj_type``.
 
     ``std`` projects the smaller dimension (right when m >= n), ``reverse_std`` the larger one.
     A projector with a fixed side overrides it (``cross_head`` always projects the input side so
@@ -52,7 +57,7 @@ def projection_side(shape: tuple[int, int], proj_type: str, projector: str) -> S
     fixed = PROJECTORS[projector].side
     if fixed is not None:
         return fixed
-    m, n = shape
+    m, n = shape[-2:]
     if proj_type == "std":
         return "right" if m >= n else "left"
     if proj_type == "reverse_std":
@@ -72,6 +77,16 @@ def basis_generator(seed: int, param_index: int, refresh_index: int, device: tor
     return generator
 
 
+def basis_generators(seed: int, param_index: int, refresh_index: int, shape: tuple[int, ...],
+                     device: torch.device) -> Generators:
+    """The generator of a weight of stepped ``shape``: :func:`basis_generator` for a matrix (m, n), one per
+    expert for a stack (E, m, n), expert e's from seed :func:`~galore_plus.stacks.expert_seed` (seed, e)."""
+    if len(shape) == 2:
+        return basis_generator(seed, param_index, refresh_index, device)
+    return [basis_generator(expert_seed(seed, expert), param_index, refresh_index, device)
+            for expert in range(stack_size(shape))]
+
+
 def project(grad: Tensor, basis: Tensor, side: Side, block_values: int | None = None) -> Tensor:
     """Low-rank gradient: P^T G for the left side, G Q^T for the right side.
 
@@ -79,29 +94,33 @@ def project(grad: Tensor, basis: Tensor, side: Side, block_values: int | None = 
     (:func:`~galore_plus.row_blocks.widened_row_blocks`, about ``block_values`` values), never as a
     whole, and multiplied with the float32 basis: right side, the rows of G Q^T of those rows; left
     side, P^T G summed over blocks of rows of G and P (contiguous rows of G, not strided columns).
+    A stack G (E, m, n) with bases (E, m, r) | (E, r, n) gives (E, r, n) | (E, m, r), in the blocks of
+    :func:`~galore_plus.row_blocks.row_slices` (rows of one expert, or several whole experts at once).
     """
     if widened_dtype(grad.dtype) == grad.dtype:
-        return basis.t() @ grad if side == "left" else grad @ basis.t()
+        return basis.mT @ grad if side == "left" else grad @ basis.mT
+    *batch, m, n = grad.shape
     if side == "left":
-        low_rank = torch.zeros(basis.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
-        for rows, block in widened_row_blocks(grad, block_values):
-            low_rank.addmm_(basis[rows].t(), block)
+        low_rank = torch.zeros(*batch, basis.shape[-1], n, dtype=torch.float32, device=grad.device)
+        for block, values in widened_row_blocks(grad, block_values):
+            add_product_(low_rank[experts_of(block)], basis[block].mT, values)
         return low_rank
-    low_rank = torch.empty(grad.shape[0], basis.shape[0], dtype=torch.float32, device=grad.device)
-    for rows, block in widened_row_blocks(grad, block_values):
-        torch.mm(block, basis.t(), out=low_rank[rows])
+    low_rank = torch.empty(*batch, m, basis.shape[-2], dtype=torch.float32, device=grad.device)
+    for block, values in widened_row_blocks(grad, block_values):
+        product = torch.mm if values.dim() == 2 else torch.bmm
+        product(values, basis[experts_of(block)].mT, out=low_rank[block])
     return low_rank
 
 
 def project_back(low_rank: Tensor, basis: Tensor, side: Side) -> Tensor:
-    """Full-size matrix of a low-rank one: P N for the left side, N Q for the right side."""
+    """Full-size matrix (or stack) of a low-rank one: P N for the left side, N Q for the right side."""
     return basis @ low_rank if side == "left" else low_rank @ basis
 
 
 def svd_basis(grad: Tensor, rank: int, side: Side) -> Tensor:
-    """Top-``rank`` singular vectors of ``grad`` by a full (thin) SVD."""
+    """Top-``rank`` singular vectors of ``grad`` (of each matrix of a stack) by a full (thin) SVD."""
     u, _, vh = torch.linalg.svd(grad, full_matrices=False)
-    return u[:, :rank].contiguous() if side == "left" else vh[:rank].contiguous()
+    return u[..., :rank].contiguous() if side == "left" else vh[..., :rank, :].contiguous()
 
 
 def left_singular_vectors(columns: Tensor) -> Tensor:
@@ -110,39 +129,44 @@ def left_singular_vectors(columns: Tensor) -> Tensor:
     The Gram matrix and its eigendecomposition are float64, so singular values down to 1e-6 of the
     largest keep float32-orthonormal vectors; this costs two tall-skinny products where a
     Householder QR or SVD of the tall matrix is several times slower on a CPU. A numerically
-    rank-deficient matrix falls back to ``torch.linalg.svd``.
+    rank-deficient matrix falls back to ``torch.linalg.svd`` (in a stack (E, m, k), only the matrices
+    that are; one host read decides whether any is).
     """
     wide = columns.double()
-    eigenvalues, eigenvectors = torch.linalg.eigh(wide.t() @ wide)
-    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
-    if not bool(eigenvalues[-1] > eigenvalues[0] * 1e-12):
-        return torch.linalg.svd(columns, full_matrices=False)[0]
-    return (wide @ (eigenvectors / eigenvalues.sqrt())).to(columns.dtype)
+    eigenvalues, eigenvectors = torch.linalg.eigh(wide.mT @ wide)
+    eigenvalues, eigenvectors = eigenvalues.flip(-1), eigenvectors.flip(-1)
+    vectors = (wide @ (eigenvectors / eigenvalues.sqrt().unsqueeze(-2))).to(columns.dtype)
+    usable = eigenvalues[..., -1] > eigenvalues[..., 0] * 1e-12
+    if columns.dim() == 2:
+        return vectors if bool(usable) else torch.linalg.svd(columns, full_matrices=False)[0]
+    if bool(usable.all()):
+        return vectors
+    return torch.where(usable[:, None, None], vectors, torch.linalg.svd(columns, full_matrices=False)[0])
 
 
 def _left_randomized(
-    a: Tensor, rank: int, oversample: int, power_iters: int, generator: torch.Generator, previous: Tensor | None
+    a: Tensor, rank: int, oversample: int, power_iters: int, generator: Generators, previous: Tensor | None
 ) -> Tensor:
-    """Top-``rank`` left singular vectors of ``a`` (m, n) by randomized subspace iteration."""
-    m, n = a.shape
+    """Top-``rank`` left singular vectors of ``a`` (m, n), or of each matrix of a stack, by randomized subspace iteration."""
+    m, n = a.shape[-2:]
     width = min(rank + oversample, m, n)
     if previous is not None:
-        fresh = width - previous.shape[1]
-        omega = torch.randn(n, fresh, generator=generator, device=a.device, dtype=a.dtype)
-        sketch = torch.cat([previous, a @ omega], dim=1) if fresh > 0 else previous
+        fresh = width - previous.shape[-1]
+        omega = seeded_normal((n, fresh), generator, a.device, a.dtype)
+        sketch = torch.cat([previous, a @ omega], dim=-1) if fresh > 0 else previous
     else:
-        omega = torch.randn(n, width, generator=generator, device=a.device, dtype=a.dtype)
+        omega = seeded_normal((n, width), generator, a.device, a.dtype)
         sketch = a @ omega
     for _ in range(power_iters):
-        sketch = a @ left_singular_vectors(a.t() @ left_singular_vectors(sketch))
-    return left_singular_vectors(sketch)[:, :rank]
+        sketch = a @ left_singular_vectors(a.mT @ left_singular_vectors(sketch))
+    return left_singular_vectors(sketch)[..., :rank]
 
 
 def randomized_basis(
     grad: Tensor,
     rank: int,
     side: Side,
-    generator: torch.Generator,
+    generator: Generators,
     oversample: int = 8,
     power_iters: int = 2,
     previous: Tensor | None = None,
@@ -152,12 +176,13 @@ def randomized_basis(
     The sketch has ``rank + oversample`` columns. Each power iteration multiplies by G G^T with a
     QR re-orthonormalisation between the products; the final small SVD orders the directions.
     ``previous`` (a basis of the same side and rank) seeds the first ``rank`` sketch columns
-    (warm start), so a slowly moving subspace is tracked with few iterations.
+    (warm start), so a slowly moving subspace is tracked with few iterations. A stack (E, m, n) takes
+    one generator per expert (:func:`basis_generators`).
     """
     if side == "left":
         return _left_randomized(grad, rank, oversample, power_iters, generator, previous).contiguous()
-    previous_left = previous.t() if previous is not None else None
-    return _left_randomized(grad.t(), rank, oversample, power_iters, generator, previous_left).t().contiguous()
+    previous_left = previous.mT if previous is not None else None
+    return _left_randomized(grad.mT, rank, oversample, power_iters, generator, previous_left).mT.contiguous()
 
 
 def chosen_heads(num_heads: int, count: int, generator: torch.Generator) -> Tensor:
@@ -204,12 +229,14 @@ def shared_head_basis(
     return randomized_basis(rows, rank, "right", generator, oversample, power_iters, previous)
 
 
-def random_orthonormal_basis(shape: tuple[int, int], rank: int, side: Side, generator: torch.Generator, device: torch.device) -> Tensor:
-    """A random orthonormal basis: the fallback when no decomposition of the gradient is usable."""
-    m, n = shape
+def random_orthonormal_basis(shape: tuple[int, ...], rank: int, side: Side, generator: Generators,
+                             device: torch.device) -> Tensor:
+    """A random orthonormal basis (a stack of them for a stack): the fallback when no decomposition of the gradient
+    is usable."""
+    m, n = shape[-2:]
     size = m if side == "left" else n
-    q, _ = torch.linalg.qr(torch.randn(size, rank, generator=generator, device=device))
-    return q.contiguous() if side == "left" else q.t().contiguous()
+    q, _ = torch.linalg.qr(seeded_normal((size, rank), generator, device))
+    return q.contiguous() if side == "left" else q.mT.contiguous()
 
 
 def group_num_heads(group: dict, rows: int) -> int:
@@ -217,8 +244,8 @@ def group_num_heads(group: dict, rows: int) -> int:
     return rows // group["head_dim"] if group.get("head_dim") else group["num_heads"]
 
 
-Shape = tuple[int, int]
-BasisFunction = Callable[[Tensor, Shape, dict, Side, torch.Generator, "Tensor | None"], Tensor]
+Shape = tuple[int, ...]  # (m, n), or (E, m, n) for a stack of E matrices
+BasisFunction = Callable[[Tensor, Shape, dict, Side, Generators, "Tensor | None"], Tensor]
 RowsFunction = Callable[[dict, Shape, torch.Generator], "Tensor | None"]
 
 
@@ -232,9 +259,9 @@ class Projector:
     """One entry of :data:`PROJECTORS`.
 
     * ``basis(read, shape, group, side, generator, previous)``: the float32 basis of a weight of
-      global ``shape`` (m, n), from ``read``, the float32 gradient rows given by ``rows``
+      global ``shape`` (m, n) or (E, m, n), from ``read``, the float32 gradient rows given by ``rows``
       (the whole gradient when ``rows`` gives None); ``previous`` is the last basis when the
-      group's ``warm_start`` is on, else None.
+      group's ``warm_start`` is on, else None. A stack's ``generator`` is a list, one per expert.
     * ``rows(group, shape, generator)``: the gradient rows the basis reads, as CPU int64 indices
       in the order ``read`` stacks them, or None for every row. It must not advance ``generator``.
     * ``side``: the side it always projects, or None to follow the group's ``proj_type``.
@@ -245,6 +272,7 @@ class Projector:
       projector key (validation derives what it refuses, and whom to name, from this).
     * ``full_rank_residual``: whether its groups get Fira's full-rank residual by default (where
       the update rule reads ``full_rank_residual``).
+    * ``stacks``: whether it computes the bases of a stack of matrices (E, m, n), batched.
     """
 
     basis: BasisFunction
@@ -253,18 +281,19 @@ class Projector:
     stores_basis: bool = True
     keys: tuple[str, ...] = ()
     full_rank_residual: bool = False
+    stacks: bool = True
 
 
 def _warm(group: dict, previous: Tensor | None) -> Tensor | None:
     return previous if group["warm_start"] else None
 
 
-def _svd(read: Tensor, shape: Shape, group: dict, side: Side, generator: torch.Generator, previous: Tensor | None) -> Tensor:
+def _svd(read: Tensor, shape: Shape, group: dict, side: Side, generator: Generators, previous: Tensor | None) -> Tensor:
     return svd_basis(read, group["rank"], side)
 
 
 def _randomized(
-    read: Tensor, shape: Shape, group: dict, side: Side, generator: torch.Generator, previous: Tensor | None
+    read: Tensor, shape: Shape, group: dict, side: Side, generator: Generators, previous: Tensor | None
 ) -> Tensor:
     return randomized_basis(read, group["rank"], side, generator, group["oversample"], group["power_iters"],
                             _warm(group, previous))
@@ -284,7 +313,7 @@ def _cross_head(
                              group["power_iters"], _warm(group, previous))
 
 
-def _random(read: None, shape: Shape, group: dict, side: Side, generator: torch.Generator, previous: None) -> Tensor:
+def _random(read: None, shape: Shape, group: dict, side: Side, generator: Generators, previous: None) -> Tensor:
     return gaussian_basis(shape, group["rank"], side, generator)
 
 
@@ -300,13 +329,13 @@ PROJECTORS: dict[str, Projector] = {
     "randomized": Projector(_randomized, keys=("proj_type",) + SKETCH_KEYS + STORED_BASIS_KEYS, full_rank_residual=True),
     "cross_head": Projector(_cross_head, rows=_cross_head_rows, side="right",
                             keys=("num_heads", "head_dim", "head_projector", "cross_head_heads") + SKETCH_KEYS
-                            + STORED_BASIS_KEYS, full_rank_residual=True),
+                            + STORED_BASIS_KEYS, full_rank_residual=True, stacks=False),
     "random": Projector(_random, stores_basis=False, keys=("proj_type",)),
 }
 
 
 def compute_basis(
-    read: Tensor | None, shape: Shape, group: dict, side: Side, generator: torch.Generator, previous: Tensor | None
+    read: Tensor | None, shape: Shape, group: dict, side: Side, generator: Generators, previous: Tensor | None
 ) -> Tensor:
     """The basis chosen by the group's ``projector`` key (see :class:`Projector` for the arguments)."""
     return PROJECTORS[group["projector"]].basis(read, shape, group, side, generator, previous)

@@ -102,12 +102,31 @@ def store_moments(state: dict[str, Any], stored: dict[str, Tensor], keep_new: Te
     """Replace float32 ``exp_avg``/``exp_avg_sq`` in the state by their 8-bit codes and absmax values.
 
     Where the 0-d bool ``keep_new`` is False, the codes ``stored`` by :func:`load_moments` are kept
-    bit for bit instead (a skipped step), chosen on the device.
+    bit for bit instead (a skipped step), chosen on the device. A stack of experts (``keep_new`` of
+    shape (E, 1, 1)) is quantised as one tensor: a block keeps its old codes and absmax when every
+    expert with values in it skipped the step (:func:`new_blocks`). A block shared by an expert that
+    stepped and one that skipped takes the new codes, which hold the skipped expert's old float32
+    moments re-quantised (about unchanged; bit for bit only where blocks align with experts).
     """
+    shape = state["exp_avg"].shape
     for key in MOMENT_KEYS:
         state[f"{key}_codes"], state[f"{key}_absmax"] = quantize(state.pop(key), moment_is_signed(key))
+    if not stored:
+        return
+    block_keep, value_keep = keep_new, keep_new
+    if keep_new.dim() > 0:
+        block_keep = new_blocks(keep_new, shape)
+        value_keep = block_keep.repeat_interleave(BLOCKSIZE)[: shape.numel()].view(shape)
     for key, old in stored.items():
-        state[key] = torch.where(keep_new, state[key], old)
+        state[key] = torch.where(value_keep if key.endswith("_codes") else block_keep, state[key], old)
+
+
+def new_blocks(keep_new: Tensor, shape: torch.Size) -> Tensor:
+    """Per block of a quantised stack of ``shape`` (E, ...): True where some expert with values in the block has
+    ``keep_new`` (E, 1, 1) True."""
+    value_keep = keep_new.reshape(-1, 1).expand(shape[0], shape[1:].numel()).reshape(-1)
+    padded = torch.nn.functional.pad(value_keep, (0, -value_keep.numel() % BLOCKSIZE))
+    return padded.view(-1, BLOCKSIZE).any(1)
 
 
 def check_loaded_moments(state: dict[str, Any], quantized: bool, where: str) -> None:

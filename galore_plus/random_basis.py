@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
+from .stacks import Generators, generator_device, seeded_normal
 
-def gaussian_basis(shape: tuple[int, int], rank: int, side: str, generator: torch.Generator) -> Tensor:
-    """A float32 basis of an (m, n) weight with N(0, 1/rank) entries: (m, rank) for ``side="left"``, else (rank, n).
+
+def gaussian_basis(shape: tuple[int, ...], rank: int, side: str, generator: Generators) -> Tensor:
+    """A float32 basis of an (m, n) weight with N(0, 1/rank) entries: (m, rank) for ``side="left"``, else (rank, n);
+    for a stack (E, m, n) with one generator per expert, a stack of E such bases.
 
     (``side`` is typed ``str`` because :mod:`galore_plus.projectors`, which defines ``Side``, imports this module.)
     """
-    m, n = shape
+    m, n = shape[-2:]
     size = (m, rank) if side == "left" else (rank, n)
-    return torch.randn(size, generator=generator, device=generator.device).div_(math.sqrt(rank))
+    return seeded_normal(size, generator, generator_device(generator)).div_(math.sqrt(rank))

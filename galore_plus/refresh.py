@@ -7,8 +7,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .finite import all_finite
+from .basis_quant import basis_shape
+from .finite import all_finite, matrix_finite
 from .projectors import Shape, Side, compute_basis, random_orthonormal_basis
+from .stacks import Generators
 
 Warn = Callable[[str, str], None]
 
@@ -17,7 +19,7 @@ FALLBACK_WARNING = ("a projector refresh failed (non-finite gradient or decompos
 
 
 def refreshed_basis(
-    read: Tensor, shape: Shape, group: dict, side: Side, generator: torch.Generator, previous: Tensor | None,
+    read: Tensor, shape: Shape, group: dict, side: Side, generator: Generators, previous: Tensor | None,
     warn: Warn, check_read: bool = False,
 ) -> Tensor:
     """The group's projector's basis of ``read`` (the gradient rows it reads), or a fallback.
@@ -29,20 +31,32 @@ def refreshed_basis(
     each on the host: a refresh synchronises, a step without one does not.
 
     Fallback, with ``warn("basis", ...)``: the previous basis when there is one of the right shape,
-    otherwise a random orthonormal basis from the same seeded generator.
+    otherwise a random orthonormal basis from the same seeded generator. In a stack of matrices
+    (E, m, n) only the experts whose basis is not finite fall back; a ``LinAlgError`` of the batched
+    decomposition makes every expert fall back.
     """
     rank = group["rank"]
-    expected = (shape[0], rank) if side == "left" else (rank, shape[1])
+    expected = basis_shape(shape, rank, side)
     if previous is not None and tuple(previous.shape) != expected:
         previous = None
     if not check_read or bool(all_finite(read)):
         try:
             basis = compute_basis(read, shape, group, side, generator, previous)
-            if bool(all_finite(basis)):
+            finite = matrix_finite(basis)
+            if bool(finite.all()):
                 return basis
+            if basis.dim() > 2:
+                warn("basis", FALLBACK_WARNING)
+                return torch.where(finite, basis, _fallback(shape, rank, side, generator, previous, read.device))
         except torch.linalg.LinAlgError:
             pass
     warn("basis", FALLBACK_WARNING)
+    return _fallback(shape, rank, side, generator, previous, read.device)
+
+
+def _fallback(shape: Shape, rank: int, side: Side, generator: Generators, previous: Tensor | None,
+              device: torch.device) -> Tensor:
+    """The previous basis when there is one, else a random orthonormal one."""
     if previous is not None:
         return previous
-    return random_orthonormal_basis(shape, rank, side, generator, read.device)
+    return random_orthonormal_basis(shape, rank, side, generator, device)

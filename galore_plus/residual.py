@@ -133,7 +133,20 @@ def residual_values(
     p_I (1 - lr wd) - lr U_I with U_I of the module docstring; ``step`` is t and ``residual_step`` is
     c >= 1. ``exp_avg``/``exp_avg_sq`` hold M_I, V_I ("exact") or dM, dV ("paper").
     """
-    grad_at = gather_flat(grad, index).float()
+    return residual_values_at(
+        param, gather_flat(grad, index).float(), index, exp_avg, exp_avg_sq, basis, side, low_rank,
+        lowrank_exp_avg_sq, direction, mode, step, residual_step, beta1, beta2, eps, lr, weight_decay, scale,
+    )
+
+
+def residual_values_at(
+    param: Tensor, grad_at: Tensor, index: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+    basis: Tensor, side: Side, low_rank: Tensor, lowrank_exp_avg_sq: Tensor, direction: Tensor,
+    mode: str, step: int, residual_step: int, beta1: float, beta2: float, eps: float,
+    lr: float, weight_decay: float, scale: float,
+) -> Tensor:
+    """:func:`residual_values` from the gradient's float32 values at I, ``grad_at`` (written in place),
+    instead of the gradient: per-layer accumulation keeps only those (:mod:`galore_plus.accumulate`)."""
     weight_at = gather_flat(param, index).float().mul_(1 - lr * weight_decay)
     if mode == "exact":
         exp_avg.lerp_(grad_at, 1 - beta1)
@@ -141,7 +154,7 @@ def residual_values(
         denom = (exp_avg_sq / (1 - beta2**residual_step)).sqrt_().add_(eps)
         return weight_at.addcdiv_(exp_avg, denom, value=-lr * scale / (1 - beta1**residual_step))
     ghat, vrec, lowrank_update = gathered_products(
-        basis, (low_rank, lowrank_exp_avg_sq, direction), 1, index, grad.shape[1], side
+        basis, (low_rank, lowrank_exp_avg_sq, direction), 1, index, param.shape[1], side
     )
     dgrad = grad_at.sub_(ghat)
     exp_avg.lerp_(dgrad, 1 - beta1)

@@ -22,7 +22,9 @@ from .auto_scale import residual_scale
 from .dispatch import residual_values
 from .finite import all_finite
 from .projectors import Side
-from .residual import flat_index, gather_flat, residual_count, scatter_flat, select_residual_index
+from .residual import (
+    flat_index, gather_flat, residual_count, residual_values_at, scatter_flat, select_residual_index,
+)
 
 
 class ResidualWrite(NamedTuple):
@@ -37,36 +39,39 @@ class ResidualWrite(NamedTuple):
 
 
 def residual_update(
-    param: Tensor, grad: Tensor, low_rank: Tensor, direction: Tensor, basis: Tensor, side: Side,
-    state: dict[str, Any], group: dict[str, Any], step: int, finite: Tensor,
+    param: Tensor, grad: Tensor | None, low_rank: Tensor, direction: Tensor, basis: Tensor, side: Side,
+    state: dict[str, Any], group: dict[str, Any], step: int, finite: Tensor, grad_at: Tensor | None = None,
 ) -> ResidualWrite | None:
     """Run the residual part of step ``step`` (call after the low-rank moments are updated).
 
     Chooses I at the end of step max(k, 1) with k = ``residual_warmup``; for t > k returns the
     write to make after the low-rank update, else None. ``finite`` (0-d bool) says whether the
     low-rank part of the step is kept; the residual is kept only if it is and its own values and
-    moments are finite.
+    moments are finite. ``grad_at``: instead of ``grad`` (then None), the gradient's float32 values at I
+    (per-layer accumulation's sum over micro-batches; the torch reference runs on any device).
     """
-    count = residual_count(group["residual_ratio"], tuple(grad.shape))
+    shape = tuple(param.shape)
+    count = residual_count(group["residual_ratio"], shape)
     if count == 0:
         return None
     if "residual_col" not in state:
         if step < group["residual_warmup"]:
             return None
-        row_ptr, col = select_residual_index(basis, state["exp_avg"], side, tuple(grad.shape), count)
+        row_ptr, col = select_residual_index(basis, state["exp_avg"], side, shape, count)
         state["residual_row_ptr"], state["residual_col"] = row_ptr, col
-        state["residual_exp_avg"] = torch.zeros(col.numel(), device=grad.device)
-        state["residual_exp_avg_sq"] = torch.zeros(col.numel(), device=grad.device)
+        state["residual_exp_avg"] = torch.zeros(col.numel(), device=param.device)
+        state["residual_exp_avg_sq"] = torch.zeros(col.numel(), device=param.device)
         state["residual_step"] = 0
     if step <= group["residual_warmup"]:
         return None
     state["residual_step"] += 1
-    index = flat_index(state["residual_row_ptr"], state["residual_col"], grad.shape[1])
+    index = flat_index(state["residual_row_ptr"], state["residual_col"], shape[1])
     moments = state["residual_exp_avg"], state["residual_exp_avg_sq"]
     before = [moment.clone() for moment in moments]
     beta1, beta2 = group["betas"]
-    values = residual_values(
-        param, grad, index, *moments, basis, side, low_rank, state["exp_avg_sq"], direction,
+    compute, source = (residual_values, grad) if grad_at is None else (residual_values_at, grad_at)
+    values = compute(
+        param, source, index, *moments, basis, side, low_rank, state["exp_avg_sq"], direction,
         group["residual_mode"], step, state["residual_step"], beta1, beta2, group["eps"],
         group["lr"], group["weight_decay"], residual_scale(group["scale"]),
     )

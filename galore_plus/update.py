@@ -14,6 +14,11 @@ copy of those rows of G, in any dtype; float64 stays float64) with one ``addcmul
 of P X | X Q with one ``addmm_``. On CUDA, :func:`galore_plus.dispatch.apply_update` runs instead a
 Triton kernel that does the whole update in one pass over the weight and the gradient
 (:mod:`galore_plus.kernels.weight_update`); this function is its reference.
+
+A stack of E matrices (E, m, n) is updated the same way, in the blocks of
+:func:`~galore_plus.row_blocks.row_slices` (rows of one expert with ``addmm_``, or several whole
+experts with ``baddbmm_``); f and the skip mask are then one value per expert, (E, 1, 1), or per
+channel of each expert, (E, m, 1) or (E, 1, n).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import torch
 from torch import Tensor
 
 from .projectors import Side
-from .row_blocks import row_slices, widened_dtype, widened_row_blocks
+from .row_blocks import Block, experts_of, row_slices, widened_dtype, widened_row_blocks
+from .stacks import add_product_
 
 
 @dataclass(frozen=True)
@@ -36,11 +42,11 @@ class LowRankTerm:
     basis: Tensor
     side: Side
 
-    def rows(self, rows: slice) -> tuple[Tensor, Tensor]:
-        """(a, b) with a @ b the rows ``rows`` of the back-projection."""
+    def rows(self, block: Block) -> tuple[Tensor, Tensor]:
+        """(a, b) with a @ b the block ``block`` (rows, or a block of a stack) of the back-projection."""
         if self.side == "left":
-            return self.basis[rows], self.low_rank
-        return self.low_rank[rows], self.basis
+            return self.basis[block], self.low_rank[experts_of(block)]
+        return self.low_rank[block], self.basis[experts_of(block)]
 
 
 @dataclass(frozen=True)
@@ -51,14 +57,16 @@ class ScaledGradient:
     factor: Tensor
 
 
-def factor_rows(factor: Tensor, rows: slice) -> Tensor:
-    """The part of a factor f (0-d, (m, 1) or (1, n)) that multiplies the rows ``rows`` of an (m, n) matrix."""
-    per_row = factor.dim() == 2 and factor.shape[0] != 1
-    return factor[rows] if per_row else factor
+def factor_rows(factor: Tensor, block: Block) -> Tensor:
+    """The part of a factor f (0-d, (m, 1) or (1, n); for a stack (E, 1, 1), (E, m, 1) or (E, 1, n)) that
+    multiplies the block ``block`` (rows of an (m, n) matrix, or a block of a stack)."""
+    if factor.dim() == 0:
+        return factor
+    return factor[block] if factor.shape[-2] != 1 else factor[experts_of(block)]
 
 
-def decayed_rows(param: Tensor, factor: Tensor | None, block_values: int | None) -> Iterator[tuple[slice, Tensor]]:
-    """(rows, float32 target) of ``param``, already multiplied by ``factor``; the caller adds its update to the target.
+def decayed_rows(param: Tensor, factor: Tensor | None, block_values: int | None) -> Iterator[tuple[Block, Tensor]]:
+    """(block, float32 target) of ``param``, already multiplied by ``factor``; the caller adds its update to the target.
 
     The blocks are :func:`~galore_plus.row_blocks.row_slices`. A float32 (or float64) ``param``'s target is
     the view ``param[rows]``; a half-precision one goes through one float32 buffer (about ``block_values`` values),
@@ -69,13 +77,13 @@ def decayed_rows(param: Tensor, factor: Tensor | None, block_values: int | None)
     if buffered:
         blocks = widened_row_blocks(param, block_values)
     else:
-        blocks = ((rows, param[rows]) for rows in row_slices(tuple(param.shape), block_values))
-    for rows, target in blocks:
+        blocks = ((block, param[block]) for block in row_slices(tuple(param.shape), block_values))
+    for block, target in blocks:
         if factor is not None:
-            target.mul_(factor)
-        yield rows, target
+            target.mul_(factor_rows(factor, block))
+        yield block, target
         if buffered:
-            param[rows].copy_(target)
+            param[block].copy_(target)
 
 
 def apply_update(
@@ -104,4 +112,4 @@ def apply_update(
             target.addcmul_(block, factor_rows(gradient.factor, rows), value=-step_size)
         if low_rank is not None:
             a, b = low_rank.rows(rows)
-            target.addmm_(a.to(target.dtype), b.to(target.dtype), alpha=-step_size)   # float64 weight: float32 terms
+            add_product_(target, a.to(target.dtype), b.to(target.dtype), alpha=-step_size)   # float64 weight: float32 terms

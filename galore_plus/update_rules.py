@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .accumulate import Accumulator, fira_boundary_update
 from .apollo_update import apollo_factor, apollo_moments_direction, apollo_step_size
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
 from .dispatch import apply_update, lowrank_adam_direction
@@ -50,7 +51,9 @@ class UpdateInputs:
     """One weight's step, as an update rule sees it (every tensor is this process's rows).
 
     ``weight``: the parameter (transposed to (m, n) for ``transposed`` groups), any float dtype;
-    ``shape``: (m, n) of the whole weight (a sharded weight's ``weight`` holds some of its rows);
+    ``shape``: (m, n) of the whole weight (a sharded weight's ``weight`` holds some of its rows), or
+    (E, m, n) for a stack of matrices, whose every tensor below has the leading dimension E and whose
+    norms and limiter states are one per expert, (E, 1, 1);
     ``grad``: its gradient in the parameter's dtype (no float32 copy of a bfloat16 one: a rule
     reads it a block of rows at a time, :mod:`galore_plus.row_blocks`; may hold NaN/Inf: then
     ``finite`` is False); ``low_rank``: R = P^T G | G Q^T (summed over ranks on the left side); ``direction``: N, the rule's Adam
@@ -60,12 +63,14 @@ class UpdateInputs:
     weight unchanged; ``local_low_rank``: this process's rows' part of R before the sum over ranks
     (P^T G of these rows on the left side; None: ``low_rank`` itself, as in a single process and on
     the right side); ``total``: the sum over processes of a tensor each computed from its own rows
-    (the tensor itself in a single process; no host read).
+    (the tensor itself in a single process; no host read); ``accumulated``: at the boundary of per-layer
+    accumulation, the weight's :class:`~galore_plus.accumulate.Accumulator` (``grad`` is then None and
+    ``low_rank`` the accumulated R; only the rules' terms :mod:`galore_plus.accumulate` defines are allowed).
     """
 
     weight: Tensor
     shape: Shape
-    grad: Tensor
+    grad: Tensor | None
     low_rank: Tensor
     direction: Tensor
     basis: Tensor
@@ -74,6 +79,7 @@ class UpdateInputs:
     finite: Tensor
     local_low_rank: Tensor | None = None
     total: Total = single_process_total
+    accumulated: Accumulator | None = None
 
     @property
     def own_low_rank(self) -> Tensor:
@@ -104,8 +110,8 @@ class UpdateRule:
 
 def whole_rms(low_rank: Tensor, inputs: UpdateInputs) -> Tensor:
     """The RMS of a low-rank tensor of this step over the whole weight (:func:`whole_square_sum`)."""
-    rows = low_rank.shape[0] if inputs.side == "left" else inputs.shape[0]
-    return (whole_square_sum(low_rank, inputs.side, inputs.total) / (rows * low_rank.shape[1])).sqrt()
+    rows = low_rank.shape[-2] if inputs.side == "left" else inputs.shape[-2]
+    return (whole_square_sum(low_rank, inputs.side, inputs.total) / (rows * low_rank.shape[-1])).sqrt()
 
 
 def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -116,6 +122,10 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
         scale = lowrank_auto_scale(inputs.shape, group["rank"], inputs.side) if auto else group["scale"]
         apply_update(inputs.weight, lr * scale, decay, inputs.finite,
                      low_rank=LowRankTerm(inputs.direction, inputs.basis, inputs.side))
+        return
+    if inputs.accumulated is not None:
+        fira_boundary_update(inputs.weight, inputs.direction, inputs.basis, inputs.side, inputs.finite,
+                             inputs.accumulated, state, group)
         return
     beta1, beta2 = group["betas"]
     previous = state.get("residual_norm", torch.full((), math.inf, device=inputs.grad.device))
@@ -128,7 +138,7 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
     state["residual_norm"] = torch.where(inputs.finite, norm, previous)
     if auto:
         squares = weighted_square_total(grad_squares, 1.0, factor, low_rank, inputs.own_low_rank, inputs.total)
-        update_rms = squares.clamp(min=0).sqrt().to(factor.dtype) / math.sqrt(inputs.shape[0] * inputs.shape[1])
+        update_rms = squares.clamp(min=0).sqrt().to(factor.dtype) / math.sqrt(inputs.shape[-2] * inputs.shape[-1])
         scale = rms_matching_scale(whole_rms(inputs.direction, inputs), update_rms)
         factor, low_rank = factor * scale, LowRankTerm(low_rank.low_rank * scale, low_rank.basis, low_rank.side)
     apply_update(inputs.weight, lr, decay, inputs.finite, low_rank=low_rank,

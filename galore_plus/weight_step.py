@@ -6,9 +6,19 @@ communication hook of per-layer mode and FSDP2 row shards. What differs between 
 which rows are local, how the rows a refresh reads are gathered, the sum of the left-side low-rank
 gradient over ranks, the cross-rank agreement on finiteness, and how moment zeros are made.
 
+Per-layer accumulation (:mod:`galore_plus.accumulate`) splits the order at R: each micro-batch runs
+:func:`accumulate_projected_gradient` (the first one the schedule and refresh, every one R into the
+weight's accumulator), and the boundary runs :func:`step_accumulated_weight`, the rest of the order
+from the accumulated R (:func:`finish_step`, shared with :func:`step_projected_weight`).
+
 Order of a step: schedule -> refresh (or the stored basis) -> R = P^T G | G Q^T -> moments (8-bit:
 dequantised) -> refresh hooks -> moments updated and the update rule's direction N -> finiteness ->
 sparse residual at I -> update rule -> residual written -> moments stored (8-bit: quantised).
+
+A weight is a matrix (m, n) or a stack of E independent matrices (E, m, n) (mixture-of-experts
+weights; a convolution kernel (out, in, kh, kw) is stepped as the matrix (out, in kh kw)): a stack
+is stepped batched, each expert with its own basis, moments, norms and finiteness (a (E, 1, 1)
+bool), as if its experts were separate weights (:mod:`galore_plus.stacks`).
 
 A step without a refresh reads nothing on the host: finiteness is a 0-d bool tensor on the device.
 When R, N or V is not finite, ``torch.where`` keeps the old moments and the update rule leaves
@@ -39,10 +49,11 @@ import torch
 from torch import Tensor
 
 from . import quant
+from .accumulate import Accumulator, add_micro_batch
 from .basis_quant import basis_shape, store_basis, stored_basis
-from .finite import all_finite
+from .finite import matrix_finite
 from .moment_transfer import transfer_moments_at_refresh
-from .projectors import PROJECTORS, Shape, Side, basis_generator, project, projection_side
+from .projectors import PROJECTORS, Shape, Side, basis_generators, project, projection_side
 from .refresh import Warn, refreshed_basis
 from .refresh_schedule import (
     after_refresh, fixed_refresh_count, max_gap, overlap_value, schedule_from_state, store_schedule,
@@ -56,7 +67,8 @@ REFRESH_HOOKS: list[RefreshHook] = [transfer_moments_at_refresh]
 
 
 class WeightLayout(Protocol):
-    """Where one weight's rows live; (m, n) is the weight as projected (transposed groups already transposed)."""
+    """Where one weight's rows live; (m, n) or (E, m, n) is the weight as projected (transposed groups already
+    transposed, a convolution kernel as a matrix)."""
 
     shape: Shape
     device: torch.device
@@ -99,14 +111,16 @@ class SkippedSteps:
     def add(self, label: str, kept: Tensor) -> None:
         """Count one weight step of group ``label``, skipped when the 0-d bool ``kept`` is False.
 
-        Steps are counted on the host and kept ones on the device (one addition, no host read).
+        Steps are counted on the host and kept ones on the device (one addition, no host read). A
+        stack's ``kept`` (E, 1, 1) counts one step per expert.
         """
         key = (label, kept.device)
+        count = kept.to(torch.int64) if kept.dim() == 0 else kept.sum()
         if key in self.kept:
-            self.kept[key].add_(kept)
+            self.kept[key].add_(count)
         else:
-            self.kept[key] = kept.to(torch.int64)
-        self.steps[key] = self.steps.get(key, 0) + 1
+            self.kept[key] = count
+        self.steps[key] = self.steps.get(key, 0) + kept.numel()
 
     def report(self, warn: Warn) -> None:
         """Read the counts (a host synchronisation), warn if any step was skipped, and reset them."""
@@ -177,7 +191,7 @@ def step_basis(
     shape = basis_shape(layout.shape, group["rank"], side)
     if projector.stores_basis and not refresh:   # before the generator: a step without a refresh creates no object
         return stored_basis(state, shape), None
-    generator = basis_generator(context.seed, context.position, count, layout.device)
+    generator = basis_generators(context.seed, context.position, count, layout.shape, layout.device)
     if not projector.stores_basis:
         if refresh:
             record_refresh(state, group, step, None, None, side)
@@ -196,7 +210,8 @@ def step_basis(
 def step_projected_weight(
     layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext
 ) -> None:
-    """One GaLore+ step of a 2-D weight; a step with non-finite values changes nothing but t (see module docs)."""
+    """One GaLore+ step of a matrix or a stack of them; a step with non-finite values changes nothing but t (see
+    module docs)."""
     step = state.get("step", 0) + 1
     side = projection_side(layout.shape, group["proj_type"], group["projector"])
     basis, previous = step_basis(layout, state, group, side, step, context)
@@ -204,6 +219,50 @@ def step_projected_weight(
     grad = layout.gradient()
     local_low_rank = project(grad, local_basis, side)
     low_rank = layout.reduce_low_rank(local_low_rank, side)
+    finish_step(layout, state, group, context, step, side, basis, previous, low_rank, grad=grad,
+                local_low_rank=local_low_rank)
+
+
+def accumulate_projected_gradient(
+    layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext,
+    accumulator: Accumulator | None, micro_batches: int,
+) -> Accumulator:
+    """Per-layer accumulation: add this micro-batch's gradient to the weight's accumulator (None: the first
+    micro-batch of the update, which also refreshes the basis when one is due); ``micro_batches``: k, the
+    accumulation steps (Fira's per-micro-batch terms are scaled by 1 / k); see :mod:`galore_plus.accumulate`."""
+    step = state.get("step", 0) + 1
+    side = projection_side(layout.shape, group["proj_type"], group["projector"])
+    if accumulator is None:
+        basis, previous = step_basis(layout, state, group, side, step, context)
+    else:
+        basis, previous = stored_basis(state, basis_shape(layout.shape, group["rank"], side)), accumulator.previous
+    grad = layout.gradient()
+    return add_micro_batch(accumulator, layout.weight(), grad, project(grad, basis, side), basis, side, previous,
+                           state, group, step, micro_batches)
+
+
+def step_accumulated_weight(
+    layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext, accumulator: Accumulator
+) -> None:
+    """The step at the boundary of per-layer accumulation, from the weight's accumulator instead of a gradient."""
+    step = state.get("step", 0) + 1
+    side = projection_side(layout.shape, group["proj_type"], group["projector"])
+    basis = stored_basis(state, basis_shape(layout.shape, group["rank"], side))
+    finish_step(layout, state, group, context, step, side, basis, accumulator.previous,
+                accumulator.clipped_low_rank(), accumulator=accumulator)
+
+
+def finish_step(
+    layout: WeightLayout, state: dict[str, Any], group: dict[str, Any], context: StepContext, step: int, side: Side,
+    basis: Tensor, previous: Tensor | None, low_rank: Tensor, grad: Tensor | None = None,
+    local_low_rank: Tensor | None = None, accumulator: Accumulator | None = None,
+) -> None:
+    """The step from R = ``low_rank`` on: moments, direction, finiteness, residual, update rule.
+
+    The full-size terms read ``grad`` (an ordinary step) or, at per-layer accumulation's boundary
+    (``grad`` None), ``accumulator``.
+    """
+    local_basis = layout.local_basis(basis, side)
     stored = quant.load_moments(state) if context.optim_bits == 8 else {}
     if "exp_avg" not in state:
         state["exp_avg"] = layout.moment_zeros(low_rank, side)
@@ -218,13 +277,15 @@ def step_projected_weight(
     rule = UPDATE_RULES[group["update_rule"]]
     direction = rule.direction(low_rank, *moments, step, beta1, beta2, group["eps"])
     # R need not be checked: beta2 < 1, so a non-finite R makes V = b2 V + (1 - b2) R^2 non-finite
-    finite = layout.all_ranks(all_finite(direction, moments[1]))
+    finite = layout.all_ranks(matrix_finite(direction, moments[1]))
     for moment, old in zip(moments, before):
         torch.where(finite, moment, old, out=moment)
     weight = layout.weight()
-    residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite)
+    grad_at = accumulator.clipped_residual_grad() if accumulator is not None else None
+    residual = residual_update(weight, grad, low_rank, direction, basis, side, state, group, step, finite,
+                               grad_at=grad_at)
     inputs = UpdateInputs(weight, layout.shape, grad, low_rank, direction, local_basis, side, step,
-                          finite, local_low_rank, layout.total)
+                          finite, local_low_rank, layout.total, accumulator)
     rule.apply(inputs, state, group)
     if residual is not None:
         write_residual(weight, residual)

@@ -53,3 +53,15 @@ def test_levers_table_prints_a_ratio_for_every_lever(capsys):
         for lever in bench_step.LEVERS:
             line = next(line for line in out.splitlines() if line.strip().startswith(f"{base} + {lever}"))
             assert math.isfinite(float(line.split()[-1]))          # a ratio is printed (its size is not tested)
+
+
+def test_expert_stack_rows_time_the_batched_stack_its_loop_and_adamw(capsys):
+    threads = torch.get_num_threads()
+    try:
+        main(["--experts", "2", "16", "8", "--rank", "2", "--plain-steps", "1", "--threads", "1", "--cpu-time"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for label in ("torch AdamW (foreach)", "GaLorePlusAdamW randomized, batched stack",
+                  "GaLorePlusAdamW randomized, loop of 2 experts", "refresh step: loop / batched = "):
+        assert label in out

@@ -18,6 +18,8 @@ import torch
 from galore_plus import GaLorePlusAdamW, make_param_groups
 from galore_plus.groups import OUTPUT_HEAD_NAMES, plan_param_groups
 from galore_plus.memory import estimate_memory
+from galore_plus.per_layer import enable_per_layer_steps
+from galore_plus.presets import APOLLO
 
 transformers = pytest.importorskip("transformers")
 
@@ -158,9 +160,8 @@ WRONG_INPUTS = {
                                 ValueError, "not a GaLorePlusAdamW checkpoint"),
     "rank-16 checkpoint into rank 8": (lambda _: one_weight_optimizer(8).load_state_dict(rank_16_state()),
                                        ValueError, "the checkpoint was saved with rank=16"),
-    "per-layer Trainer with clipping": (lambda tmp: GaLorePlusTrainer(
-        model=built("gpt2"), args=transformers.TrainingArguments(output_dir=str(tmp), report_to=[], use_cpu=True),
-        galore={"rank": 4}, per_layer=True), ValueError, "Set TrainingArguments(max_grad_norm=0)"),
+    "per-layer accumulation with APOLLO": (lambda _: enable_per_layer_steps(GaLorePlusAdamW(
+        make_param_groups(built("gpt2"), rank=4, **APOLLO)), accumulation_steps=2), ValueError, "key 'update_rule'"),
 }
 
 
@@ -179,7 +180,7 @@ WARNED_INPUTS = {
     "kwargs dict reused for a second Trainer": (reused_trainer_kwargs, "reused for a second Trainer"),
     "rank as large as the projected side": (lambda _: one_weight_optimizer(32), "saves no memory"),
     "weights too small for the rank": (lambda _: make_param_groups(built("llama_gqa"), rank=32),
-                                       r"could not be projected .* full-size moments \([\d.]+ KiB\)"),
+                                       r"are not projected .* full-size moments \([\d.]+ KiB\)"),
 }
 
 

@@ -136,3 +136,18 @@ def test_full_rank_residual_can_be_switched_off(tiny_config, tmp_path):
     projected = PROJECTED_PER_LAYER * TINY["num_hidden_layers"]
     assert on["steps"][0]["state_bytes"] - off["steps"][0]["state_bytes"] == LIMITER_NORM_BYTES * projected
     assert off["projection_products"] == on["projection_products"] == "R and U, 4 m n r flops per weight"
+
+
+def test_accumulation_and_clipping_measure_what_the_estimator_predicts(tiny_config, tmp_path):
+    record = run(tiny_config, tmp_path, "--micro-batches", "2", "--max-grad-norm", "1.0", "--skip-refresh-comparison")
+    estimate = record["estimate"]
+    assert record["accumulation_steps"] == 2 and estimate["accumulators"] > 0
+    steps = record["steps"]
+    assert all(step["micro_batches"] == 2 and step["grad_norm"] > 0 for step in steps)
+    assert steps[2]["loss"] < steps[0]["loss"] - 0.05
+    for step in steps[1:]:  # from step 2 on the residual's values at I are accumulated too
+        assert step["accumulator_bytes"] == estimate["accumulators"]
+        assert step["grad_bytes"] == estimate["gradients"]  # plain gradients kept, one projected one at a time
+        assert step["state_bytes"] == estimate["optimizer_state"]  # with Fira's per-channel factor
+    page = (tmp_path / "out" / "tiny_galore+8_accumulate2_clip1.md").read_text()
+    assert "2 micro-batches per step, clipping at 1" in page

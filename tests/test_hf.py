@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -70,15 +71,42 @@ def test_hyperparameters_and_the_trainers_no_decay_rule_reach_every_group(tmp_pa
     assert any("rank" in group for group in optimizer.param_groups)
 
 
-@pytest.mark.parametrize("overrides, words", [
-    ({"max_grad_norm": 1.0}, "Set TrainingArguments(max_grad_norm=0)"),
-    ({"gradient_accumulation_steps": 2}, "cannot accumulate gradients"),
-])
-def test_per_layer_with_clipping_or_accumulation_is_refused_at_construction(tmp_path, overrides, words):
-    with pytest.raises(ValueError) as info:
-        GaLorePlusTrainer(model=tiny_llama(), args=arguments(tmp_path, **overrides), train_dataset=tiny_dataset(),
-                          galore=GALORE, per_layer=True)
-    assert words in str(info.value)
+def test_per_layer_with_accumulation_and_clipping_steps_once_per_update(tmp_path):
+    """gradient_accumulation_steps=2 and max_grad_norm=1: the weights, Adam's step count and the LR schedule
+    advance once per update (4 micro-batches of 2 rows -> 2 updates), and the logged grad_norm is clipping's."""
+    model = tiny_llama()
+    logged = []
+
+    class Record(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "grad_norm" in logs:
+                logged.append(logs["grad_norm"])
+
+    args = arguments(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     max_grad_norm=1.0, save_strategy="no", logging_strategy="steps", logging_steps=1,
+                     lr_scheduler_type="linear")
+    trainer = GaLorePlusTrainer(model=model, args=args, train_dataset=tiny_dataset(), galore=GALORE, per_layer=True,
+                                seed=1, callbacks=[Record()])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.train()
+    assert trainer.per_layer_steps.accumulation_steps == 2 and trainer.state.global_step == 2
+    optimizer = trainer.per_layer_steps.optimizer
+    steps = {state["step"] if isinstance(state["step"], int) else int(state["step"]) for state in optimizer.state.values()}
+    assert steps == {2}
+    assert trainer.lr_scheduler.last_epoch == 2 and optimizer.param_groups[0]["lr"] == 0.0  # linear decay to 0 at step 2
+    assert len(logged) == 2 and all(math.isfinite(norm) and norm > 0 for norm in logged)
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all() and not torch.equal(param, before[name]), name
+
+
+def test_a_built_per_layer_optimizer_without_accumulation_is_refused_with_accumulating_arguments(tmp_path):
+    model = tiny_llama()
+    optimizer = GaLorePlusAdamW(make_param_groups(model, **GALORE), lr=1e-2, seed=1)
+    enable_per_layer_steps(optimizer)
+    trainer = GaLorePlusTrainer(model=model, args=arguments(tmp_path, gradient_accumulation_steps=2),
+                                train_dataset=tiny_dataset(), optimizers=(optimizer, None))
+    with pytest.raises(ValueError, match="need enable_per_layer_steps\\(optimizer, accumulation_steps=2\\)"):
+        trainer.create_optimizer()
 
 
 def test_a_built_per_layer_optimizer_trains_under_the_trainer(tmp_path):

@@ -37,6 +37,8 @@ class ParamBag(nn.Module):
         self.plain_bf16 = param(64, 80, dtype=torch.bfloat16)
         self.bias = param(64)
         self.small_bf16 = param(10, dtype=torch.bfloat16)
+        self.experts_bf16 = param(3, 24, 40, dtype=torch.bfloat16)  # a stack: 8-bit blocks straddle experts
+        self.kernel = param(8, 4, 3, 3)
         self.directions = [torch.randn(p.shape, generator=generator) for p in self.parameters()]
 
     def loss(self, step: int) -> torch.Tensor:
@@ -48,6 +50,7 @@ class ParamBag(nn.Module):
             {"params": [self.query], "rank": 8, "projector": "cross_head", "num_heads": 4, **residual},
             {"params": [self.wide], "rank": 1, **residual},
             {"params": [self.tall_bf16], "rank": 8, "proj_type": "reverse_std", **residual},
+            {"params": [self.experts_bf16, self.kernel], "rank": 5, "full_rank_residual": True},
             {"params": [self.embed, self.plain_bf16, self.bias, self.small_bf16]},
         ]
 
@@ -89,6 +92,42 @@ def test_estimate_equals_allocation(bits, residual_ratio, per_layer):
     assert estimate.total == estimate.parameters + estimate.gradients + estimate.optimizer_state
 
 
+@pytest.mark.parametrize("residual_ratio", [0.0, 0.02])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_estimate_with_per_layer_accumulation_equals_allocation(bits, residual_ratio):
+    """Plain gradients kept until the boundary, one projected gradient at a time, the accumulators (measured just
+    before the boundary) and the state with Fira's per-channel factor (cross_head and randomized have Fira on)."""
+    if bits == 8:
+        pytest.importorskip("bitsandbytes")
+    model = ParamBag()
+    groups = model.groups(residual_ratio)
+    groups[3]["params"] = [model.kernel]  # per-layer accumulation refuses expert stacks: the stack stays plain
+    groups[-1]["params"].append(model.experts_bf16)
+    params = list(model.parameters())
+    peak = [0]
+
+    def record(_param):
+        peak[0] = max(peak[0], sum(p.grad.nbytes for p in params if p.grad is not None))
+
+    for param in params:
+        param.register_post_accumulate_grad_hook(record)
+    opt = GaLorePlusAdamW(groups, lr=1e-3, optim_bits=bits)
+    handle = enable_per_layer_steps(opt, accumulation_steps=2)
+    accumulated = []
+    for step in range(3):
+        for micro_batch in range(2):
+            model.loss(2 * step + micro_batch).backward()
+        accumulated.append(handle.accumulator_bytes())
+        opt.step()
+        opt.zero_grad()
+    estimate = estimate_memory(groups, bits, per_layer=True, accumulation=True)
+    assert estimate.gradients == peak[0]
+    assert estimate.accumulators == accumulated[-1] > 0  # after the residual warmup: values at I too
+    assert estimate.optimizer_state == state_nbytes(opt)
+    assert estimate.total == estimate.parameters + estimate.gradients + estimate.optimizer_state + estimate.accumulators
+    assert estimate_memory(groups, bits, per_layer=False, accumulation=True).accumulators == 0
+
+
 def test_residual_and_8bit_change_the_state_as_documented():
     model = ParamBag()
     with_residual = estimate_memory(model.groups(0.02), 32).optimizer_state
@@ -121,6 +160,49 @@ def test_meta_model_estimate_equals_a_real_model_training(bits, fields):
         real(tokens, labels=tokens).loss.backward()
         opt.step()
     assert estimate.optimizer_state == state_nbytes(opt)
+
+
+TINY_MIXTRAL = dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_local_experts=4,
+                    num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("options", [dict(rank=8), dict(rank=8, basis_bits=4)], ids=["32-bit bases", "4-bit bases"])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_mixtral_estimate_equals_its_training(bits, options):
+    """The fused expert stacks (E, m, n) count E matrices' state; meta and real models agree with the allocation."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(TINY_MIXTRAL)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    meta = build_meta_model(config, torch.float32)
+    torch.manual_seed(0)
+    real = AutoModelForCausalLM.from_config(config)
+    estimate = estimate_memory(make_param_groups(meta, **options), bits)
+    groups = make_param_groups(real, **options)
+    assert estimate == estimate_memory(groups, bits)
+    assert any(p.dim() == 3 for group in groups if "rank" in group for p in group["params"])
+    opt = GaLorePlusAdamW(groups, lr=1e-3, optim_bits=bits)
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        opt.zero_grad()
+        real(tokens, labels=tokens).loss.backward()
+        opt.step()
+    assert estimate.optimizer_state == state_nbytes(opt)
+
+
+@pytest.mark.parametrize("name, count", [("mixtral-8x7b", 46_702_792_704), ("qwen3-30b-a3b", 30_532_122_624)])
+def test_moe_tables_galore_plus_8bit_state_is_under_a_quarter_of_adamw_8bit(name, count):
+    """Parameter counts of the public models (Mixtral-8x7B 46.7B, Qwen3-30B-A3B 30.5B)."""
+    pytest.importorskip("bitsandbytes")
+    model = build_meta_model(load_config(name, None), torch.bfloat16)
+    rows = memory_table(model, [128])
+    by_key = {(r["method"], r["bits"], r["per_layer"]): r["estimate"] for r in rows}
+    assert by_key[("AdamW", 32, False)].parameters == 2 * count
+    adamw_8bit = by_key[("AdamW 8-bit", 8, False)].optimizer_state
+    assert adamw_8bit > count  # at least one byte per value for each of two moments of most tensors
+    assert by_key[("GaLore+", 8, False)].optimizer_state <= adamw_8bit / 4
 
 
 def test_llama2_7b_table():

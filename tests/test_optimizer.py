@@ -399,8 +399,11 @@ def test_bad_group_keys_raise_naming_the_group_and_key(group, error, words):
 
 
 def test_projected_group_with_a_non_matrix_raises():
-    with pytest.raises(ValueError, match=r"param group 0, key 'rank': parameter 1 of shape \(8,\) is not 2-D"):
+    with pytest.raises(ValueError, match=r"param group 0, key 'rank': parameter 1 of shape \(8,\) is 1-D; a projected "
+                                         r"weight is a matrix \(m, n\), a stack"):
         GaLorePlusAdamW([{"params": [param(8, 8), param(8)], "rank": 2}])
+    with pytest.raises(ValueError, match=r"param group 0, key 'rank': parameter 0 of shape \(2, 2, 2, 2, 2\) is 5-D"):
+        GaLorePlusAdamW([{"params": [param(2, 2, 2, 2, 2)], "rank": 1}])
 
 
 def test_projected_group_with_a_complex_weight_raises():

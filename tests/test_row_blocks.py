@@ -31,3 +31,16 @@ def test_a_block_written_back_changes_those_rows_only():
             matrix[rows].copy_(block)
     assert torch.equal(matrix[2:4], start[2:4] + 0.5)
     assert torch.equal(matrix[:2], start[:2]) and torch.equal(matrix[4:], start[4:])
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(experts=st.integers(1, 5), m=st.integers(1, 12), n=st.integers(1, 9), block_values=st.integers(1, 300))
+def test_blocks_of_a_stack_cover_every_value_once(experts, m, n, block_values):
+    """Rows of one expert, or whole experts, never both; each block about block_values values (at least one row)."""
+    stack = torch.randn(experts, m, n).bfloat16()
+    seen = torch.zeros(experts, m, n, dtype=torch.int64)
+    for block, values in widened_row_blocks(stack, block_values):
+        assert torch.equal(values, stack[block].float())
+        assert values.numel() <= max(block_values, n)
+        seen[block] += 1
+    assert torch.equal(seen, torch.ones_like(seen))
