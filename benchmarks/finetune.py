@@ -281,12 +281,21 @@ def pretrain_settings(args: argparse.Namespace) -> PretrainSettings:
                             args.pretrain_lr, recipe(args), seed=0, python=platform.python_version())
 
 
-def regime_data(args: argparse.Namespace, device: torch.device, progress: bool
-                ) -> tuple[dict[str, Tensor] | None, Tensor, Tensor, Tensor, dict]:
-    """(initial model state or None for from scratch, train bytes, validation windows, test windows, notes for the record)."""
+def regime_notes(args: argparse.Namespace) -> dict:
+    """What the tables say about the regime: parameters, tokens per run and per parameter (and of the pre-training)."""
     parameters = parameter_count(args.model_size, args.seq_len)
     tokens = args.steps * args.batch_size * args.seq_len
     notes = {"parameters": parameters, "tokens_per_run": tokens, "tokens_per_param": tokens / parameters}
+    if args.regime == "finetune":
+        notes["base_tokens_per_param"] = args.pretrain_steps * args.pretrain_batch_size * args.seq_len / parameters
+    return notes
+
+
+def regime_data(args: argparse.Namespace, device: torch.device, progress: bool
+                ) -> tuple[dict[str, Tensor] | None, Tensor, Tensor, Tensor, dict]:
+    """(initial model state or None for from scratch, train bytes, validation windows, test windows, notes for the
+    record: the pre-training's settings, whether it came from the cache, its seconds)."""
+    notes = {}
     if args.regime == "pretrain":
         train, validation, test = stdlib_source_splits(stream_bytes(args.steps, args.batch_size, args.seq_len),
                                                        HELDOUT_BYTES)
@@ -296,8 +305,7 @@ def regime_data(args: argparse.Namespace, device: torch.device, progress: bool
         started = time.perf_counter()
         initial_state, cached = pretrained_state(pretrain, args.cache_dir, device, progress)
         train, validation, test = pydoc_topic_splits()
-        pretrain_tokens = pretrain.steps * pretrain.batch_size * pretrain.seq_len
-        notes.update(pretrain=asdict(pretrain), pretrain_cached=cached, base_tokens_per_param=pretrain_tokens / parameters,
+        notes.update(pretrain=asdict(pretrain), pretrain_cached=cached,
                      pretrain_seconds=None if cached else time.perf_counter() - started)
     windows = [eval_windows(part, args.seq_len, args.eval_windows) for part in (validation, test)]
     return initial_state, train, windows[0], windows[1], notes
@@ -417,11 +425,11 @@ def run(args: argparse.Namespace, specs: list[MethodSpec], settings: dict, comma
     lr on validation, run the other seeds there; write the tables and plots."""
     started = time.perf_counter()
     device = torch.device(args.device)
-    notes = {}
+    notes = regime_notes(args)
     _WORKER.update(args=args)
     if not args.report_only:
         data = regime_data(args, device, not args.quiet)  # caches the pre-training before any worker starts
-        notes = data[4]
+        notes.update(data[4])
         _WORKER.update(data=data[:4])
     pool = RunPool(args)
     runs: list[dict] = []

@@ -420,10 +420,10 @@ METHODS: list[MethodSpec] = [
                        residual_mode="exact", sets=("anchors",)),
     replace(galore_plus_method("galore_plus_muon", "GaLore+ placement with update_rule='muon': Nesterov momentum of R "
                                "(b1 0.95), P N + (G - P R) orthogonalised by Newton-Schulz, scale 1",
-                               placement=GALORE_PLUS_DEFAULT_PLACEMENT, sets=("default", "levers", "muon"),
+                               placement=GALORE_PLUS_DEFAULT_PLACEMENT, sets=("default", "levers"),
                                update_rule="muon", scale=1.0, betas=(0.95, 0.999)), lr_grids=MUON_LR_GRIDS),
     replace(galore_plus_method("galore_muon", "svd placement (GaLore) with update_rule='muon' (b1 0.95, scale 1)",
-                               placement=SVD_PLACEMENT, sets=("levers", "muon"), update_rule="muon", scale=1.0,
+                               placement=SVD_PLACEMENT, sets=("levers",), update_rule="muon", scale=1.0,
                                betas=(0.95, 0.999)), lr_grids=MUON_LR_GRIDS),
     galore_plus_method("galore_plus_8bit", "GaLore+ (defaults) with 8-bit moments", placement=GALORE_PLUS_DEFAULT_PLACEMENT,
                        optim_bits=8, sets=("8bit",)),
@@ -455,6 +455,9 @@ def method_sets() -> dict[str, list[str]]:
     for spec in METHODS:
         for name in spec.sets:
             sets.setdefault(name, []).append(spec.name)
+    clashes = set(sets) & set(ALL_METHODS)
+    if clashes:
+        raise RuntimeError(f"method sets named like methods would hide them in --methods: {sorted(clashes)}")
     return sets
 
 

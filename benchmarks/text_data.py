@@ -108,6 +108,15 @@ def window_batches(data: Tensor, batch_size: int, seq_len: int, steps: int, gene
         yield windows[rows].long()
 
 
+def sample_batch(data: Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> Tensor:
+    """``batch_size`` random windows of ``seq_len + 1`` bytes, as int64 tokens (input and shifted target); windows
+    may overlap and repeat (the main job reads :func:`window_batches` instead)."""
+    if data.numel() <= seq_len + 1:
+        raise ValueError(f"corpus of {data.numel()} bytes is too short for windows of seq_len + 1 = {seq_len + 1}")
+    starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=generator)
+    return torch.stack([data[s: s + seq_len + 1] for s in starts.tolist()]).long()
+
+
 def eval_windows(data: Tensor, seq_len: int, max_windows: int) -> Tensor:
     """Up to ``max_windows`` non-overlapping windows of ``seq_len + 1`` bytes, evenly spread over ``data``."""
     count = min(max_windows, data.numel() // (seq_len + 1))

@@ -62,7 +62,7 @@ class LoopSettings:
     clip: float
 
 
-def cosine_schedule(step: int, warmup: int, total: int, final_share: float) -> float:
+def cosine_schedule(step: int, warmup: int, total: int, final_share: float = 0.0) -> float:
     """Learning-rate factor: linear warm-up to 1 over ``warmup`` steps, then cosine decay to ``final_share`` at
     ``total``."""
     if step < warmup:
