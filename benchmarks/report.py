@@ -65,7 +65,7 @@ def regime_label(meta: dict) -> str:
             f"({tokens_label(meta['tokens_per_param'])})") if "parameters" in meta else f"{meta.get('regime', '')} regime"
     if "base_tokens_per_param" in meta:
         text += f", from a model pre-trained to {meta['base_tokens_per_param']:.3g} tokens per parameter"
-    return text + f", {len(meta.get('seeds', ()))} seeds"
+    return text + f", up to {len(meta.get('seeds', ()))} seeds per method"
 
 
 def summarize(method: str, runs: list[dict], lr: float | None, grid: tuple[float, ...], note: str) -> dict:

@@ -70,7 +70,7 @@ def test_labels_say_the_regime_and_tokens_per_parameter():
     assert tokens_label(0.35) == "early training" and tokens_label(20) == "the field's horizon"
     label = regime_label({"regime": "pretrain", "model_size": "mini", "parameters": 80_000, "tokens_per_param": 20.4,
                           "seeds": [0, 1, 2]})
-    assert "20.4 tokens per parameter" in label and "the field's horizon" in label and "3 seeds" in label
+    assert "20.4 tokens per parameter" in label and "the field's horizon" in label and "3 seeds per method" in label
     assert steps_for(20, 80_208, 16, 128) == 784  # 784 x 2048 tokens >= 20 x 80 208
 
 
