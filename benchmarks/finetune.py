@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import glob
 import json
 import math
+import multiprocessing
 import os
 import platform
 import sys
@@ -125,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.lru_cache(maxsize=None)
 def parameter_count(size: str, seq_len: int) -> int:
     """Parameters of the benchmark's model of ``size``."""
     return sum(p.numel() for p in build_model(size, seq_len, seed=0).parameters())
@@ -361,7 +364,7 @@ class RunPool:
         self.runs: dict[tuple[str, float, int], dict] = {}
         self.executor = None
         if args.jobs > 1 and not args.report_only:
-            context = __import__("multiprocessing").get_context("spawn")
+            context = multiprocessing.get_context("spawn")
             self.executor = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context,
                                                                    initializer=_start_worker, initargs=(args,))
 

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .row_blocks import widened_dtype
+
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 5
 
@@ -62,7 +64,7 @@ def muon_rule(inputs, state: dict[str, Any], group: dict[str, Any]) -> None:
         raise NotImplementedError("update_rule 'muon' orthogonalises the whole weight and cannot run on FSDP2 row "
                                   f"shards (rows {tuple(inputs.weight.shape)} of {tuple(inputs.shape)})")
     correction = inputs.direction - inputs.low_rank
-    grad = inputs.grad.to(torch.float32) if inputs.grad.dtype != torch.float64 else inputs.grad
+    grad = inputs.grad.to(widened_dtype(inputs.grad.dtype))
     if inputs.side == "left":
         direction = torch.addmm(grad, inputs.basis.to(grad.dtype), correction.to(grad.dtype))
     else:
