@@ -377,7 +377,13 @@ LEVERS = {
     "auto": ("scale='auto'", {"scale": "auto"}),
     "adaptive": ("adaptive refresh gap", {"adaptive_gap": True}),
     "adaptive_p1": ("adaptive refresh gap, doubling after 1 stable refresh", {"adaptive_gap": True, "gap_patience": 1}),
+    "nolimit": ("Fira's residual without its norm-growth limiter", {"norm_growth_limit": None}),
+    "mt_auto_adaptive": ("moment transfer + scale='auto' + adaptive refresh gap",
+                         {"moment_transfer": True, "scale": "auto", "adaptive_gap": True}),
 }
+
+
+PROJECTION_LEVERS = {suffix: LEVERS[suffix] for suffix in ("mt", "frr", "mt_frr", "auto", "adaptive", "adaptive_p1")}
 
 
 def _lever_methods() -> list[MethodSpec]:
@@ -386,10 +392,11 @@ def _lever_methods() -> list[MethodSpec]:
     cross-head head counts."""
     specs = []
     for base, description, placement, levers in (
-            ("galore", "GaLore (svd)", SVD_PLACEMENT, LEVERS),
-            ("galore_plus_paper", "GaLore+ (paper)", GALORE_PLUS_PAPER_PLACEMENT, LEVERS),
+            ("galore", "GaLore (svd)", SVD_PLACEMENT, PROJECTION_LEVERS),
+            ("galore_plus_paper", "GaLore+ (paper)", GALORE_PLUS_PAPER_PLACEMENT, PROJECTION_LEVERS),
             ("galore_plus", "GaLore+ (defaults)", GALORE_PLUS_DEFAULT_PLACEMENT,
-             {suffix: LEVERS[suffix] for suffix in ("mt", "auto", "adaptive", "adaptive_p1")})):
+             {suffix: LEVERS[suffix] for suffix in ("mt", "auto", "adaptive", "adaptive_p1", "nolimit",
+                                                    "mt_auto_adaptive")})):
         for suffix, (lever, keys) in levers.items():
             specs.append(galore_plus_method(f"{base}_{suffix}", f"{description} + {lever}", sets=("levers",),
                                             placement=placement, **keys))
