@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from adapter_testing import METHODS, OPTIONS, PARAMETER_COUNTS, make_model, randomize_adapters, tokens
+from support import (ADAPTER_METHODS, ADAPTER_OPTIONS, ADAPTER_PARAMETER_COUNTS, make_model, randomize_adapters,
+                     tokens)
 from galore_plus.adapters import (
     ADAPTERS,
     AdapterLinear,
@@ -28,9 +29,9 @@ ATOL = 1e-5
 
 
 def test_all_linear_adapts_every_linear_but_lm_head_and_freezes_the_rest():
-    for method in METHODS:
+    for method in ADAPTER_METHODS:
         model = make_model()
-        names = add_adapters(model, method, rank=2, **OPTIONS.get(method, {}))
+        names = add_adapters(model, method, rank=2, **ADAPTER_OPTIONS.get(method, {}))
         assert names == ["block.q_proj", "block.v_proj", "block.up", "down"]
         assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, AdapterLinear)
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -59,25 +60,25 @@ def test_suffix_matches_whole_name_components_only():
         add_adapters(model, "lora", rank=2, target_modules=["proj"])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
 def test_fresh_adapters_leave_outputs_unchanged(method):
     model = make_model()
     expected = model(tokens())
-    add_adapters(model, method, rank=3, alpha=6.0, **OPTIONS.get(method, {}))
+    add_adapters(model, method, rank=3, alpha=6.0, **ADAPTER_OPTIONS.get(method, {}))
     torch.testing.assert_close(model(tokens()), expected, atol=ATOL, rtol=0)
     randomize_adapters(model)
     assert (model(tokens()) - expected).abs().max() > 1e-2  # the adapters are in the forward
 
 
 def test_registry_lists_every_method_and_the_error_names_them():
-    assert list(ADAPTERS) == METHODS
-    with pytest.raises(ValueError, match="unknown adapter method 'qlora'; expected one of " + ", ".join(METHODS)):
+    assert list(ADAPTERS) == ADAPTER_METHODS
+    with pytest.raises(ValueError, match="unknown adapter method 'qlora'; expected one of " + ", ".join(ADAPTER_METHODS)):
         add_adapters(make_model(), "qlora", rank=2)
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(
-    method=st.sampled_from(METHODS),
+    method=st.sampled_from(ADAPTER_METHODS),
     in_features=st.integers(2, 12),
     out_features=st.integers(2, 12),
     rank_fraction=st.floats(0.0, 1.0),
@@ -85,9 +86,9 @@ def test_registry_lists_every_method_and_the_error_names_them():
 def test_parameter_counts_match_the_documented_formulas(method, in_features, out_features, rank_fraction):
     rank = 2 + int(rank_fraction * (min(in_features, out_features) - 2))
     model = nn.Sequential(nn.Linear(in_features, out_features))
-    add_adapters(model, method, rank=rank, **OPTIONS.get(method, {}))
+    add_adapters(model, method, rank=rank, **ADAPTER_OPTIONS.get(method, {}))
     count = sum(p.numel() for p in adapter_parameters(model))
-    assert count == PARAMETER_COUNTS[method](rank, in_features, out_features)
+    assert count == ADAPTER_PARAMETER_COUNTS[method](rank, in_features, out_features)
     assert count == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -134,11 +135,11 @@ def test_initialisation_follows_peft_conventions():
     assert [n for n, _ in vera.named_parameters() if not n.startswith("base.")] == ["lambda_d", "lambda_b"]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
 def test_bfloat16_models_keep_their_dtype_and_follow_float32(method):
     model = make_model()
     plain = model(tokens())
-    add_adapters(model, method, rank=2, **OPTIONS.get(method, {}))
+    add_adapters(model, method, rank=2, **ADAPTER_OPTIONS.get(method, {}))
     randomize_adapters(model)
     model.eval()  # DyLoRA: the full rank, not a sampled one
     expected = model(tokens())
@@ -151,10 +152,10 @@ def test_bfloat16_models_keep_their_dtype_and_follow_float32(method):
     assert (expected - plain).abs().max() > 5 * tolerance  # the adapters' effect is far above the tolerance
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
 def test_merge_gives_plain_linears_with_equal_outputs(method):
     model = make_model()
-    add_adapters(model, method, rank=2, alpha=4.0, target_modules="all-linear", **OPTIONS.get(method, {}))
+    add_adapters(model, method, rank=2, alpha=4.0, target_modules="all-linear", **ADAPTER_OPTIONS.get(method, {}))
     randomize_adapters(model)
     model.eval()
     expected = model(tokens())
@@ -167,7 +168,7 @@ def test_merge_gives_plain_linears_with_equal_outputs(method):
 
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(
-    method=st.sampled_from(METHODS),
+    method=st.sampled_from(ADAPTER_METHODS),
     in_features=st.integers(1, 12),
     out_features=st.integers(1, 12),
     rank_fraction=st.floats(0.0, 1.0),
@@ -182,7 +183,7 @@ def test_merge_equals_forward_for_any_shape(method, in_features, out_features, r
         if min(in_features, out_features) < 2:
             return
     model = nn.Sequential(nn.Linear(in_features, out_features, bias=bias))
-    add_adapters(model, method, rank=rank, alpha=alpha, **OPTIONS.get(method, {}))
+    add_adapters(model, method, rank=rank, alpha=alpha, **ADAPTER_OPTIONS.get(method, {}))
     randomize_adapters(model)
     model.eval()
     x = torch.randn(4, in_features)
@@ -210,17 +211,17 @@ def test_update_rank_is_bounded_and_dora_rows_have_the_magnitude(in_features, ou
         torch.testing.assert_close(row_norms, dora.magnitude.abs())
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
 def test_state_dict_round_trip_into_a_freshly_adapted_model(method):
     model = make_model()
-    add_adapters(model, method, rank=2, dropout=0.1, seed=7, **OPTIONS.get(method, {}))
+    add_adapters(model, method, rank=2, dropout=0.1, seed=7, **ADAPTER_OPTIONS.get(method, {}))
     randomize_adapters(model)
     model.eval()
     state = model.state_dict()
     assert not any("projections" in key for key in state)
 
     fresh = make_model(seed=123)
-    add_adapters(fresh, method, rank=2, dropout=0.1, seed=7, **OPTIONS.get(method, {}))
+    add_adapters(fresh, method, rank=2, dropout=0.1, seed=7, **ADAPTER_OPTIONS.get(method, {}))
     fresh.load_state_dict(state)
     fresh.eval()
     torch.testing.assert_close(fresh(tokens()), model(tokens()), atol=0, rtol=0)
@@ -243,21 +244,21 @@ def test_vera_projections_are_shared_per_shape_and_rebuilt_from_the_seed():
     assert list(same.state_dict()) == []
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
 def test_same_seed_gives_same_initialisation_without_the_global_rng(method):
     first, second, third = make_model(), make_model(), make_model()
     state = torch.random.get_rng_state()
-    add_adapters(first, method, rank=2, seed=9, **OPTIONS.get(method, {}))
+    add_adapters(first, method, rank=2, seed=9, **ADAPTER_OPTIONS.get(method, {}))
     assert torch.equal(torch.random.get_rng_state(), state)
-    add_adapters(second, method, rank=2, seed=9, **OPTIONS.get(method, {}))
-    add_adapters(third, method, rank=2, seed=10, **OPTIONS.get(method, {}))
+    add_adapters(second, method, rank=2, seed=9, **ADAPTER_OPTIONS.get(method, {}))
+    add_adapters(third, method, rank=2, seed=10, **ADAPTER_OPTIONS.get(method, {}))
     for p, q in zip(adapter_parameters(first), adapter_parameters(second)):
         assert torch.equal(p, q)
     if method not in ("vera", "dvora"):  # VeRA's random matrices are buffers, not parameters
         assert any(not torch.equal(p, q) for p, q in zip(adapter_parameters(first), adapter_parameters(third)))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
 def test_training_the_adapters_with_a_plain_loop_lowers_the_loss(method):
     model = make_model()
     frozen = {name: p.detach().clone() for name, p in model.named_parameters()}

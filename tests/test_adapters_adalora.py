@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapter_testing import linear64, make_model, randomize_adapters, tokens
+from support import linear64, make_model, randomize_adapters, tokens
 from galore_plus.adapters import (
     AdaLoRALinear,
     AdaLoRASchedule,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapter_testing import linear64, make_model, randomize_adapters, tokens
+from support import linear64, make_model, randomize_adapters, tokens
 from galore_plus.adapters import DyLoRALinear, DyLoRARankSampler, add_adapters, merge_adapters, set_adapter_rank
 
 RANK, ALPHA = 4, 6.0

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapter_testing import linear64, make_model, randomize_adapters
+from support import linear64, make_model, randomize_adapters
 from galore_plus.adapters import HydraLinear, add_adapters, merge_adapters
 
 

@@ -24,6 +24,7 @@ from galore_plus.presets import APOLLO
 transformers = pytest.importorskip("transformers")
 
 from galore_plus.hf import GaLorePlusTrainer  # noqa: E402
+from support import stop_after, tiny_dataset  # noqa: E402
 
 
 def gpt2():
@@ -82,8 +83,6 @@ def test_plain_loop_projects_every_linear_weight_without_any_warning_and_the_est
 
 
 def test_trainer_with_per_layer_steps_saves_and_resumes_without_warnings(tmp_path):
-    from test_hf_trainer import StopAt, tiny_dataset
-
     def run(stop_at=None, resume=None):
         model = built("gpt2")
         args = transformers.TrainingArguments(
@@ -91,7 +90,7 @@ def test_trainer_with_per_layer_steps_saves_and_resumes_without_warnings(tmp_pat
             save_strategy="steps", save_steps=2, logging_strategy="no", report_to=[], use_cpu=True, seed=0,
             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
         trainer = GaLorePlusTrainer(model=model, args=args, train_dataset=tiny_dataset(), galore=OPTIONS,
-                                    per_layer=True, callbacks=[StopAt(stop_at)] if stop_at else [])
+                                    per_layer=True, callbacks=[stop_after(stop_at)] if stop_at else [])
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
             trainer.train(resume_from_checkpoint=resume)

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from galore_plus.hf import GaLorePlusTrainer  # noqa: E402
 from galore_plus.per_layer import enable_per_layer_steps  # noqa: E402
-from test_hf_trainer import MAX_STEPS, STOP_AT, StopAt, tiny_dataset, tiny_llama  # noqa: E402
+from support import MAX_STEPS, STOP_AT, stop_after, tiny_dataset, tiny_llama  # noqa: E402
 
 GALORE = dict(rank=4, update_proj_gap=2, residual_ratio=0.05, residual_warmup=1)
 
@@ -31,7 +31,7 @@ def arguments(output_dir: Path, **overrides) -> transformers.TrainingArguments:
 def train(output_dir: Path, per_layer: bool, stop_at: int | None = None, resume: str | None = None):
     model = tiny_llama()
     trainer = GaLorePlusTrainer(model=model, args=arguments(output_dir), train_dataset=tiny_dataset(), galore=GALORE,
-                                per_layer=per_layer, seed=1, callbacks=[StopAt(stop_at)] if stop_at else [])
+                                per_layer=per_layer, seed=1, callbacks=[stop_after(stop_at)] if stop_at else [])
     trainer.train(resume_from_checkpoint=resume)
     return {name: p.detach().clone() for name, p in model.named_parameters()}, trainer
 

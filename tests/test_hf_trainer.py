@@ -12,23 +12,7 @@ from galore_plus import GaLorePlusAdamW, make_param_groups
 transformers = pytest.importorskip("transformers")
 load_file = pytest.importorskip("safetensors.torch").load_file
 
-MAX_STEPS = 6
-STOP_AT = 3
-
-
-def tiny_llama() -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
-
-
-def tiny_dataset() -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(0)
-    rows = torch.randint(0, 64, (16, 8), generator=generator)
-    return [{"input_ids": row, "labels": row} for row in rows]
+from support import MAX_STEPS, STOP_AT, stop_after, tiny_dataset, tiny_llama  # noqa: E402
 
 
 def training_args(output_dir: Path) -> transformers.TrainingArguments:
@@ -43,21 +27,9 @@ def galore_optimizer(model: torch.nn.Module) -> GaLorePlusAdamW:
     return GaLorePlusAdamW(make_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2, seed=1)
 
 
-class StopAt(transformers.TrainerCallback):
-    """Interrupt training after ``step`` (the checkpoint of that step is still written)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
-
-
 def train(output_dir: Path, stop_at: int | None = None, resume: str | None = None) -> dict[str, torch.Tensor]:
     model = tiny_llama()
-    callbacks = [StopAt(stop_at)] if stop_at else []
+    callbacks = [stop_after(stop_at)] if stop_at else []
     trainer = transformers.Trainer(
         model=model, args=training_args(output_dir), train_dataset=tiny_dataset(),
         optimizers=(galore_optimizer(model), None), callbacks=callbacks,

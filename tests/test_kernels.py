@@ -17,7 +17,7 @@ import galore_plus.kernels.weight_update as weight_update_kernel  # noqa: E402
 from galore_plus.lowrank_adam import lowrank_adam_direction  # noqa: E402
 from galore_plus.residual import flat_index, select_residual_index  # noqa: E402
 from galore_plus.update import LowRankTerm, ScaledGradient, apply_update  # noqa: E402
-from update_testing import terms_of  # noqa: E402
+from support import terms_of  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,7 +112,7 @@ def one_ulp(values: torch.Tensor) -> torch.Tensor:
 
 
 def update_inputs(m: int, n: int, rank: int, side: str, terms: str, factor_kind: str, seed: int):
-    """(LowRankTerm or None, ScaledGradient or None) of :func:`update_testing.terms_of`, G in bfloat16."""
+    """(LowRankTerm or None, ScaledGradient or None) of :func:`support.terms_of`, G in bfloat16."""
     term, gradient, _, _ = terms_of(m, n, rank, side, factor_kind, torch.bfloat16, torch.Generator().manual_seed(seed))
     return (term if terms in ("low_rank", "both") else None), (gradient if terms in ("gradient", "both") else None)
 

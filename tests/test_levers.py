@@ -8,6 +8,7 @@ import torch
 
 from galore_plus import GaLorePlusAdamW
 from galore_plus.moment_transfer import transfer_moments
+from support import HostReads
 
 
 def param(*shape):
@@ -387,8 +388,6 @@ def test_steps_without_a_refresh_read_nothing_on_the_host_with_every_lever_on(bi
     """The levers keep the step sync-free: host reads (the adaptive gap's overlap) happen at refreshes only."""
     if bits == 8:
         pytest.importorskip("bitsandbytes")
-    from test_weight_step import HostReads
-
     tall = torch.nn.Parameter(torch.randn(16, 12))
     wide = torch.nn.Parameter(torch.randn(12, 16, dtype=torch.bfloat16))
     group = {"params": [tall, wide], "rank": 4, "update_proj_gap": 3, "projector": "svd", **ALL_LEVERS}

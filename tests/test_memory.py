@@ -137,11 +137,27 @@ def test_residual_and_8bit_change_the_state_as_documented():
     assert estimate_memory(model.groups(0.0), 8).optimizer_state < without
 
 
-@pytest.mark.parametrize("fields", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
+TINY_MIXTRAL = dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_local_experts=4,
+                    num_experts_per_tok=2)
+WITH_RESIDUAL = dict(rank=8, residual_ratio=0.02, residual_warmup=1)
+# case -> (config fields, make_param_groups options, the most dimensions of a projected weight). GPT-2's fused c_attn
+# is a ``transposed`` group (its state is that of the (out, in) transpose); Mixtral's fused expert stacks (E, m, n)
+# count E matrices' state.
+ESTIMATE_CASES = {
+    "llama": (TINY_LLAMA, WITH_RESIDUAL, 2),
+    "gpt2": (TINY_GPT2, WITH_RESIDUAL, 2),
+    "mixtral": (TINY_MIXTRAL, dict(rank=8), 3),
+    "mixtral-4-bit-bases": (TINY_MIXTRAL, dict(rank=8, basis_bits=4), 3),
+}
+
+
+@pytest.mark.parametrize("case", ESTIMATE_CASES)
 @pytest.mark.parametrize("bits", [32, 8])
-def test_meta_model_estimate_equals_a_real_model_training(bits, fields):
-    """GPT-2's fused c_attn is a ``transposed`` group: its state is that of the (out, in) transpose."""
-    if bits == 8:
+def test_meta_model_estimate_equals_a_real_model_training(bits, case):
+    """The estimate of a meta-device model equals that of the real model and the state allocated by its training."""
+    fields, options, dims = ESTIMATE_CASES[case]
+    if bits == 8 or "basis_bits" in options:
         pytest.importorskip("bitsandbytes")
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -150,42 +166,13 @@ def test_meta_model_estimate_equals_a_real_model_training(bits, fields):
     meta = build_meta_model(config, torch.float32)
     torch.manual_seed(0)
     real = AutoModelForCausalLM.from_config(config)
-    options = dict(rank=8, residual_ratio=0.02, residual_warmup=1)
-    estimate = estimate_memory(make_param_groups(meta, **options), bits)
-    assert estimate == estimate_memory(make_param_groups(real, **options), bits)
-    opt = GaLorePlusAdamW(make_param_groups(real, **options), lr=1e-3, optim_bits=bits)
-    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
-    for _ in range(3):
-        opt.zero_grad()
-        real(tokens, labels=tokens).loss.backward()
-        opt.step()
-    assert estimate.optimizer_state == state_nbytes(opt)
-
-
-TINY_MIXTRAL = dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_local_experts=4,
-                    num_experts_per_tok=2)
-
-
-@pytest.mark.parametrize("options", [dict(rank=8), dict(rank=8, basis_bits=4)], ids=["32-bit bases", "4-bit bases"])
-@pytest.mark.parametrize("bits", [32, 8])
-def test_mixtral_estimate_equals_its_training(bits, options):
-    """The fused expert stacks (E, m, n) count E matrices' state; meta and real models agree with the allocation."""
-    pytest.importorskip("bitsandbytes")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = dict(TINY_MIXTRAL)
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    meta = build_meta_model(config, torch.float32)
-    torch.manual_seed(0)
-    real = AutoModelForCausalLM.from_config(config)
     estimate = estimate_memory(make_param_groups(meta, **options), bits)
     groups = make_param_groups(real, **options)
     assert estimate == estimate_memory(groups, bits)
-    assert any(p.dim() == 3 for group in groups if "rank" in group for p in group["params"])
+    assert max(p.dim() for group in groups if "rank" in group for p in group["params"]) == dims
     opt = GaLorePlusAdamW(groups, lr=1e-3, optim_bits=bits)
     tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
-    for _ in range(2):
+    for _ in range(3):
         opt.zero_grad()
         real(tokens, labels=tokens).loss.backward()
         opt.step()

@@ -5,7 +5,6 @@ transformers 5 stores each layer's experts fused, as 3-D parameters (E, m, n) of
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import pytest
@@ -14,6 +13,7 @@ from torch import nn
 
 from galore_plus import GaLorePlusAdamW, make_param_groups
 from galore_plus.groups import plan_param_groups
+from support import assert_same_parameters, resumed, weights_only_round_trip
 
 transformers = pytest.importorskip("transformers")
 
@@ -123,17 +123,11 @@ def test_resume_of_a_tiny_mixtral_is_bit_exact(optim_bits):
     model, opt = fresh()
     start = {name: p.detach().clone() for name, p in model.named_parameters()}
     train(model, opt, batches[:3])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    saved = weights_only_round_trip(model, opt)
     train(model, opt, batches[3:])
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed, resumed_opt = fresh()
-    resumed.load_state_dict(saved["model"])
-    resumed_opt.load_state_dict(saved["optimizer"])
-    train(resumed, resumed_opt, batches[3:])
-    for name, param in model.named_parameters():
-        assert torch.equal(param, dict(resumed.named_parameters())[name]), name
+    again, again_opt = resumed(fresh, saved)
+    train(again, again_opt, batches[3:])
+    assert_same_parameters(model, again)
     stack = "model.layers.0.mlp.experts.gate_up_proj"
     assert not torch.equal(start[stack], dict(model.named_parameters())[stack])
 

@@ -1,6 +1,5 @@
 """Per-layer steps from gradient hooks: same result as optimizer.step(), schedulers, resume, loud misuse."""
 
-import io
 
 import pytest
 import torch
@@ -8,17 +7,7 @@ from torch import nn
 
 from galore_plus import GaLorePlusAdamW
 from galore_plus.per_layer import ConsumedGradient, enable_per_layer_steps
-
-
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(24, 48)
-        self.norm = nn.LayerNorm(48)
-        self.down = nn.Linear(48, 24, bias=False)
-
-    def forward(self, x):
-        return self.down(torch.tanh(self.norm(self.up(x))))
+from support import TinyNet, assert_same_parameters, resumed, weights_only_round_trip
 
 
 def make(bits: int = 32) -> tuple[TinyNet, GaLorePlusAdamW]:
@@ -105,21 +94,14 @@ def test_state_dict_round_trip_resumes_exactly(bits):
     model, opt = make(bits)
     enable_per_layer_steps(opt)
     train(model, opt, inputs[:3])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    saved = weights_only_round_trip(model, opt)
     train(model, opt, inputs[3:])
-
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed, resumed_opt = make(bits)
-    resumed.load_state_dict(saved["model"])
-    resumed_opt.load_state_dict(saved["opt"])
-    enable_per_layer_steps(resumed_opt)
-    train(resumed, resumed_opt, inputs[3:])
-    for name, param in resumed.named_parameters():  # a no-op optimizer would leave the checkpoint's values
+    again, again_opt = resumed(lambda: make(bits), saved)
+    enable_per_layer_steps(again_opt)
+    train(again, again_opt, inputs[3:])
+    for name, param in again.named_parameters():  # a no-op optimizer would leave the checkpoint's values
         assert (param.detach() - saved["model"][name]).abs().mean() > 1e-2 * 0.25 / 50, name  # lr * default scale / 50
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    assert_same_parameters(model, again)
 
 
 def test_global_gradient_clipping_raises():

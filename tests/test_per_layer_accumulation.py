@@ -19,7 +19,7 @@ from torch import nn
 
 from galore_plus import GaLorePlusAdamW
 from galore_plus.per_layer import enable_per_layer_steps
-from test_per_layer import TinyNet  # a right-side (48 x 24) and a left-side (24 x 48) projected weight, a bias, a norm
+from support import TinyNet
 
 K = 2
 LR = 1e-2

@@ -19,7 +19,7 @@ import torch
 
 from galore_plus import GaLorePlusAdamW
 from galore_plus.stacks import expert_seed
-from test_weight_step import HostReads
+from support import HostReads
 
 EXPERTS, M, N, RANK, STEPS, GAP = 3, 12, 8, 3, 7, 3  # refreshes at steps 1, 4 and 7
 

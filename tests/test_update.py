@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from galore_plus.update import apply_update
-from update_testing import terms_of
+from support import terms_of
 
 TRUE, FALSE = torch.tensor(True), torch.tensor(False)
 

@@ -14,6 +14,7 @@ from galore_plus import GaLorePlusAdamW
 from galore_plus import APOLLO, projectors, row_blocks, update_rules, weight_step
 from galore_plus.distributed import LocalLayout
 from galore_plus.projectors import PROJECTORS, Projector, basis_generator, head_rows, random_orthonormal_basis
+from support import HostReads
 
 
 def gradients(shape, steps, seed=0):
@@ -282,23 +283,6 @@ def test_paper_residual_with_overflowing_products_writes_nothing_at_i():
 
 
 # ---------------------------------------------------------------- no host read on a step without a refresh
-
-
-class HostReads(TorchDispatchMode):
-    """Records every operation that reads a device value on the host, or would on a GPU."""
-
-    READS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2"}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
-        if name in self.READS or any(i is not None and i.dtype == torch.bool for i in indices):
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("projector, mode, bits, rule", STEP_CASES)

@@ -11,7 +11,7 @@ pytest.importorskip("setuptools")
 pytest.importorskip("wheel")
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
