@@ -1,13 +1,13 @@
 """8-bit against 32-bit moments: optimizer state bytes and step time, as ratios from one run.
 
-    python benchmarks/bench_8bit.py            # LLaMA-2-7B shapes (about 2 minutes on 2 CPU cores)
-    python benchmarks/bench_8bit.py --small    # 1024-wide shapes, seconds
+    python -m benchmarks.bench_8bit            # LLaMA-2-7B shapes (about 2 minutes on 2 CPU cores)
+    python -m benchmarks.bench_8bit --small    # 1024-wide shapes, seconds
 
 Cases: a 4096 x 4096 query weight (cross_head, 32 heads, rank 128, residual 1.2%), a 11008 x 4096
 MLP weight (randomized, rank 128) and a 4096 x 4096 plain AdamW tensor (bitsandbytes' fused 8-bit
 update). The step time is the median over ``--steps`` steady-state steps (after the first step,
 the projector refresh and the residual index selection), the two bit widths stepping alternately;
-state bytes are the sum of ``nbytes`` of
+state bytes are the bytes of the tensors in
 ``optimizer.state`` and equal ``galore_plus.memory``'s estimate, which is printed next to them.
 """
 
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from galore_plus import GaLorePlusAdamW
 from galore_plus.memory import optimizer_state_bytes
+
+from .measure import tensor_bytes, timed
 
 MIB = 2**20
 TARGET_MIB = 5.0
@@ -37,10 +38,6 @@ def cases(small: bool) -> list[tuple[str, tuple[int, int], dict]]:
         (f"mlp {mlp}x{hidden} randomized r{rank}", (mlp, hidden), dict(rank=rank, update_proj_gap=200)),
         (f"plain AdamW {hidden}x{hidden}", (hidden, hidden), {}),
     ]
-
-
-def state_nbytes(opt: torch.optim.Optimizer) -> int:
-    return sum(v.nbytes for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor))
 
 
 def measure(shape: tuple[int, int], options: dict, steps: int) -> dict[int, tuple[float, int, int]]:
@@ -61,12 +58,11 @@ def measure(shape: tuple[int, int], options: dict, steps: int) -> dict[int, tupl
     for step in range(steps + 2):
         for bits in (32, 8):
             weights[bits].grad = grads[step % 2]
-            begin = time.perf_counter()
-            optimizers[bits].step()
+            seconds, _ = timed(optimizers[bits].step)
             if step >= 2:
-                times[bits].append(time.perf_counter() - begin)
+                times[bits].append(seconds)
     return {
-        bits: (statistics.median(times[bits]), state_nbytes(optimizers[bits]),
+        bits: (statistics.median(times[bits]), tensor_bytes(list(optimizers[bits].state.values())),
                optimizer_state_bytes(groups[bits], bits))
         for bits in (32, 8)
     }

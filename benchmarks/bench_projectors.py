@@ -17,14 +17,14 @@ re-orthonormalised), ``4bit span`` measures the subspace it spans (after a QR).
 from __future__ import annotations
 
 import argparse
-import time
-from typing import Callable
 
 import torch
 
 from galore_plus.basis_quant import dequantize_basis, quantize_basis
 from galore_plus.group_options import PROJECTED_GROUP_DEFAULTS
 from galore_plus.projectors import PROJECTORS, basis_generator, project, randomized_basis, svd_basis
+
+from .measure import best_seconds
 
 SHAPES = {
     "7b": [("q_proj", 4096, 4096, 32), ("up_proj", 11008, 4096, None)],
@@ -39,16 +39,6 @@ def synthetic_gradient(m: int, n: int, signal_rank: int = 512, seed: int = 0) ->
     decay = torch.logspace(0, -2, signal_rank)
     signal = (torch.randn(m, signal_rank, generator=generator) * decay) @ torch.randn(signal_rank, n, generator=generator)
     return signal / signal.norm() + 0.01 * torch.randn(m, n, generator=generator) / (m * n) ** 0.5
-
-
-def timed(function: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
-    """Best wall time of ``repeats`` calls (seconds) and the last result."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def svd_lowrank_basis(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
@@ -104,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, m, n, heads in SHAPES[model]:
             grad = synthetic_gradient(m, n)
             side = "right" if m >= n else "left"
-            svd_time, full = timed(lambda: torch.linalg.svd(grad, full_matrices=False), 1)
+            svd_time, full = best_seconds(lambda: torch.linalg.svd(grad, full_matrices=False), 1)
             for rank in args.ranks:
                 exact = full[2][:rank] if side == "right" else full[0][:, :rank]
                 exact_energy = energy(grad, exact, side)
@@ -123,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{label:>26} {rank:>5} {'svd':>12} {svd_time * 1e3:>10.1f} {1.0:>11.1f} {1.0:>14.4f} "
                       + quantised_columns(exact, side))
                 for method, function in methods.items():
-                    seconds, basis = timed(function, args.repeats)
+                    seconds, basis = best_seconds(function, args.repeats)
                     basis_side = "right" if method == "cross_head" else side
                     relative = energy(grad, basis, basis_side) / exact_energy
                     print(f"{label:>26} {rank:>5} {method:>12} {seconds * 1e3:>10.1f} {svd_time / seconds:>11.1f} {relative:>14.4f} "

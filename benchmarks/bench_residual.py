@@ -3,17 +3,18 @@
 Part 1 (``--part memory``): one 4096 x 4096 weight at rank 128 with residual_ratio 0.012: bytes of
 its whole optimizer state, and the step time with and without the residual (both modes).
 
-Part 2 (``--part error``): real gradients of the q/k projections of a tiny LLaMA (random init,
-byte-level tokens of this Python's standard-library sources) trained with AdamW; the same gradient
+Part 2 (``--part error``): real gradients of the q/k projections of a small LLaMA (``benchmarks.models``' ``base2``:
+2 layers, hidden 256, 8 heads; random init, byte-level windows of this Python's standard-library sources from
+``benchmarks.text_data``) trained with AdamW; the same gradient
 sequence is fed to GaLorePlusAdamW (lr 1, no decay, scale 1) and to torch AdamW, and the relative
 error ||U - U_adamw|| / ||U_adamw|| of the update is reported for svd / randomized / cross_head bases,
 without residual and with both residual modes (the analogue of GaLore+ Figure 2b).
 
-Part 3 (``--part train``): the same tiny LLaMA trained with GaLorePlusAdamW (groups from
-make_param_groups: cross_head with the residual on q/k), held-out loss without residual and per mode.
+Part 3 (``--part train``): the same LLaMA trained with GaLorePlusAdamW (groups from make_param_groups:
+cross_head with the residual on q/k), loss on held-out files without residual and per mode.
 
-    python benchmarks/bench_residual.py                 # both parts
-    python benchmarks/bench_residual.py --part memory --steps 9 --threads 2
+    python -m benchmarks.bench_residual                 # all three parts
+    python -m benchmarks.bench_residual --part memory --steps 9 --threads 2
 """
 
 from __future__ import annotations
@@ -21,28 +22,24 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sysconfig
-import time
-from pathlib import Path
 
 import torch
 
 from galore_plus import GaLorePlusAdamW
 from galore_plus.residual import flat_index
 
+from .measure import tensor_bytes, timed
+from .models import MODEL_SIZES, build_model, heldout_loss, next_byte_loss
+from .text_data import eval_windows, sample_batch, stdlib_source_bytes, stdlib_source_splits
+
 MIB = 2**20
-
-
-def state_bytes(state: dict) -> int:
-    """Bytes of every tensor in one parameter's optimizer state."""
-    return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+MODEL = "base2"
+SEQ_LEN, BATCH = 128, 8
 
 
 def timed_step(opt: torch.optim.Optimizer, weight: torch.nn.Parameter, grad: torch.Tensor) -> float:
     weight.grad = grad
-    start = time.perf_counter()
-    opt.step()
-    return time.perf_counter() - start
+    return timed(opt.step)[0]
 
 
 def memory_and_time(size: int, rank: int, ratio: float, steps: int) -> None:
@@ -71,50 +68,22 @@ def memory_and_time(size: int, rank: int, ratio: float, steps: int) -> None:
     print("|---|---|---|---|---|---|")
     for name, (weight, opt, refresh) in runs.items():
         state = opt.state[weight]
-        residual = sum(v.numel() * v.element_size() for k, v in state.items() if k.startswith("residual_") and torch.is_tensor(v))
+        residual = tensor_bytes({key: value for key, value in state.items() if key.startswith("residual_")})
         median = statistics.median(times[name])
-        print(f"| {name} | {state_bytes(state) / MIB:.3f} | {residual / MIB:.3f} | {refresh:.3f} | {median:.4f} | "
+        print(f"| {name} | {tensor_bytes(state) / MIB:.3f} | {residual / MIB:.3f} | {refresh:.3f} | {median:.4f} | "
               f"{100 * (median / base - 1):+.1f}% |")
 
 
-def stdlib_bytes(limit: int) -> torch.Tensor:
-    """Byte tokens of the first ``limit`` bytes of the standard library's .py files (sorted by path)."""
-    chunks, total = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= limit:
-            break
-    return torch.tensor(list(b"".join(chunks)[:limit]), dtype=torch.long)
-
-
-def tiny_llama(seq_len: int) -> torch.nn.Module:
-    """A 2-layer LLaMA with hidden size 256, 8 heads and byte vocabulary, randomly initialised (seed 0)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=seq_len)
-    return LlamaForCausalLM(config)
-
-
-def random_batch(tokens: torch.Tensor, seq_len: int, batch: int, generator: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch,), generator=generator)
-    return torch.stack([tokens[s:s + seq_len] for s in starts])
-
-
-def qk_gradients(train_steps: int, record_steps: int, seq_len: int, batch: int) -> tuple[dict[str, list[torch.Tensor]], int]:
+def qk_gradients(train_steps: int, record_steps: int) -> tuple[dict[str, list[torch.Tensor]], int]:
     """Gradients of every q_proj/k_proj weight over the last ``record_steps`` of an AdamW run."""
-    model = tiny_llama(seq_len)
-    tokens = stdlib_bytes(2_000_000)
+    model = build_model(MODEL, SEQ_LEN, seed=0)
+    train = stdlib_source_bytes(2_000_000)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     names = [n for n, _ in model.named_parameters() if n.endswith(("q_proj.weight", "k_proj.weight"))]
     recorded: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     generator = torch.Generator().manual_seed(1)
     for step in range(train_steps):
-        ids = random_batch(tokens, seq_len, batch, generator)
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = next_byte_loss(model, sample_batch(train, BATCH, SEQ_LEN, generator))
         opt.zero_grad()
         loss.backward()
         if step >= train_steps - record_steps:
@@ -122,42 +91,37 @@ def qk_gradients(train_steps: int, record_steps: int, seq_len: int, batch: int) 
             for n in names:
                 recorded[n].append(params[n].grad.detach().clone())
         opt.step()
-    print(f"tiny LLaMA (2 layers, hidden 256, 8 heads), AdamW lr 1e-3, batch {batch} x {seq_len} bytes; "
-          f"final training loss {loss.item():.3f} nats/byte after {train_steps} steps")
+    print(f"LLaMA {MODEL} {MODEL_SIZES[MODEL]} (hidden, layers, heads, MLP), AdamW lr 1e-3, batch {BATCH} x {SEQ_LEN} "
+          f"bytes; final training loss {loss.item():.3f} nats/byte after {train_steps} steps")
     return recorded, model.config.num_attention_heads
 
 
 def held_out_losses(rank: int, ratio: float, warmup: int, gap: int, steps: int, lr: float) -> None:
-    """Train the tiny LLaMA with GaLorePlusAdamW (cross_head on q/k) and report the held-out loss per residual mode."""
+    """Train the LLaMA with GaLorePlusAdamW (cross_head on q/k) and report the held-out loss per residual mode."""
     from galore_plus import make_param_groups
 
-    seq_len, batch = 128, 8
-    tokens = stdlib_bytes(2_200_000)
-    train, held_out = tokens[:2_000_000], tokens[2_000_000:]
-    eval_generator = torch.Generator().manual_seed(2)
-    eval_batches = [random_batch(held_out, seq_len, batch, eval_generator) for _ in range(16)]
-    print(f"tiny LLaMA trained {steps} steps, lr {lr}, batch {batch} x {seq_len} bytes, rank {rank}, "
+    train, validation, _ = stdlib_source_splits(2_000_000, 200_000)
+    windows = eval_windows(validation, SEQ_LEN, 128)
+    print(f"LLaMA {MODEL} trained {steps} steps, lr {lr}, batch {BATCH} x {SEQ_LEN} bytes, rank {rank}, "
           f"update_proj_gap {gap}; q/k: cross_head with the residual, other linear layers: randomized; "
-          f"held-out loss on {len(eval_batches)} batches of later stdlib files")
+          f"held-out loss on {windows.shape[0]} windows of other stdlib files")
     print("| residual | held-out loss (nats/byte) | train time s |")
     print("|---|---|---|")
     for mode, mode_ratio in (("none", 0.0), ("exact", ratio), ("paper", ratio)):
-        model = tiny_llama(seq_len)
+        model = build_model(MODEL, SEQ_LEN, seed=0)
         groups = make_param_groups(model, rank=rank, update_proj_gap=gap, residual_ratio=mode_ratio,
                                    residual_warmup=warmup, residual_mode="paper" if mode == "paper" else "exact")
         opt = GaLorePlusAdamW(groups, lr=lr)
         generator = torch.Generator().manual_seed(1)
-        start = time.perf_counter()
-        for _ in range(steps):
-            ids = random_batch(train, seq_len, batch, generator)
-            loss = model(input_ids=ids, labels=ids).loss
+
+        def train_step() -> None:
+            loss = next_byte_loss(model, sample_batch(train, BATCH, SEQ_LEN, generator))
             opt.zero_grad()
             loss.backward()
             opt.step()
-        elapsed = time.perf_counter() - start
-        with torch.no_grad():
-            held = statistics.mean(float(model(input_ids=ids, labels=ids).loss) for ids in eval_batches)
-        print(f"| {mode} | {held:.4f} | {elapsed:.1f} |")
+
+        elapsed, _ = timed(train_step, steps)
+        print(f"| {mode} | {heldout_loss(model, windows, BATCH):.4f} | {elapsed:.1f} |")
 
 
 def updates_of(opt: torch.optim.Optimizer, weight: torch.nn.Parameter, grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -180,7 +144,7 @@ def relative_errors(approx: list[torch.Tensor], exact: list[torch.Tensor], index
 
 def update_errors(rank: int, ratio: float, warmup: int, gap: int, train_steps: int, record_steps: int) -> None:
     """Relative error of GaLore+ updates against AdamW's on the recorded gradients, after the warmup."""
-    recorded, heads = qk_gradients(train_steps, record_steps, seq_len=128, batch=8)
+    recorded, heads = qk_gradients(train_steps, record_steps)
     projectors = {"svd": dict(projector="svd"), "randomized": dict(projector="randomized"),
                   "cross_head": dict(projector="cross_head", num_heads=heads)}
     residuals = {"none": dict(), "exact": dict(residual_ratio=ratio, residual_mode="exact"),
@@ -205,9 +169,8 @@ def update_errors(rank: int, ratio: float, warmup: int, gap: int, train_steps: i
                 opt = GaLorePlusAdamW([dict(params=[weight], rank=rank, update_proj_gap=gap, scale=1.0,
                                             residual_warmup=warmup, **basis_options, **residual_options)],
                                       lr=1.0, weight_decay=0.0)
-                start = time.perf_counter()
-                runs[residual_name] = updates_of(opt, weight, grads)
-                seconds[residual_name] += time.perf_counter() - start
+                elapsed, runs[residual_name] = timed(lambda: updates_of(opt, weight, grads))
+                seconds[residual_name] += elapsed
                 if residual_name == "exact":
                     state = opt.state[weight]
                     index = flat_index(state["residual_row_ptr"], state["residual_col"], grads[0].shape[1])

@@ -21,8 +21,8 @@ import os
 
 import torch
 
-from .bench_step import layer_weights, mean_step_seconds, optimizers
-from .measure import tensor_bytes
+from .bench_step import layer_weights, optimizers
+from .measure import mean_seconds, tensor_bytes
 
 MIB = 2**20
 HEAD_DIM = 64
@@ -53,7 +53,7 @@ def measure(hidden: int, rank: int, gap: int, repeats: int) -> dict[str, dict[st
         timings = []
         for _ in range(repeats):
             optimizer = factory()
-            timings.append(mean_step_seconds(optimizer.step, gap))
+            timings.append(mean_seconds(optimizer.step, gap))
         results[label] = {"ms": 1e3 * min(timings), "state_mib": tensor_bytes(list(optimizer.state.values())) / MIB}
     return results
 

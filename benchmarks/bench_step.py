@@ -50,6 +50,8 @@ from galore_plus.dispatch import lowrank_adam_direction
 from galore_plus.projectors import basis_generator, project, project_back, projection_side
 from galore_plus.random_basis import gaussian_basis
 
+from .measure import mean_seconds
+
 RANDOM_LABEL = "GaLorePlusAdamW random (galore rule)"
 
 LAYERS = {
@@ -116,17 +118,6 @@ def two_products(weights: dict[str, torch.nn.Parameter], rank: int) -> Callable[
     return run
 
 
-def mean_step_seconds(step: Callable[[], None], steps: int, device: torch.device = torch.device("cpu")) -> float:
-    """Mean wall time of ``steps`` calls; on CUDA the queued work is waited for before and after."""
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize()
-    return (time.perf_counter() - start) / steps
-
-
 def optimizers(weights, rank, gap, heads, kv_heads):
     """(label, factory) of every optimizer compared; each factory builds a fresh optimizer."""
     params = list(weights.values())
@@ -187,7 +178,7 @@ def timed_steps(factory: Callable[[], torch.optim.Optimizer], steps: int, device
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     optimizer = factory()
-    seconds = mean_step_seconds(optimizer.step, steps, device)
+    seconds = mean_seconds(optimizer.step, steps, device)
     peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else None
     del optimizer
     return seconds, peak
@@ -297,7 +288,7 @@ def lever_table(weights, rank: int, gap: int, heads: int, kv_heads: int, device:
             keys = {"full_rank_residual": False, **keys}
             optimizer = GaLorePlusAdamW(galore_plus_groups(weights, rank, gap, heads, kv_heads, projector, **keys), lr=1e-5)
             optimizer.step()
-            times[lever] = mean_step_seconds(optimizer.step, gap, device)
+            times[lever] = mean_seconds(optimizer.step, gap, device)
         for lever, seconds in times.items():
             label = name + (f" + {lever}" if lever else "")
             print(f"{label:>40} {gap:>5} {seconds * 1e3:>9.1f} {seconds / times['']:>10.2f}")
@@ -343,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, floa
         warm_up_cuda(device, args.rank)
     products = two_products(weights, args.rank)
     products()  # warm-up of allocators and BLAS
-    floor = mean_step_seconds(products, 5, device)
+    floor = mean_seconds(products, 5, device)
     print(f"{'optimizer':>40} {'gap':>5} {'ms/step':>9} {'x two products':>15} {'x galore_torch':>15} {'x AdamW':>8}"
           f" {'peak MiB':>9}")
     print(f"{'two rank-r products (floor)':>40} {'-':>5} {floor * 1e3:>9.1f} {1.0:>15.2f}")
@@ -360,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, floa
             print(f"{label:>40} {gap:>5} {seconds * 1e3:>9.1f} {seconds / floor:>15.2f} {versus_galore}"
                   f" {seconds / adamw:>8.2f} {peak_text}")
         if RANDOM_LABEL in results[gap]:
-            regenerate = mean_step_seconds(random_bases(weights, args.rank), 5, device)
+            regenerate = mean_seconds(random_bases(weights, args.rank), 5, device)
             print(f"regenerating the 7 random bases: {regenerate * 1e3:.1f} ms per step = "
                   f"{regenerate / results[gap][RANDOM_LABEL][0]:.3f} of the random projector's step (gap {gap})")
         if args.levers:

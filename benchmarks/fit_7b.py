@@ -54,7 +54,7 @@ from galore_plus import GaLorePlusAdamW
 from galore_plus.memory import GIB, MemoryEstimate, build_meta_model, estimate_memory, load_config, method_groups
 from galore_plus.per_layer import PerLayerSteps, enable_per_layer_steps
 
-from .measure import RefreshTimer, tensor_bytes
+from .measure import RefreshTimer, best_seconds, tensor_bytes
 from .resident import machine_memory_bytes, peak_resident_bytes, reset_peak_resident, resident_bytes
 
 # command-line name -> (method name of galore_plus.memory, optimizer bits)
@@ -352,13 +352,12 @@ def projection_product_seconds(shapes: Counter, repeats: int = 3) -> float:
     for (shape, basis_shape), count in shapes.items():
         grad, basis, full_size = torch.randn(shape), torch.randn(basis_shape), torch.empty(shape)
         right = basis_shape[1] == shape[1] and basis_shape[0] != shape[0]
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
+
+        def products() -> Tensor:
             low_rank = grad @ basis.t() if right else basis.t() @ grad
-            torch.mm(low_rank, basis, out=full_size) if right else torch.mm(basis, low_rank, out=full_size)
-            best = min(best, time.perf_counter() - start)
-        total += count * best
+            return torch.mm(low_rank, basis, out=full_size) if right else torch.mm(basis, low_rank, out=full_size)
+
+        total += count * best_seconds(products, repeats)[0]
     return total
 
 

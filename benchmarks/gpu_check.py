@@ -350,13 +350,13 @@ def weight_update_speed(device: torch.device, shapes: tuple[tuple[int, int], ...
     from galore_plus.kernels.weight_update import apply_update_triton
     from galore_plus.update import LowRankTerm, ScaledGradient, apply_update
 
-    from .bench_step import mean_step_seconds
+    from .measure import mean_seconds
 
     def seconds_per_call(function: Callable[[], object]) -> float:
         """Mean time over ``repeats`` calls after two untimed ones."""
         function()
         function()
-        return mean_step_seconds(function, repeats, device)
+        return mean_seconds(function, repeats, device)
 
     lines = []
     finite = torch.tensor(True, device=device)

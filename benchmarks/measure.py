@@ -1,4 +1,5 @@
-"""What the benchmark measures besides loss: bytes of tensors, and the time spent refreshing projectors."""
+"""What the benchmarks measure besides loss: wall time of calls, bytes of tensors, and the time spent refreshing
+projectors. Every benchmark times with :func:`timed` (or its two summaries) and counts bytes with :func:`tensor_bytes`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,33 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so that wall-clock timings are honest (no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], Any], calls: int = 1, device: torch.device = torch.device("cpu")) -> tuple[float, Any]:
+    """(wall seconds of ``calls`` successive calls of ``function``, the last call's result); on CUDA the queued work
+    is waited for before the first call and after the last."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = None
+    for _ in range(calls):
+        result = function()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def mean_seconds(function: Callable[[], Any], calls: int, device: torch.device = torch.device("cpu")) -> float:
+    """Mean wall time of ``calls`` successive calls, timed as one window (:func:`timed`)."""
+    return timed(function, calls, device)[0] / calls
+
+
+def best_seconds(function: Callable[[], Any], repeats: int,
+                 device: torch.device = torch.device("cpu")) -> tuple[float, Any]:
+    """(fastest of ``repeats`` separately timed calls, the last result): the call least disturbed by other load."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        seconds, result = timed(function, 1, device)
+        best = min(best, seconds)
+    return best, result
 
 
 def tensor_bytes(value: Any, seen: set[int] | None = None) -> int:
@@ -68,15 +96,12 @@ class RefreshTimer:
         self.calls = 0
 
     def _timed(self, function: Callable) -> Callable:
-        def timed(*args, **kwargs):
-            synchronize(self.device)
-            start = time.perf_counter()
-            result = function(*args, **kwargs)
-            synchronize(self.device)
-            self.seconds += time.perf_counter() - start
+        def timed_call(*args, **kwargs):
+            seconds, result = timed(lambda: function(*args, **kwargs), 1, self.device)
+            self.seconds += seconds
             self.calls += 1
             return result
-        return timed
+        return timed_call
 
     def _targets(self) -> list[tuple[Any, str]]:
         targets = []

@@ -15,6 +15,7 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
     "slim": (64, 4, 4, 176),  # 234 k parameters
     "small": (128, 4, 4, 352),
     "base": (256, 4, 8, 688),
+    "base2": (256, 2, 8, 512),  # 2 layers of hidden 256: benchmarks.bench_residual's q/k gradients
     "large": (512, 8, 8, 1376),
 }
 

@@ -11,14 +11,7 @@ from galore_plus.groups import plan_param_groups
 
 transformers = pytest.importorskip("transformers")
 
-
-def tiny_llama() -> nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
+from support import tiny_llama  # noqa: E402
 
 
 def tiny_gpt2() -> nn.Module:
