@@ -40,6 +40,7 @@ and prints svd's cost divided by each projector's.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from typing import Callable
 
@@ -51,6 +52,7 @@ from galore_plus.projectors import basis_generator, project, project_back, proje
 from galore_plus.random_basis import gaussian_basis
 
 from .measure import mean_seconds
+from .peers import APOLLO_SCALING, apollo_torch_adamw, galore_torch_adamw
 
 RANDOM_LABEL = "GaLorePlusAdamW random (galore rule)"
 
@@ -125,13 +127,11 @@ def optimizers(weights, rank, gap, heads, kv_heads):
         yield "torch AdamW (fused)", lambda: torch.optim.AdamW(params, lr=1e-5, fused=True)
     else:
         yield "torch AdamW (foreach)", lambda: torch.optim.AdamW(params, lr=1e-5, foreach=True)
-    try:
-        from galore_torch import GaLoreAdamW
-    except ImportError:
+    if importlib.util.find_spec("galore_torch") is None:
         print("galore_torch not installed: pip install galore-torch to compare against it")
     else:
-        yield "galore_torch GaLoreAdamW", lambda: GaLoreAdamW(
-            [{"params": params, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}], lr=1e-5)
+        yield "galore_torch GaLoreAdamW", lambda: galore_torch_adamw(
+            [{"params": params, "rank": rank, "update_proj_gap": gap, "scale": 0.25}], lr=1e-5)
     for projector in ("svd", "galore_plus"):
         label = "GaLorePlusAdamW svd" if projector == "svd" else "GaLorePlusAdamW cross_head+randomized"
         yield label, lambda projector=projector: GaLorePlusAdamW(
@@ -141,14 +141,12 @@ def optimizers(weights, rank, gap, heads, kv_heads):
     # weight_decay=0 as apollo_torch's default (ours is 0.01: one more full-size pass, not a like-for-like comparison)
     yield "GaLorePlusAdamW APOLLO", lambda: GaLorePlusAdamW(
         [{"params": params, "rank": rank, **APOLLO, "update_proj_gap": gap}], lr=1e-5, weight_decay=0.0)
-    try:
-        from apollo_torch import APOLLOAdamW
-    except ImportError:
+    if importlib.util.find_spec("apollo_torch") is None:
         print("apollo_torch not installed: pip install apollo-torch to compare against it")
     else:
-        yield "apollo_torch APOLLOAdamW", lambda: APOLLOAdamW(
-            [{"params": params, "rank": rank, "proj": "random", "scale_type": "channel", "scale": 1.0,
-              "update_proj_gap": gap, "proj_type": "std"}], lr=1e-5)
+        yield "apollo_torch APOLLOAdamW", lambda: apollo_torch_adamw(
+            [{"params": params, "rank": rank, "update_proj_gap": gap, "scale": 1.0}], lr=1e-5,
+            **APOLLO_SCALING)
 
 
 def random_bases(weights: dict[str, torch.nn.Parameter], rank: int) -> Callable[[], None]:

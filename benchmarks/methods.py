@@ -23,7 +23,6 @@ every method is in ``all``.
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -33,6 +32,9 @@ from torch import nn
 from galore_plus import GaLorePlusAdamW, make_param_groups
 from galore_plus import APOLLO, APOLLO_MINI
 from galore_plus.group_options import CONSTRUCTOR_HYPERPARAMETERS, PROJECTED_GROUP_DEFAULTS, unread_keys
+
+from .peers import (APOLLO_MINI_SCALING, APOLLO_SCALING, apollo_torch_adamw, fira_adamw, galore_torch_adamw,
+                    peer_groups)
 
 HEADLINE_RESIDUAL = 0.012
 
@@ -207,46 +209,26 @@ def _svd_groups(model: nn.Module, settings: OptimSettings) -> list[dict]:
 
 
 def _galore_torch(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
-    from galore_torch import GaLoreAdamW
-
-    groups = [{"params": group["params"], "rank": group["rank"], "update_proj_gap": group["update_proj_gap"],
-               "scale": group["scale"], "proj_type": "std"} if "rank" in group else {"params": group["params"]}
-              for group in _svd_groups(model, settings)]
-    return GaLoreAdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    return galore_torch_adamw(_svd_groups(model, settings), settings.lr, settings.weight_decay)
 
 
 def _fira(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
     """Fira's own FiraAdamW on GaLore's placement, with its recommended settings: ``alpha`` = our ``scale`` (0.25 by
     default, as in Fira's pre-training scripts), ``proj_type="std"``, its own eps (1e-6)."""
-    from fira import FiraAdamW
-
-    groups = [{"params": group["params"], "rank": group["rank"], "update_proj_gap": group["update_proj_gap"],
-               "alpha": group["scale"], "proj_type": "std"} if "rank" in group else {"params": group["params"]}
-              for group in _svd_groups(model, settings)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers-style AdamW deprecation notice
-        return FiraAdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay, no_deprecation_warning=True)
+    return fira_adamw(_svd_groups(model, settings), settings.lr, settings.weight_decay)
 
 
 def _apollo_torch(rank_and_scaling: dict[str, Any]) -> Builder:
     """apollo_torch's APOLLOAdamW on GaLore's placement with its recommended settings (random projection, scale and
-    scale_type of ``rank_and_scaling``, its own eps 1e-6 and norm-growth limiter); the rank defaults to ``--rank``.
-    apollo_torch seeds its projections from parameter positions, not from torch's RNG."""
+    scale_type of ``rank_and_scaling``, its own eps 1e-6 and norm-growth limiter); the rank defaults to ``--rank``."""
 
     def build(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
-        from apollo_torch import APOLLOAdamW
-
         placed = _svd_groups(model, replace(settings, rank=rank_and_scaling.get("rank", settings.rank)))
-        groups = [{"params": group["params"], "rank": group["rank"], "proj": "random", "proj_type": "std",
-                   "update_proj_gap": group["update_proj_gap"], **rank_and_scaling} if "rank" in group
-                  else {"params": group["params"]} for group in placed]
-        return APOLLOAdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+        return apollo_torch_adamw(placed, settings.lr, settings.weight_decay, **rank_and_scaling)
 
     return build
 
 
-APOLLO_SCALING = {"scale_type": "channel", "scale": 1.0}
-APOLLO_MINI_SCALING = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
 # Q-GaLore's projector options (q_galore_torch's defaults: 4-bit projection in groups of 256, lazy refresh by cosine
 # similarity); its INT8 weights need its own quantised linear layers and are not used here.
 Q_GALORE_OPTIONS = {"proj_type": "std", "quant": True, "quant_n_bit": 4, "quant_group_size": 256, "cos_threshold": 0.4,
@@ -283,10 +265,8 @@ def _q_galore(model: nn.Module, settings: OptimSettings, seed: int) -> torch.opt
     optimizer_class, reason = _q_galore_class()
     if optimizer_class is None:
         raise RuntimeError(f"q_galore_torch cannot step here ({reason})")
-    groups = [{"params": group["params"], "rank": group["rank"], "update_proj_gap": group["update_proj_gap"],
-               "scale": group["scale"], **Q_GALORE_OPTIONS} if "rank" in group else {"params": group["params"]}
-              for group in _svd_groups(model, settings)]
-    return optimizer_class(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    return optimizer_class(peer_groups(_svd_groups(model, settings), **Q_GALORE_OPTIONS), lr=settings.lr,
+                           weight_decay=settings.weight_decay)
 
 
 def _pytorch_optimizer(class_name: str, **keys: Any) -> Builder:
@@ -297,9 +277,7 @@ def _pytorch_optimizer(class_name: str, **keys: Any) -> Builder:
     def build(model: nn.Module, settings: OptimSettings, seed: int) -> torch.optim.Optimizer:
         import pytorch_optimizer
 
-        groups = [{"params": group["params"], "rank": group["rank"], "update_proj_gap": group["update_proj_gap"],
-                   "scale": group["scale"], "projection_type": "std", **keys} if "rank" in group
-                  else {"params": group["params"]} for group in _svd_groups(model, settings)]
+        groups = peer_groups(_svd_groups(model, settings), projection_type="std", **keys)
         return getattr(pytorch_optimizer, class_name)(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
     return build
