@@ -15,7 +15,6 @@ memory before it, beside the persistent bytes of the gradient and of the state.
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 from typing import Any
 
@@ -26,7 +25,7 @@ from galore_plus import GaLorePlusAdamW
 from galore_plus.memory import GIB, build_meta_model, load_config
 
 from .fit_7b import DTYPE, METHODS, training_groups
-from .measure import tensor_bytes
+from .measure import tensor_bytes, timed
 from .resident import peak_resident_bytes, reset_peak_resident, resident_bytes
 
 MIB = 2**20
@@ -55,9 +54,7 @@ def step_growth(shape: tuple[int, ...], options: dict[str, Any], bits: int, step
         param.grad = torch.randn(shape, generator=generator, dtype=DTYPE)
         before = resident_bytes()
         reset_peak_resident()
-        start = time.perf_counter()
-        optimizer.step()
-        seconds = time.perf_counter() - start
+        seconds, _ = timed(optimizer.step)
         results.append(dict(peak_growth=peak_resident_bytes() - before, seconds=seconds, grad_bytes=param.grad.nbytes,
                             state_bytes=tensor_bytes(list(optimizer.state.values()))))
         param.grad = None
