@@ -2,7 +2,7 @@
 
     python -m benchmarks.fit_7b                         # GaLore+ 8-bit, per-layer steps, 3 steps of 1 x 32 tokens
     python -m benchmarks.fit_7b --tokens 32 512         # plus one (non-refresh) step at 512 tokens
-    python -m benchmarks.fit_7b --method galore+32      # also galore8, galore32, adamw8, adamw32
+    python -m benchmarks.fit_7b --method galore+32      # any row of the estimator: adamw32, apollo8, ... (--help)
     python -m benchmarks.fit_7b --config tiny.json      # any transformers config with model_type
     python -m benchmarks.fit_7b --threads 1             # one torch thread (faster on a loaded machine)
     python -m benchmarks.fit_7b --steps 2 --tokens 512 --micro-batches 4 --max-grad-norm 1.0
@@ -51,21 +51,23 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from galore_plus import GaLorePlusAdamW
+from galore_plus import memory
 from galore_plus.memory import GIB, MemoryEstimate, build_meta_model, estimate_memory, load_config, method_groups
 from galore_plus.per_layer import PerLayerSteps, enable_per_layer_steps
 
 from .measure import RefreshTimer, best_seconds, tensor_bytes
 from .resident import machine_memory_bytes, peak_resident_bytes, reset_peak_resident, resident_bytes
 
-# command-line name -> (method name of galore_plus.memory, optimizer bits)
-METHODS: dict[str, tuple[str, int]] = {
-    "galore+8": ("GaLore+", 8),
-    "galore+32": ("GaLore+", 32),
-    "galore8": ("GaLore", 8),
-    "galore32": ("GaLore", 32),
-    "adamw8": ("AdamW 8-bit", 8),
-    "adamw32": ("AdamW", 32),
-}
+
+
+def command_line_name(method: str, bits: int) -> str:
+    """``--method`` of a row of ``galore_plus.memory.METHODS``: ``galore+8``, ``adamw32``, ``apollo-mini8``, ..."""
+    return method.lower().removesuffix(" 8-bit").replace(" ", "_") + str(bits)
+
+
+# command-line name -> (method name, optimizer bits): the rows of the memory estimator's table
+METHODS: dict[str, tuple[str, int]] = {command_line_name(method, bits): (method, bits)
+                                       for method, bits, _ in memory.METHODS}
 DTYPE = torch.bfloat16
 
 
@@ -116,14 +118,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def training_groups(model: nn.Module, method: str, rank: int, residual_ratio: float, residual_warmup: int,
                     full_rank_residual: bool | None = None) -> list[dict]:
-    """``galore_plus.memory``'s parameter groups of a method, with the residual warmup set on projected groups
-    and, unless None (the groups' default: on for GaLore+'s projectors), ``full_rank_residual``."""
+    """``galore_plus.memory``'s parameter groups of a method, with the residual warmup set on the groups that have
+    a sparse residual and, unless None (the groups' default: on for GaLore+'s projectors), ``full_rank_residual``
+    on projected groups."""
     groups = method_groups(model, method, rank, residual_ratio)
     for group in groups:
-        if "rank" in group:
+        if group.get("residual_ratio", 0.0) > 0:
             group["residual_warmup"] = residual_warmup
-            if full_rank_residual is not None:
-                group["full_rank_residual"] = full_rank_residual
+        if "rank" in group and full_rank_residual is not None:
+            group["full_rank_residual"] = full_rank_residual
     return groups
 
 

@@ -31,6 +31,15 @@ def run(tiny_config, tmp_path, *extra):
                         "--out", str(tmp_path / "out"), *extra])
 
 
+@pytest.mark.parametrize("method", sorted(fit_7b.METHODS))
+def test_every_row_of_the_estimators_table_steps_with_the_state_it_estimates(tiny_config, tmp_path, method):
+    """fit_7b's methods are the rows of galore_plus.memory.METHODS; each one's groups step (APOLLO's take no residual
+    key), and its allocated optimizer state equals the estimate once the residual is chosen (after step 1)."""
+    record = fit_7b.main(["--config", tiny_config, "--rank", "8", "--steps", "2", "--tokens", "8", "--quiet",
+                          "--method", method, "--skip-refresh-comparison", "--out", str(tmp_path / "out")])
+    assert record["steps"][-1]["state_bytes"] == record["estimate"]["optimizer_state"]
+
+
 def test_tiny_run_measures_what_the_estimator_predicts(tiny_config, tmp_path):
     record = run(tiny_config, tmp_path)
     steps, estimate = record["steps"], record["estimate"]
