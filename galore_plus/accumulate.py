@@ -37,9 +37,9 @@ micro-batch's, unclipped), so clipping leaves it alone, as it does with exact ac
 
 Refused with accumulation (``per_layer.enable_per_layer_steps`` names the key): ``update_rule="apollo"``
 (its whole update is a scaled full-size gradient) and every rule whose entry ``reads_gradient``,
-``projector="random"`` (not orthonormal, so R's energy is not the gradient's energy inside the subspace), ``scale="auto"`` with
-``full_rank_residual`` (its RMS needs the summed gradient's channel norms) and ``residual_warmup=0``
-with a residual (I would be chosen at the boundary of step 1, after the micro-batches' values at I
+``projector="random"`` (not orthonormal, so R's energy is not the gradient's energy inside the subspace),
+``scale="auto"`` with ``full_rank_residual`` (its RMS needs the summed gradient's channel norms) and
+``residual_warmup=0`` with a residual (I would be chosen at the boundary of step 1, after the micro-batches' values at I
 were needed).
 """
 

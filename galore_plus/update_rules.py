@@ -45,7 +45,7 @@ from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
 from .dispatch import apply_update, lowrank_adam_direction
 from .muon_update import muon_momentum_direction, muon_rule
 from .frugal_update import frugal_rule
-from .ldadam_update import error_feedback_layout, ldadam_rule
+from .ldadam_update import ERROR_KEY, error_feedback_layout, ldadam_rule
 from .scale_update import scale_momentum_direction, scale_rule
 from .full_rank_residual import (
     Total, adam_bias_factor, fira_update, single_process_total, weighted_square_total, whole_square_sum,
@@ -114,6 +114,8 @@ class UpdateRule:
       defines, so per-layer accumulation (no gradient at the boundary) is refused.
     * ``gradient_source(layout, state)``: where the step reads its gradient instead of the weight's layout (a
       layout of the same weight: LDAdam's error feedback adds its buffer), or None.
+    * ``full_size_state``: the state keys of the float32 tensors of the stepped weight's shape it keeps (the memory
+      estimator counts them, the checkpoint check knows their shape).
     """
 
     apply: ApplyFunction
@@ -121,6 +123,7 @@ class UpdateRule:
     keys: tuple[str, ...] = ()
     reads_gradient: bool = False
     gradient_source: Callable[[Any, dict[str, Any]], Any] | None = None
+    full_size_state: tuple[str, ...] = ()
 
 
 def whole_rms(low_rank: Tensor, inputs: UpdateInputs) -> Tensor:
@@ -183,6 +186,7 @@ UPDATE_RULES: dict[str, UpdateRule] = {
     "apollo": UpdateRule(apollo_rule, direction=apollo_moments_direction, keys=("scale_type",), reads_gradient=True),
     "muon": UpdateRule(muon_rule, direction=muon_momentum_direction, reads_gradient=True),
     "frugal": UpdateRule(frugal_rule, keys=("free_lr_ratio",), reads_gradient=True),
-    "ldadam": UpdateRule(ldadam_rule, reads_gradient=True, gradient_source=error_feedback_layout),
+    "ldadam": UpdateRule(ldadam_rule, reads_gradient=True, gradient_source=error_feedback_layout,
+                         full_size_state=(ERROR_KEY,)),
     "scale": UpdateRule(scale_rule, direction=scale_momentum_direction, reads_gradient=True),
 }
