@@ -60,7 +60,7 @@ def scale_rule(inputs, state: dict[str, Any], group: dict[str, Any]) -> None:
     outside = outside_subspace(inputs.grad, inputs.basis, inputs.low_rank, inputs.side)
     basis, direction = inputs.basis.to(outside.dtype), inputs.direction.to(outside.dtype)
     inside = basis @ direction if inputs.side == "left" else direction @ basis
-    normalized = column_normalized(torch.nan_to_num(outside.add_(inside)))
+    normalized = column_normalized(outside.add_(inside))   # non-finite only where inputs.finite is False
     factor = torch.full((), group["scale"] * rms_matching_ratio((inputs.shape[-2],)), dtype=normalized.dtype,
                         device=normalized.device)
     apply_update(inputs.weight, group["lr"], 1.0 - group["lr"] * group["weight_decay"], inputs.finite,
