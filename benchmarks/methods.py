@@ -89,6 +89,12 @@ PROJECTED_LR_GRIDS: dict[str, tuple[float, ...]] = {"pretrain": (3e-3, 1e-2, 3e-
 MUON_LR_GRIDS: dict[str, tuple[float, ...]] = {"pretrain": (3e-3, 1e-2, 3e-2)}
 
 
+# FRUGAL at scale 1 moves every entry outside the subspace by the lr itself (a sign), more than the projected methods'
+# scale 0.25 updates: in the 100-step runs of docs/levers.md section 6 its validation loss was best at 3e-3, with 1e-3
+# and 1e-2 both worse, so its grid is the projected one shifted down by half a decade.
+FIELD_LR_GRIDS: dict[str, tuple[float, ...]] = {"pretrain": (1e-3, 3e-3, 1e-2)}
+
+
 def galore_plus_method(name: str, description: str, *, sets: tuple[str, ...] = ("default",),
                        placement: dict[str, Any] | None = None, optim_bits: int = 32, **group_keys: Any) -> MethodSpec:
     """A GaLorePlusAdamW method: ``make_param_groups(model, **placement)`` plus ``group_keys`` in every projected group."""
@@ -410,6 +416,20 @@ METHODS: list[MethodSpec] = [
     replace(galore_plus_method("galore_muon", "svd placement (GaLore) with update_rule='muon' (b1 0.95, scale 1)",
                                placement=SVD_PLACEMENT, sets=("levers",), update_rule="muon", scale=1.0,
                                betas=(0.95, 0.999)), lr_grids=MUON_LR_GRIDS),
+    replace(galore_plus_method("galore_plus_frugal", "GaLore+ placement with update_rule='frugal': Adam in the subspace "
+                               "(scale 1, as FRUGAL) plus signSGD of G - P R at the same lr, in place of Fira's residual",
+                               placement=GALORE_PLUS_DEFAULT_PLACEMENT, sets=("levers",), update_rule="frugal",
+                               scale=1.0), lr_grids=FIELD_LR_GRIDS),
+    replace(galore_plus_method("galore_frugal", "svd placement (GaLore) with update_rule='frugal' (scale 1, "
+                               "free_lr_ratio 1)", placement=SVD_PLACEMENT, sets=("levers",), update_rule="frugal",
+                               scale=1.0), lr_grids=FIELD_LR_GRIDS),
+    galore_plus_method("galore_plus_ldadam", "GaLore+ placement with update_rule='ldadam': GaLore's update (scale 0.25) "
+                       "with LDAdam's error feedback of G + E - P R, in place of Fira's residual",
+                       placement=GALORE_PLUS_DEFAULT_PLACEMENT, sets=("levers",), update_rule="ldadam"),
+    replace(galore_plus_method("galore_plus_scale", "GaLore+ placement with update_rule='scale': momentum of R (b1 0.9), "
+                               "P N + (G - P R) column-normalised (SCALE), RMS-matched to AdamW, scale 1",
+                               placement=GALORE_PLUS_DEFAULT_PLACEMENT, sets=("levers",), update_rule="scale",
+                               scale=1.0), lr_grids=MUON_LR_GRIDS),
     galore_plus_method("galore_plus_8bit", "GaLore+ (defaults) with 8-bit moments", placement=GALORE_PLUS_DEFAULT_PLACEMENT,
                        optim_bits=8, sets=("8bit",)),
     adapter_method("lora", "LoRA adapters (galore_plus.adapters) on all linear layers, AdamW", "lora", sets=("adapters",)),

@@ -36,10 +36,10 @@ update alone. Fira's term does not depend on the gradient's scale (both G_i and 
 micro-batch's, unclipped), so clipping leaves it alone, as it does with exact accumulation.
 
 Refused with accumulation (``per_layer.enable_per_layer_steps`` names the key): ``update_rule="apollo"``
-(its whole update is a scaled full-size gradient), ``projector="random"`` (not orthonormal, so R's
-energy is not the gradient's energy inside the subspace), ``scale="auto"`` with
-``full_rank_residual`` (its RMS needs the summed gradient's channel norms) and ``residual_warmup=0``
-with a residual (I would be chosen at the boundary of step 1, after the micro-batches' values at I
+(its whole update is a scaled full-size gradient) and every rule whose entry ``reads_gradient``,
+``projector="random"`` (not orthonormal, so R's energy is not the gradient's energy inside the subspace),
+``scale="auto"`` with ``full_rank_residual`` (its RMS needs the summed gradient's channel norms) and
+``residual_warmup=0`` with a residual (I would be chosen at the boundary of step 1, after the micro-batches' values at I
 were needed).
 """
 

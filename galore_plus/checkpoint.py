@@ -32,6 +32,7 @@ from .group_options import (
     SCHEDULER_GROUP_KEYS, closest_key_hint, group_label, projector_only_keys, stepped_shape, valid_group_keys,
 )
 from .projectors import projection_side
+from .update_rules import UPDATE_RULES
 
 FOREIGN_HINT = ("this is not a GaLorePlusAdamW checkpoint (galore_torch.GaLoreAdamW stores projector objects and a "
                 "'correct_bias' key); start this optimizer fresh instead of loading it")
@@ -127,7 +128,8 @@ def is_plain_value(value: Any) -> bool:
 
 def projected_state_shapes(param: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Shapes of the basis (or its 4-bit codes and absmax), the low-rank moments (or their 8-bit codes), the
-    residual's row offsets and the limiters' norms (a stack of E matrices: with a leading E, norms (E, 1, 1))."""
+    residual's row offsets, the limiters' norms and the update rule's full-size tensors (a stack of E matrices: with
+    a leading E, norms (E, 1, 1))."""
     *batch, m, n = stepped_shape(param, group)
     rank = group["rank"]
     side = projection_side((m, n), group["proj_type"], group["projector"])
@@ -138,4 +140,4 @@ def projected_state_shapes(param: Tensor, group: dict[str, Any]) -> dict[str, tu
     four_bit = {"projector_codes": ((basis_numel + 1) // 2, 1), "projector_absmax": (math.ceil(basis_numel / BASIS_BLOCKSIZE),)}
     norm = (*batch, 1, 1) if batch else ()
     return {"projector": basis, **four_bit, **moments, "residual_row_ptr": (m + 1,), "residual_norm": norm,
-            "apollo_norm": norm}
+            "apollo_norm": norm, **{key: (*batch, m, n) for key in UPDATE_RULES[group["update_rule"]].full_size_state}}

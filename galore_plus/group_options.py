@@ -55,6 +55,7 @@ PROJECTED_GROUP_DEFAULTS: dict = {
     "update_rule": "galore",
     "scale_type": "channel",
     "basis_bits": 32,
+    "free_lr_ratio": 1.0,
 }
 
 # Keys every group may carry besides the optimizer's defaults (lr, betas, eps, weight_decay, foreach) and the
@@ -343,6 +344,7 @@ def validate_projected_group(group: dict, index: int) -> None:
     _validate_levers(group, index)
     _validate_apollo(group, index)
     _validate_muon(group, index)
+    _validate_field_rules(group, index)
     _validate_basis_bits(group, index)
     if "num_heads" in PROJECTORS[group["projector"]].keys:
         _validate_heads(group, index)
@@ -377,6 +379,20 @@ def _validate_muon(group: dict, index: int) -> None:
     if isinstance(group["scale"], bool) or not isinstance(group["scale"], Real) or group["scale"] < 0:
         _fail(group, index, "scale", f"update_rule 'muon' multiplies its RMS-matched step by scale, a number >= 0 "
                                      f"(1 matches AdamW's update RMS), got {group['scale']!r}")
+
+
+def _validate_field_rules(group: dict, index: int) -> None:
+    """Update rules 'frugal', 'ldadam' and 'scale' (galore_plus/frugal_update.py, ldadam_update.py, scale_update.py)."""
+    rule = group["update_rule"]
+    if rule not in ("frugal", "ldadam", "scale"):
+        return
+    if isinstance(group["scale"], bool) or not isinstance(group["scale"], Real) or not 0 <= group["scale"] < math.inf:
+        _fail(group, index, "scale", f"update_rule {rule!r} multiplies its step by scale, a finite number >= 0 "
+                                     f"('auto' is for update_rule 'galore'), got {group['scale']!r}")
+    ratio = group["free_lr_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0 <= ratio < math.inf:
+        _fail(group, index, "free_lr_ratio", f"the state-free step size over lr must be a finite number >= 0, got "
+                                             f"{ratio!r}")
 
 
 def _validate_basis_bits(group: dict, index: int) -> None:

@@ -13,7 +13,8 @@ allocates in ``optimizer.state``:
   ``random`` projector (regenerated every step); two low-rank moments (float32 or 8-bit); with
   ``residual_ratio > 0`` the residual: |I| = ceil(ratio m n) entries of two float32 moments and an
   int16/int32 column index, plus m + 1 int32 row offsets; with ``update_rule="apollo"`` or
-  ``full_rank_residual`` the limiter's norm (one float32);
+  ``full_rank_residual`` the limiter's norm (one float32); the full-size float32 tensors an update
+  rule keeps (``UpdateRule.full_size_state``: ``update_rule="ldadam"``'s error-feedback buffer, m n values);
 * a stack of E expert matrices (E, m, n) counts E times one matrix's basis, moments and norm (the
   8-bit and 4-bit codes of the stack as one tensor, a float32 absmax per block of it); a
   convolution kernel counts as the matrix (out, in kh kw).
@@ -50,6 +51,7 @@ from .presets import APOLLO, APOLLO_MINI
 from .projectors import PROJECTORS, projection_side
 from .quant import quantized_nbytes, uses_8bit_adamw
 from .residual import residual_count
+from .update_rules import UPDATE_RULES
 
 STEP_BYTES = 4
 LIMITER_NORM_BYTES = 4
@@ -127,6 +129,7 @@ def projected_state_bytes(shape: tuple[int, ...], group: dict[str, Any], optim_b
     if accumulation and group["full_rank_residual"]:
         rule_bytes += 4 * experts * channel_count((m, n), side)
     residual_bytes = residual_state_bytes((m, n), group["residual_ratio"]) if not batch else 0
+    rule_bytes += 4 * experts * m * n * len(UPDATE_RULES[group["update_rule"]].full_size_state)
     return basis_bytes(basis_numel, group) + 2 * moment_bytes + residual_bytes + rule_bytes
 
 

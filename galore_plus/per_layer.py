@@ -51,6 +51,7 @@ from .auto_scale import AUTO
 from .distributed import is_sharded
 from .group_options import group_label
 from .optimizer import GaLorePlusAdamW
+from .update_rules import UPDATE_RULES
 
 CONSUMED_MESSAGE = (
     "per-layer mode: this parameter's gradient was consumed by its optimizer step during backward and freed. "
@@ -341,6 +342,9 @@ def _check_accumulation(optimizer: GaLorePlusAdamW, ddp_model: DistributedDataPa
              "matrix; put the stacks in a group of their own and step without accumulation"),
             ("update_rule", group["update_rule"] == "apollo",
              "APOLLO's update is a scaled full-size gradient, which accumulation in the subspace never forms"),
+            ("update_rule", UPDATE_RULES[group["update_rule"]].reads_gradient,
+             f"update rule {group['update_rule']!r} reads the full gradient, which accumulation in the subspace never "
+             "forms"),
             ("projector", group["projector"] == "random",
              "a random basis is not orthonormal, so the accumulated R does not measure the gradient's energy"),
             ("scale", group["full_rank_residual"] and group["scale"] == AUTO,

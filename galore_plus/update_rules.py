@@ -22,6 +22,12 @@ synchronise), and must never write a non-finite value.
   N = M / (sqrt(V) + eps), without bias correction (:func:`galore_plus.apollo_update.apollo_moments_direction`).
 * ``"muon"``: Muon's Newton-Schulz-orthogonalised step of P N + (G - P R), N the Nesterov momentum of R
   (:mod:`galore_plus.muon_update`; ``betas[0]`` is the momentum).
+* ``"frugal"``: FRUGAL, scale P N plus a state-free signSGD step of the rest, free_lr_ratio sign(G - P R)
+  (:mod:`galore_plus.frugal_update`, group key ``free_lr_ratio``).
+* ``"ldadam"``: GaLore's update with LDAdam's error feedback: the step projects G + E, and E <- (G + E) - P R, a
+  full-size buffer (:mod:`galore_plus.ldadam_update`).
+* ``"scale"``: SCALE's column-normalised step of P N + (G - P R), N the bias-corrected momentum of R
+  (:mod:`galore_plus.scale_update`; ``betas[0]`` is the momentum).
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ from .apollo_update import apollo_factor, apollo_moments_direction, apollo_step_
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
 from .dispatch import apply_update, lowrank_adam_direction
 from .muon_update import muon_momentum_direction, muon_rule
+from .frugal_update import frugal_rule
+from .ldadam_update import ERROR_KEY, error_feedback_layout, ldadam_rule
+from .scale_update import scale_momentum_direction, scale_rule
 from .full_rank_residual import (
     Total, adam_bias_factor, fira_update, single_process_total, weighted_square_total, whole_square_sum,
 )
@@ -101,11 +110,20 @@ class UpdateRule:
       ``apply`` reads as ``inputs.direction`` (the step also checks that N is finite).
     * ``keys``: the group keys it (or what it composes with, the sparse residual) reads besides
       those every projected step reads; a group with this rule may set no other rule key.
+    * ``reads_gradient``: ``apply`` reads ``inputs.grad`` without the terms :mod:`galore_plus.accumulate`
+      defines, so per-layer accumulation (no gradient at the boundary) is refused.
+    * ``gradient_source(layout, state)``: where the step reads its gradient instead of the weight's layout (a
+      layout of the same weight: LDAdam's error feedback adds its buffer), or None.
+    * ``full_size_state``: the state keys of the float32 tensors of the stepped weight's shape it keeps (the memory
+      estimator counts them, the checkpoint check knows their shape).
     """
 
     apply: ApplyFunction
     direction: DirectionFunction = lowrank_adam_direction
     keys: tuple[str, ...] = ()
+    reads_gradient: bool = False
+    gradient_source: Callable[[Any, dict[str, Any]], Any] | None = None
+    full_size_state: tuple[str, ...] = ()
 
 
 def whole_rms(low_rank: Tensor, inputs: UpdateInputs) -> Tensor:
@@ -165,6 +183,10 @@ def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, An
 UPDATE_RULES: dict[str, UpdateRule] = {
     "galore": UpdateRule(galore_update, keys=("full_rank_residual", "norm_growth_limit", "residual_ratio",
                                               "residual_warmup", "residual_mode")),
-    "apollo": UpdateRule(apollo_rule, direction=apollo_moments_direction, keys=("scale_type",)),
-    "muon": UpdateRule(muon_rule, direction=muon_momentum_direction),
+    "apollo": UpdateRule(apollo_rule, direction=apollo_moments_direction, keys=("scale_type",), reads_gradient=True),
+    "muon": UpdateRule(muon_rule, direction=muon_momentum_direction, reads_gradient=True),
+    "frugal": UpdateRule(frugal_rule, keys=("free_lr_ratio",), reads_gradient=True),
+    "ldadam": UpdateRule(ldadam_rule, reads_gradient=True, gradient_source=error_feedback_layout,
+                         full_size_state=(ERROR_KEY,)),
+    "scale": UpdateRule(scale_rule, direction=scale_momentum_direction, reads_gradient=True),
 }

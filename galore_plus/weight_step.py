@@ -213,6 +213,9 @@ def step_projected_weight(
     """One GaLore+ step of a matrix or a stack of them; a step with non-finite values changes nothing but t (see
     module docs)."""
     step = state.get("step", 0) + 1
+    source = UPDATE_RULES[group["update_rule"]].gradient_source
+    if source is not None:
+        layout = source(layout, state)
     side = projection_side(layout.shape, group["proj_type"], group["projector"])
     basis, previous = step_basis(layout, state, group, side, step, context)
     local_basis = layout.local_basis(basis, side)

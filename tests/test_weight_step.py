@@ -204,21 +204,22 @@ def test_compute_basis_dispatches_through_the_registry():
 # ---------------------------------------------------------------- a non-finite value is never written
 
 
-# Every projector, residual mode, bit width and update rule, but 'apollo' with a sparse residual (which it refuses:
-# tests/test_apollo_update.py).
+# Every projector, residual mode, bit width and update rule, but the rules other than 'galore' with a sparse residual
+# (which they refuse: tests/test_apollo_update.py, tests/test_muon_update.py, tests/test_field_rules.py).
 STEP_CASES = [(projector, mode, bits, rule) for projector, mode, bits, rule in itertools.product(
     sorted(PROJECTORS), [None, "exact", "paper"], [32, 8], sorted(update_rules.UPDATE_RULES))
-    if not (rule in ("apollo", "muon") and mode is not None)]
+    if not (rule != "galore" and mode is not None)]
 
 
 def bad_gradient_stream(shape, rule, seed=0):
     """(gradient, whether it is bad for ``rule``) for 12 steps: NaN, +-Inf, and huge values whose squares overflow
-    float32 (bad for the rules with a second moment; 'muon' keeps none and normalises, so for it that step is good)."""
+    float32 (bad for the rules with a second moment; 'muon' and 'scale' keep none and normalise, so for them that step
+    is good)."""
     generator = torch.Generator().manual_seed(seed)
     stream = []
     for t in range(12):
         grad = torch.randn(shape, generator=generator)
-        bad = t in ((4, 5, 7, 9) if rule == "muon" else (2, 4, 5, 7, 9))
+        bad = t in ((4, 5, 7, 9) if rule in ("muon", "scale") else (2, 4, 5, 7, 9))
         if t == 2:
             grad = grad * 1e21  # R finite, R * R and the residual's products overflow
         elif t == 4:
