@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from galore_plus import GaLorePlusAdamW
-from galore_plus.residual import flat_index
+from galore_plus.sparse_residual.index import flat_index
 
 MIB = 2**20
 

@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
-from .apollo_update import SCALE_TYPES
-from .auto_scale import AUTO
-from .basis_quant import BASIS_BITS
-from .projectors import HEAD_PROJECTORS, PROJ_TYPES, PROJECTORS, projection_side
-from .residual import RESIDUAL_MODES
-from .update_rules import UPDATE_RULES
+from .projectors import PROJ_TYPES, PROJECTORS, projection_side
+from .projectors.cross_head import HEAD_PROJECTORS
+from .rules import UPDATE_RULES
+from .rules.apollo import SCALE_TYPES
+from .rules.auto_scale import AUTO
+from .sparse_residual.values import RESIDUAL_MODES
+from .state.basis_4bit import BASIS_BITS
 
 PROJECTED_GROUP_DEFAULTS: dict = {
     "update_proj_gap": 200,

@@ -13,7 +13,7 @@ Where each weight goes (a *plan*, see :func:`plan_param_groups`):
   (out, in kh kw)) -> one ``projector`` group;
 * the expert stacks of a mixture-of-experts layer (transformers 5 stores a layer's experts fused, as
   3-D parameters (E, m, n) of an ``...Experts`` module: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3,
-  GPT-OSS) -> a ``{projector}_experts`` group, each expert its own matrix (``galore_plus.stacks``);
+  GPT-OSS) -> a ``{projector}_experts`` group, each expert its own matrix (``galore_plus.step.stacks``);
 * everything else -> a plain AdamW group. Embeddings, output heads, routers (``gate``, ``router``,
   ``shared_expert_gate``, ``...Router`` modules), norms and biases are plain by design.
 

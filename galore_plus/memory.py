@@ -45,11 +45,12 @@ from torch import Tensor, nn
 
 from .group_options import fill_projected_defaults, stepped_shape
 from .groups import make_param_groups
-from .basis_quant import quantized_basis_nbytes
 from .presets import APOLLO, APOLLO_MINI
 from .projectors import PROJECTORS, projection_side
-from .quant import quantized_nbytes, uses_8bit_adamw
-from .residual import residual_count
+from .sparse_residual.index import residual_count
+from .state.adamw_8bit import uses_8bit_adamw
+from .state.basis_4bit import quantized_basis_nbytes
+from .state.moments_8bit import quantized_nbytes
 
 STEP_BYTES = 4
 LIMITER_NORM_BYTES = 4
@@ -136,7 +137,7 @@ def channel_count(shape: tuple[int, int], side: str) -> int:
 
 
 def accumulator_bytes(shape: tuple[int, int], group: dict[str, Any]) -> int:
-    """Per-layer accumulation's accumulator of one projected weight (:mod:`galore_plus.accumulate`): R's sum in
+    """Per-layer accumulation's accumulator of one projected weight (:mod:`galore_plus.step.accumulate`): R's sum in
     float32, one float64 per channel (the energy outside the subspace), with a residual float32 values at I, and
     with Fira's residual the float32 norm of the terms applied. At a refresh step the replaced basis is kept until
     the boundary as well (not counted: steady state)."""

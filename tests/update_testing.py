@@ -1,8 +1,8 @@
-"""Shared test helper: the terms of a weight update (galore_plus.update), drawn from a generator."""
+"""Shared test helper: the terms of a weight update (galore_plus.step.apply), drawn from a generator."""
 
 import torch
 
-from galore_plus.update import LowRankTerm, ScaledGradient
+from galore_plus.step.apply import LowRankTerm, ScaledGradient
 
 
 def terms_of(m, n, rank, side, factor_kind, grad_dtype, generator):

@@ -1,4 +1,4 @@
-"""Sparsely coded residuals (GaLore+ Algorithm 2): the index set I and the update at I (torch reference).
+"""Sparsely coded residuals (GaLore+ Algorithm 2): the update at the index set I (torch reference).
 
 At the end of step k = ``residual_warmup`` (step 1 when k = 0, where the residual then also applies)
 the ``ceil(residual_ratio * m * n)`` positions with the largest |reconstructed first moment| (P M or
@@ -12,73 +12,20 @@ is replaced:
   delta = (dM / (1 - b1^t)) / (sqrt(max((Vrec + dV) / (1 - b2^t), 0)) + eps),
   U_I = scale * ((P N | N Q) at I + delta).
 
-I is stored compactly in CSR form: ``residual_row_ptr`` (m + 1 offsets) and ``residual_col`` (int16
-when n <= 32768, else int32), so the index costs about 2 bytes per entry. No m x n matrix is ever
-formed: values at I are gathers of rows of one factor times columns of the other, in chunks.
+I is chosen and stored by :mod:`galore_plus.sparse_residual.index`. No m x n matrix is ever formed: values
+at I are gathers of rows of one factor times columns of the other, in chunks.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .projectors import Side
+from ..step.shapes import Side
 
 RESIDUAL_MODES = ("exact", "paper")
 
-SELECTION_CHUNK_ELEMENTS = 1 << 20
 GATHER_CHUNK_ELEMENTS = 1 << 20
-
-
-def residual_count(ratio: float, shape: tuple[int, int]) -> int:
-    """|I| = ceil(ratio * (m * n)); zero only when ``ratio`` is zero."""
-    return math.ceil(ratio * (shape[0] * shape[1]))
-
-
-def reconstructed_rows(basis: Tensor, low_rank: Tensor, side: Side, start: int, stop: int) -> Tensor:
-    """Rows ``start:stop`` of the full-size matrix P L (left side) or L Q (right side)."""
-    if side == "left":
-        return basis[start:stop] @ low_rank
-    return low_rank[start:stop] @ basis
-
-
-def select_residual_index(
-    basis: Tensor, exp_avg: Tensor, side: Side, shape: tuple[int, int], count: int,
-    chunk_elements: int = SELECTION_CHUNK_ELEMENTS,
-) -> tuple[Tensor, Tensor]:
-    """CSR index (row_ptr, col) of the ``count`` largest |P M| or |M Q| entries, sorted by position.
-
-    The reconstruction is formed a block of rows at a time and merged into a running top-``count``,
-    so the extra memory is one block of about ``chunk_elements`` values plus O(count). Row offsets
-    come from ``searchsorted`` on the sorted rows (no ``bincount``, which reads a size on the host).
-    """
-    m, n = shape
-    rows_per_chunk = max(1, chunk_elements // n)
-    best_values = torch.empty(0, device=exp_avg.device)
-    best_positions = torch.empty(0, dtype=torch.int64, device=exp_avg.device)
-    for start in range(0, m, rows_per_chunk):
-        stop = min(m, start + rows_per_chunk)
-        block = reconstructed_rows(basis, exp_avg, side, start, stop).abs_().flatten()
-        values, positions = block.topk(min(count, block.numel()), sorted=False)
-        values = torch.cat([best_values, values])
-        positions = torch.cat([best_positions, positions + start * n])
-        keep = values.topk(min(count, values.numel()), sorted=False).indices
-        best_values, best_positions = values[keep], positions[keep]
-    flat = best_positions.sort().values
-    rows = flat // n
-    col_dtype = torch.int16 if n <= 2**15 else torch.int32
-    ptr_dtype = torch.int32 if count < 2**31 else torch.int64
-    boundaries = torch.arange(m + 1, device=flat.device)
-    row_ptr = torch.searchsorted(rows, boundaries, out_int32=ptr_dtype == torch.int32)
-    return row_ptr, (flat % n).to(col_dtype)
-
-
-def flat_index(row_ptr: Tensor, col: Tensor, n: int) -> Tensor:
-    """The int64 row-major position (i * n + j) of every entry of the CSR index set, for this step only."""
-    rows = torch.arange(row_ptr.numel() - 1, device=row_ptr.device)
-    return torch.repeat_interleave(rows, row_ptr.diff(), output_size=col.numel()).mul_(n).add_(col)
 
 
 def gather_flat(matrix: Tensor, index: Tensor) -> Tensor:
@@ -146,7 +93,7 @@ def residual_values_at(
     lr: float, weight_decay: float, scale: float,
 ) -> Tensor:
     """:func:`residual_values` from the gradient's float32 values at I, ``grad_at`` (written in place),
-    instead of the gradient: per-layer accumulation keeps only those (:mod:`galore_plus.accumulate`)."""
+    instead of the gradient: per-layer accumulation keeps only those (:mod:`galore_plus.step.accumulate`)."""
     weight_at = gather_flat(param, index).float().mul_(1 - lr * weight_decay)
     if mode == "exact":
         exp_avg.lerp_(grad_at, 1 - beta1)

@@ -6,17 +6,17 @@ Every update rule writes the weight through :func:`apply_update`, with one or bo
   matrix X: GaLore's P N;
 * :class:`ScaledGradient`, the gradient G times a factor f that is a 0-d tensor, one value per
   row (m, 1) or one per column (1, n): APOLLO's update;
-* both: Fira's update with the full-rank residual (:mod:`galore_plus.full_rank_residual`).
+* both: Fira's update with the full-rank residual (:mod:`galore_plus.rules.fira`).
 
 No full-size update is formed: each block of rows of the weight (the rows themselves of a float32
-weight, else a float32 copy, :mod:`galore_plus.row_blocks`) gets its rows of f G (from a float32
+weight, else a float32 copy, :mod:`galore_plus.step.row_blocks`) gets its rows of f G (from a float32
 copy of those rows of G, in any dtype; float64 stays float64) with one ``addcmul_`` and its rows
-of P X | X Q with one ``addmm_``. On CUDA, :func:`galore_plus.dispatch.apply_update` runs instead a
+of P X | X Q with one ``addmm_``. On CUDA, :func:`galore_plus.kernels.dispatch.apply_update` runs instead a
 Triton kernel that does the whole update in one pass over the weight and the gradient
 (:mod:`galore_plus.kernels.weight_update`); this function is its reference.
 
 A stack of E matrices (E, m, n) is updated the same way, in the blocks of
-:func:`~galore_plus.row_blocks.row_slices` (rows of one expert with ``addmm_``, or several whole
+:func:`~galore_plus.step.row_blocks.row_slices` (rows of one expert with ``addmm_``, or several whole
 experts with ``baddbmm_``); f and the skip mask are then one value per expert, (E, 1, 1), or per
 channel of each expert, (E, m, 1) or (E, 1, n).
 """
@@ -29,8 +29,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .projectors import Side
 from .row_blocks import Block, experts_of, row_slices, widened_dtype, widened_row_blocks
+from .shapes import Side
 from .stacks import add_product_
 
 
@@ -68,7 +68,7 @@ def factor_rows(factor: Tensor, block: Block) -> Tensor:
 def decayed_rows(param: Tensor, factor: Tensor | None, block_values: int | None) -> Iterator[tuple[Block, Tensor]]:
     """(block, float32 target) of ``param``, already multiplied by ``factor``; the caller adds its update to the target.
 
-    The blocks are :func:`~galore_plus.row_blocks.row_slices`. A float32 (or float64) ``param``'s target is
+    The blocks are :func:`~galore_plus.step.row_blocks.row_slices`. A float32 (or float64) ``param``'s target is
     the view ``param[rows]``; a half-precision one goes through one float32 buffer (about ``block_values`` values),
     written back in the weight's dtype once the caller has updated it, so no float32 copy of the whole
     weight is made.

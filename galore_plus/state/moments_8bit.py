@@ -6,29 +6,21 @@ of :data:`BLOCKSIZE` consecutive values (bitsandbytes' 8-bit optimizer layout): 
 moment the unsigned one, as bitsandbytes' 8-bit Adam does. The maps are constants, rebuilt on
 demand, so the state holds only the codes and the absmax values (plain tensors in the state dict).
 
-Two uses:
-
-* low-rank moments of projected weights: :func:`load_moments` puts float32 ``exp_avg`` and
-  ``exp_avg_sq`` into the state for the duration of one step, :func:`store_moments` turns them
-  back into codes at the end of the step, so everything in between is the 32-bit step;
-* moments of plain AdamW tensors with at least :data:`MIN_8BIT_SIZE` values:
-  :func:`adamw_step_8bit` runs bitsandbytes' own blockwise 8-bit AdamW update, on the CPU in chunks
-  of :data:`CHUNK_VALUES` consecutive values (whole blocks), so that its float32 temporaries stay
-  small: bitsandbytes' CPU backend dequantises its whole input, about 24 bytes of float32
-  temporaries per value (2.9 GiB for a 32000 x 4096 embedding), where a chunk needs about 100 MiB.
+Two uses: the low-rank moments of projected weights (:func:`load_moments` puts float32 ``exp_avg``
+and ``exp_avg_sq`` into the state for the duration of one step, :func:`store_moments` turns them
+back into codes at the end of the step, so everything in between is the 32-bit step), and the
+moments of plain AdamW tensors (:mod:`galore_plus.state.adamw_8bit`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 BLOCKSIZE = 256
-MIN_8BIT_SIZE = 4096
-CHUNK_VALUES = 1 << 22  # values per chunk of the CPU 8-bit AdamW step: 16384 whole blocks
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 INSTALL_HINT = "optim_bits=8 needs bitsandbytes: pip install bitsandbytes"
 
@@ -136,62 +128,3 @@ def check_loaded_moments(state: dict[str, Any], quantized: bool, where: str) -> 
         saved_bits, bits = (8, 32) if saved_8bit else (32, 8)
         raise ValueError(f"{where}: the checkpoint holds {saved_bits}-bit moments but this optimizer keeps them in "
                          f"{bits} bits; construct it with optim_bits={saved_bits} to load this checkpoint")
-
-
-def uses_8bit_adamw(param: Tensor) -> bool:
-    """Whether a plain AdamW tensor gets 8-bit moments (bitsandbytes' rule: at least 4096 values)."""
-    return param.numel() >= MIN_8BIT_SIZE
-
-
-def init_adamw_state_8bit(state: dict[str, Any], param: Tensor) -> None:
-    """Zero 8-bit moments (codes and absmax) and a float32 step counter for a plain AdamW tensor."""
-    blocks = absmax_count(param.numel())
-    state["step"] = torch.tensor(0.0)
-    for key in MOMENT_KEYS:
-        state[f"{key}_codes"] = torch.zeros(param.shape, dtype=torch.uint8, device=param.device)
-        state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
-
-
-def blockwise_chunks(
-    values: list[Tensor], absmax: list[Tensor], chunk_values: int
-) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
-    """Views of consecutive chunks of at most ``chunk_values`` values of the contiguous, same-size tensors
-    ``values``, with the views of those chunks' blocks in ``absmax``; every chunk starts at a block boundary."""
-    if chunk_values <= 0 or chunk_values % BLOCKSIZE:
-        raise ValueError(f"chunk_values must be a positive multiple of {BLOCKSIZE}, got {chunk_values}")
-    flat = [tensor.view(-1) for tensor in values]
-    numel = flat[0].numel()
-    for start in range(0, numel, chunk_values):
-        end = min(start + chunk_values, numel)
-        blocks = slice(start // BLOCKSIZE, absmax_count(end))
-        yield [tensor[start:end] for tensor in flat], [scales[blocks] for scales in absmax]
-
-
-def adamw_step_8bit(
-    param: Tensor, grad: Tensor, state: dict[str, Any], lr: float, beta1: float, beta2: float, eps: float,
-    weight_decay: float, chunk_values: int | None = None,
-) -> None:
-    """One AdamW step of ``param`` with 8-bit blockwise moments, by bitsandbytes' fused update.
-
-    Same update as ``torch.optim.AdamW`` (decoupled weight decay first), computed in float32 from
-    the dequantised moments, which are then re-quantised in place. On the CPU a contiguous
-    ``param`` is stepped in chunks of ``chunk_values`` (default :data:`CHUNK_VALUES`) consecutive values, each a call of the same
-    update on whole blocks: the update is elementwise and the quantisation blockwise, so the result
-    is bit for bit that of one call on the whole tensor (tests/test_quant.py checks it).
-    """
-    import bitsandbytes.functional as bnb_functional
-
-    state["step"] += 1
-    step = int(state["step"].item())
-    values = [param, grad.contiguous(), state["exp_avg_codes"], state["exp_avg_sq_codes"]]
-    absmax = [state["exp_avg_absmax"], state["exp_avg_sq_absmax"]]
-    whole = param.device.type != "cpu" or not param.is_contiguous()
-    for (param_part, grad_part, exp_avg_codes, exp_avg_sq_codes), (exp_avg_absmax, exp_avg_sq_absmax) in (
-        [(values, absmax)] if whole else blockwise_chunks(values, absmax, CHUNK_VALUES if chunk_values is None else chunk_values)
-    ):
-        bnb_functional.optimizer_update_8bit_blockwise(
-            "adam", grad_part, param_part, exp_avg_codes, exp_avg_sq_codes,
-            beta1, beta2, 0.0, 0.0, eps, step, lr,
-            dynamic_map(True, param.device), dynamic_map(False, param.device),
-            exp_avg_absmax, exp_avg_sq_absmax, weight_decay=weight_decay,
-        )

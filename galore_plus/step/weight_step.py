@@ -2,11 +2,11 @@
 
 Every path calls :func:`step_projected_weight`: ``optimizer.step()``, per-layer hooks, the DDP
 communication hook of per-layer mode and FSDP2 row shards. What differs between them is behind a
-:class:`WeightLayout` (``LocalLayout`` and ``RowShardLayout`` in :mod:`galore_plus.distributed`):
+:class:`WeightLayout` (``LocalLayout`` and ``RowShardLayout`` in :mod:`galore_plus.step.layouts`):
 which rows are local, how the rows a refresh reads are gathered, the sum of the left-side low-rank
 gradient over ranks, the cross-rank agreement on finiteness, and how moment zeros are made.
 
-Per-layer accumulation (:mod:`galore_plus.accumulate`) splits the order at R: each micro-batch runs
+Per-layer accumulation (:mod:`galore_plus.step.accumulate`) splits the order at R: each micro-batch runs
 :func:`accumulate_projected_gradient` (the first one the schedule and refresh, every one R into the
 weight's accumulator), and the boundary runs :func:`step_accumulated_weight`, the rest of the order
 from the accumulated R (:func:`finish_step`, shared with :func:`step_projected_weight`).
@@ -18,7 +18,7 @@ sparse residual at I -> update rule -> residual written -> moments stored (8-bit
 A weight is a matrix (m, n) or a stack of E independent matrices (E, m, n) (mixture-of-experts
 weights; a convolution kernel (out, in, kh, kw) is stepped as the matrix (out, in kh kw)): a stack
 is stepped batched, each expert with its own basis, moments, norms and finiteness (a (E, 1, 1)
-bool), as if its experts were separate weights (:mod:`galore_plus.stacks`).
+bool), as if its experts were separate weights (:mod:`galore_plus.step.stacks`).
 
 A step without a refresh reads nothing on the host: finiteness is a 0-d bool tensor on the device.
 When R, N or V is not finite, ``torch.where`` keeps the old moments and the update rule leaves
@@ -29,9 +29,9 @@ that is read, with one warning per optimizer, at the next refresh or ``state_dic
 
 Extension points (plain dicts, lists and functions):
 
-* a projector: an entry of ``projectors.PROJECTORS`` (a :class:`~galore_plus.projectors.Projector`:
+* a projector: an entry of ``galore_plus.projectors.PROJECTORS`` (a :class:`~galore_plus.projectors.base.Projector`:
   basis function, the gradient rows it reads, fixed side, whether the basis is stored);
-* an update rule: an entry of ``update_rules.UPDATE_RULES`` (an :class:`~galore_plus.update_rules.UpdateRule`:
+* an update rule: an entry of ``galore_plus.rules.UPDATE_RULES`` (an :class:`~galore_plus.rules.base.UpdateRule`:
   the direction N it reads and how it writes the weight), chosen by the group's ``update_rule``;
 * a refresh hook: a function listed in :data:`REFRESH_HOOKS` (moment transfer is one),
   ``hook(exp_avg, exp_avg_sq, previous, basis, side, state, group)``, called at every refresh that
@@ -48,18 +48,22 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor
 
-from . import quant
+from ..projectors import PROJECTORS, projection_side
+from ..projectors.generators import basis_generators
+from ..rules import UPDATE_RULES
+from ..rules.base import UpdateInputs
+from ..sparse_residual.step import residual_update, write_residual
+from ..state import moments_8bit
+from ..state.basis_4bit import basis_shape, store_basis, stored_basis
 from .accumulate import Accumulator, add_micro_batch
-from .basis_quant import basis_shape, store_basis, stored_basis
 from .finite import matrix_finite
 from .moment_transfer import transfer_moments_at_refresh
-from .projectors import PROJECTORS, Shape, Side, basis_generators, project, projection_side
+from .projection import project
 from .refresh import Warn, refreshed_basis
 from .refresh_schedule import (
     after_refresh, fixed_refresh_count, max_gap, overlap_value, schedule_from_state, store_schedule,
 )
-from .residual_state import residual_update, write_residual
-from .update_rules import UPDATE_RULES, UpdateInputs
+from .shapes import Shape, Side
 
 RefreshHook = Callable[[Tensor, Tensor, Tensor, Tensor, Side, dict[str, Any], dict[str, Any]], None]
 
@@ -151,9 +155,9 @@ class StepContext:
 def basis_schedule(state: dict[str, Any], group: dict[str, Any], step: int) -> tuple[int, bool]:
     """(refresh count of the basis used at step t >= 1, whether step t computes it).
 
-    Fixed gap: from :func:`~galore_plus.refresh_schedule.fixed_refresh_count` (refreshes done by the
+    Fixed gap: from :func:`~galore_plus.step.refresh_schedule.fixed_refresh_count` (refreshes done by the
     end of steps t and t - 1). Adaptive gap (``adaptive_gap``): the weight's own
-    :class:`~galore_plus.refresh_schedule.RefreshSchedule` in ``state`` says when.
+    :class:`~galore_plus.step.refresh_schedule.RefreshSchedule` in ``state`` says when.
     """
     if group["adaptive_gap"]:
         schedule = schedule_from_state(state, group["update_proj_gap"])
@@ -182,7 +186,7 @@ def step_basis(
     """(basis of this step, the basis it replaced at a refresh, else None).
 
     A stored basis is recomputed when the schedule says so, from the gradient rows its projector
-    reads, and kept in float32 or, with ``basis_bits=4``, in 4 bits (:mod:`galore_plus.basis_quant`;
+    reads, and kept in float32 or, with ``basis_bits=4``, in 4 bits (:mod:`galore_plus.state.basis_4bit`;
     every step then uses the dequantised basis); a projector that stores none regenerates it every
     step from the seeded generator.
     """
@@ -229,7 +233,7 @@ def accumulate_projected_gradient(
 ) -> Accumulator:
     """Per-layer accumulation: add this micro-batch's gradient to the weight's accumulator (None: the first
     micro-batch of the update, which also refreshes the basis when one is due); ``micro_batches``: k, the
-    accumulation steps (Fira's per-micro-batch terms are scaled by 1 / k); see :mod:`galore_plus.accumulate`."""
+    accumulation steps (Fira's per-micro-batch terms are scaled by 1 / k); see :mod:`galore_plus.step.accumulate`."""
     step = state.get("step", 0) + 1
     side = projection_side(layout.shape, group["proj_type"], group["projector"])
     if accumulator is None:
@@ -263,7 +267,7 @@ def finish_step(
     (``grad`` None), ``accumulator``.
     """
     local_basis = layout.local_basis(basis, side)
-    stored = quant.load_moments(state) if context.optim_bits == 8 else {}
+    stored = moments_8bit.load_moments(state) if context.optim_bits == 8 else {}
     if "exp_avg" not in state:
         state["exp_avg"] = layout.moment_zeros(low_rank, side)
         state["exp_avg_sq"] = layout.moment_zeros(low_rank, side)
@@ -291,4 +295,4 @@ def finish_step(
         write_residual(weight, residual)
     context.skipped.add(context.label, finite if residual is None else residual.finite)
     if context.optim_bits == 8:
-        quant.store_moments(state, stored, finite)
+        moments_8bit.store_moments(state, stored, finite)

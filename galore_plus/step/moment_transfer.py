@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .projectors import Side
+from .shapes import Side
 
 
 def basis_change(old: Tensor, new: Tensor, side: Side) -> Tensor:
@@ -69,7 +69,7 @@ def transfer_moments_at_refresh(
     exp_avg: Tensor, exp_avg_sq: Tensor, previous: Tensor, basis: Tensor, side: Side,
     state: dict[str, Any], group: dict[str, Any],
 ) -> None:
-    """The refresh hook of :mod:`galore_plus.weight_step`: with ``moment_transfer``, move this process's
+    """The refresh hook of :mod:`galore_plus.step.weight_step`: with ``moment_transfer``, move this process's
     moments (written in place) from the basis ``previous`` to ``basis``; nothing when the refresh kept the basis."""
     if not group["moment_transfer"] or previous is basis:
         return

@@ -18,13 +18,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .auto_scale import residual_scale
-from .dispatch import residual_values
-from .finite import all_finite
-from .projectors import Side
-from .residual import (
-    flat_index, gather_flat, residual_count, residual_values_at, scatter_flat, select_residual_index,
-)
+from ..kernels.dispatch import residual_values
+from ..rules.auto_scale import residual_scale
+from ..step.finite import all_finite
+from ..step.shapes import Side
+from .index import flat_index, residual_count, select_residual_index
+from .values import gather_flat, residual_values_at, scatter_flat
 
 
 class ResidualWrite(NamedTuple):

@@ -1,9 +1,9 @@
 """APOLLO's update rule (Zhu et al. 2024, arXiv:2412.05270): the raw gradient, scaled by ||N|| / ||R||.
 
 For a projected weight with gradient G (m, n) of any float dtype, low-rank gradient R = P^T G or G Q^T
-(usually from the ``random`` basis of :mod:`galore_plus.random_basis`) and step t >= 1:
+(usually from the ``random`` basis of :mod:`galore_plus.projectors.random`) and step t >= 1:
 
-1. M, V: Adam moments of R (:func:`galore_plus.lowrank_adam.update_moments`);
+1. M, V: Adam moments of R (:func:`galore_plus.rules.adam.update_moments`);
 2. N = M / (sqrt(V) + eps): APOLLO puts Adam's bias correction into the step size, not into N;
 3. s = ||N|| / (||R|| + 1e-8), either per channel (``scale_type="channel"``: one factor per row
    of G for a right-side basis, per column for a left-side one, i.e. along the dimension the basis
@@ -12,7 +12,7 @@ For a projected weight with gradient G (m, n) of any float dtype, low-rank gradi
    step's (limited) norm, U is scaled down to exactly that; the limited norm is kept for the next
    step (a 0-d float32 tensor, the only state besides the two moments). ||U|| is computed from G's
    per-channel sums of squares (one pass over G a block of rows at a time) and U is never formed: the weight is updated with one ``addcmul_`` of G and
-   the per-channel factor per block of rows (:func:`galore_plus.update.apply_update`);
+   the per-channel factor per block of rows (:func:`galore_plus.step.apply.apply_update`);
 5. p <- p (1 - lr wd) - lr sqrt(1 - b2^t) / (1 - b1^t) sqrt(scale) U.
 
 The conventions are those of ``apollo_torch.APOLLOAdamW`` 1.0.3 with its defaults
@@ -24,7 +24,7 @@ so ``proj_type="reverse_std"`` works (``apollo_torch`` picks the axis from the s
 fails to broadcast).
 
 Registered as ``UPDATE_RULES["apollo"]`` (direction :func:`apollo_moments_direction`, rule
-``update_rules.apollo_rule``; group keys ``update_rule="apollo"``,
+:func:`apollo_rule`; group keys ``update_rule="apollo"``,
 ``scale_type``, ``scale``). Presets: :data:`galore_plus.presets.APOLLO` and ``APOLLO_MINI``.
 Everything here stays on the device: no value is read back to the host.
 """
@@ -32,17 +32,21 @@ Everything here stays on the device: no value is read back to the host.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .full_rank_residual import (
-    NORM_FLOOR, Total, adam_bias_factor, norm_growth_divisor, residual_scaling, single_process_total, whole_square_sum,
+from ..kernels.dispatch import apply_update
+from ..step.apply import ScaledGradient
+from ..step.row_blocks import channel_square_sums
+from ..step.shapes import Side
+from ..step.stacks import matrix_sum
+from .adam import update_moments
+from .base import UpdateInputs
+from .norms import (
+    NORM_FLOOR, Total, adam_bias_factor, channel_norm_ratio, norm_growth_divisor, single_process_total, whole_square_sum,
 )
-from .lowrank_adam import update_moments
-from .projectors import Side
-from .row_blocks import channel_square_sums
-from .stacks import matrix_sum
 
 SCALE_TYPES = ("channel", "tensor")
 NORM_GROWTH_LIMIT = 1.01
@@ -79,7 +83,7 @@ def gradient_scaling(direction: Tensor, low_rank_grad: Tensor, side: Side, scale
     if scale_type == "tensor":
         direction_norm = whole_square_sum(direction, side, total).sqrt()
         return direction_norm / (whole_square_sum(low_rank_grad, side, total).sqrt() + NORM_FLOOR)
-    return residual_scaling(direction, low_rank_grad, side)  # Fira's per-channel phi is the same ratio
+    return channel_norm_ratio(direction, low_rank_grad, side)  # Fira's per-channel phi is the same ratio
 
 
 def scaled_norm(grad: Tensor, scaling: Tensor, side: Side, total: Total = single_process_total) -> Tensor:
@@ -109,3 +113,20 @@ def apollo_factor(
 def times(tensor: Tensor, number: float) -> Tensor:
     """``tensor * number``, or ``tensor`` itself when ``number`` is 1 (the same values: x * 1 is exact)."""
     return tensor if number == 1.0 else tensor * number
+
+
+def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """APOLLO's rule: steps 3-5 of :mod:`galore_plus.rules.apollo`'s docstring on one weight.
+
+    ``inputs.direction`` is APOLLO's N (:func:`~galore_plus.rules.apollo.apollo_moments_direction`);
+    the limiter's norm is kept as ``state["apollo_norm"]``. When ``inputs.finite`` is False the
+    weight and the stored norm are left as they were (``inf`` stands for "no norm yet": it limits nothing).
+    """
+    beta1, beta2 = group["betas"]
+    previous = state.get("apollo_norm")
+    factor, norm = apollo_factor(inputs.grad, inputs.low_rank, inputs.direction, inputs.side, group["scale_type"],
+                                 group["scale"], previous, inputs.total)
+    kept = previous if previous is not None else torch.full_like(norm, math.inf)
+    state["apollo_norm"] = torch.where(inputs.finite, norm, kept)
+    apply_update(inputs.weight, apollo_step_size(group["lr"], inputs.step, beta1, beta2),
+                 1.0 - group["lr"] * group["weight_decay"], inputs.finite, gradient=ScaledGradient(inputs.grad, factor))

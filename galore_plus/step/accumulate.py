@@ -52,13 +52,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dispatch import apply_update
+from ..kernels.dispatch import apply_update
+from ..rules.fira import channel_square_terms
+from ..rules.norms import NORM_FLOOR, adam_bias_factor, norm_growth_divisor
+from ..sparse_residual.index import flat_index
+from ..sparse_residual.values import gather_flat
+from .apply import LowRankTerm, ScaledGradient
 from .finite import all_finite
-from .full_rank_residual import NORM_FLOOR, adam_bias_factor, channel_square_terms, norm_growth_divisor
-from .projectors import Side
-from .residual import flat_index, gather_flat
 from .row_blocks import channel_square_sums
-from .update import LowRankTerm, ScaledGradient
+from .shapes import Side
 
 FACTOR_KEY = "accumulation_factor"
 

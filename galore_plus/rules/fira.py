@@ -15,7 +15,7 @@ residual S therefore also carries (1 - alpha) phi P R, a norm-scaled copy of the
 gradient, and enters at full size, not multiplied by ``alpha``. On the main job this convention
 beat the two alternatives we measured, alpha (P N + phi (G - P R)) and alpha P N + phi (G - P R),
 by about 0.05 nats/byte each (docs/levers.md). With ``scale="auto"`` (see
-:mod:`galore_plus.auto_scale`) U is formed at alpha = 1 and then rescaled as a whole.
+:mod:`galore_plus.rules.auto_scale`) U is formed at alpha = 1 and then rescaled as a whole.
 
 Norm-growth limiter (``norm_growth_limit`` gamma, default 1.01; ``None`` disables it): with s_t the
 norm of S at step t, measured without Adam's bias-correction factor sqrt(1 - b2^t) / (1 - b1^t) (as
@@ -29,10 +29,10 @@ How it is computed (no full-size tensor is formed, and G may be bfloat16):
     c = phi / divisor,  X = alpha (N - c R)   gives   U = c G + P X   (input side: c G + X Q)
 
 because P (c R) = c (P R) when c scales columns (and (c R) Q = c (R Q) when it scales rows); it is
-applied a block of rows at a time (:func:`galore_plus.update.apply_update`, one ``addcmul_`` and one
+applied a block of rows at a time (:func:`galore_plus.step.apply.apply_update`, one ``addcmul_`` and one
 ``addmm_`` per block). The limiter's norm ||S||^2 = sum_j phi_j^2 ||G_j - alpha P R_j||^2 needs no
 back-projection either: with g_j = ||G_j||^2 (one blocked pass over G,
-:func:`galore_plus.row_blocks.channel_square_sums`), R_j = P^T G_j and M = P^T P (r x r),
+:func:`galore_plus.step.row_blocks.channel_square_sums`), R_j = P^T G_j and M = P^T P (r x r),
 
     ||c G_j + P X_j||^2 = c^2 g_j + 2 c X_j . R_j + X_j . (M X_j)          (:func:`weighted_square_total`)
 
@@ -56,47 +56,13 @@ updates are equal at any alpha (``tests/test_full_rank_residual.py``, ``tests/te
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
-from .projectors import Side
-from .stacks import matrix_sum
-from .update import LowRankTerm
-
-NORM_FLOOR = 1e-8
-
-Total = Callable[[Tensor], Tensor]
-
-
-def single_process_total(value: Tensor) -> Tensor:
-    """The sum over processes of a value computed from each one's rows, in a single process: the value itself."""
-    return value
-
-
-def whole_square_sum(low_rank: Tensor, side: Side, total: Total = single_process_total) -> Tensor:
-    """The sum of squares of a low-rank tensor of a step over the whole weight: a left-side one (r x n) is
-    whole on every process, a right-side one (m x r) holds this process's rows (summed by ``total``); one sum per
-    expert of a stack."""
-    squares = matrix_sum(low_rank.square())
-    return squares if side == "left" else total(squares)
-
-
-def adam_bias_factor(step: int, beta1: float, beta2: float) -> float:
-    """sqrt(1 - b2^t) / (1 - b1^t): how much Adam's bias correction enlarges M / sqrt(V) at step t."""
-    return (1 - beta2**step) ** 0.5 / (1 - beta1**step)
-
-
-def residual_scaling(direction: Tensor, low_rank: Tensor, side: Side) -> Tensor:
-    """phi: ||N|| / (||R|| + 1e-8) over the rank dimension, shaped to broadcast over the full-size gradient.
-
-    Output side (N, R of shape (r, n)): one value per column, shape (1, n).
-    Input side (N, R of shape (m, r)): one value per row, shape (m, 1).
-    """
-    dim = -2 if side == "left" else -1
-    direction_norm = torch.linalg.vector_norm(direction, dim=dim, keepdim=True)
-    return direction_norm / torch.linalg.vector_norm(low_rank, dim=dim, keepdim=True).add_(NORM_FLOOR)
+from ..step.apply import LowRankTerm
+from ..step.shapes import Side
+from ..step.stacks import matrix_sum
+from .norms import Total, channel_norm_ratio, norm_growth_divisor, single_process_total
 
 
 def weighted_square_total(
@@ -107,7 +73,7 @@ def weighted_square_total(
     rows on the right), a float64 0-d tensor (one per expert, (E, 1, 1), for a stack); the matrix is never formed.
 
     ``grad_squares``: G's per-channel sums of squares over this process's rows
-    (:func:`~galore_plus.row_blocks.channel_square_sums`); ``weights`` w and ``factor`` c: numbers, 0-d or
+    (:func:`~galore_plus.step.row_blocks.channel_square_sums`); ``weights`` w and ``factor`` c: numbers, 0-d or
     one value per channel; ``low_rank``: X and the basis (P, this process's rows | Q); ``own_low_rank``:
     R_own = P^T G | G Q^T of this process's rows; ``total``: the sum over processes. Per channel,
 
@@ -165,29 +131,21 @@ def _quadratic_terms(narrow: Tensor, gram: Tensor, dim: int) -> Tensor:
     return narrow.double().square().sum(dim, keepdim=True) + deviation_term.sum(dim, keepdim=True).double()
 
 
-def norm_growth_divisor(measured: Tensor, previous_norm: Tensor | None, limit: float | None) -> Tensor | float:
-    """max(s_t / (s_{t-1} + 1e-8), gamma) / gamma: dividing by it caps the growth of a norm over the last
-    step's at gamma = ``limit``; 1 on the first step (``previous_norm`` None or +inf) or without a limit."""
-    if previous_norm is None or limit is None:
-        return 1.0
-    return (measured / (previous_norm + NORM_FLOOR)).clamp_(min=limit) / limit
-
-
 def fira_update(
     grad_squares: Tensor, low_rank: Tensor, own_low_rank: Tensor, direction: Tensor, basis: Tensor, side: Side,
     alpha: float, previous_norm: Tensor | None, limit: float | None, bias_factor: float,
     total: Total = single_process_total,
 ) -> tuple[Tensor, LowRankTerm, Tensor]:
-    """(c, X as a :class:`~galore_plus.update.LowRankTerm`, the norm to store): U = c G + (P X | X Q) is
+    """(c, X as a :class:`~galore_plus.step.apply.LowRankTerm`, the norm to store): U = c G + (P X | X Q) is
     the whole update before lr, S limited (module docstring). Low-rank arithmetic only.
 
     ``grad_squares``: G's per-channel sums of squares over this process's rows; ``low_rank`` R (summed
     over ranks); ``own_low_rank``: this process's part of R (R itself in a single process);
     ``basis``: P (this process's rows) | Q; ``previous_norm``: the stored norm of the last step (None
-    or +inf on the first: no limiting); ``bias_factor``: :func:`adam_bias_factor` of this step;
+    or +inf on the first: no limiting); ``bias_factor``: :func:`~galore_plus.rules.norms.adam_bias_factor` of this step;
     ``total``: the sum over processes. Runs on the device: no value is read to the host.
     """
-    phi = residual_scaling(direction, low_rank, side)
+    phi = channel_norm_ratio(direction, low_rank, side)
     squares = weighted_square_total(grad_squares, phi.square(), 1.0, LowRankTerm(-alpha * low_rank, basis, side),
                                     own_low_rank, total)
     measured = squares.clamp(min=0).sqrt().to(low_rank.dtype) / bias_factor

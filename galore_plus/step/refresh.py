@@ -7,9 +7,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .basis_quant import basis_shape
+from ..projectors import compute_basis
+from ..projectors.random import random_orthonormal_basis
+from ..state.basis_4bit import basis_shape
 from .finite import all_finite, matrix_finite
-from .projectors import Shape, Side, compute_basis, random_orthonormal_basis
+from .shapes import Shape, Side
 from .stacks import Generators
 
 Warn = Callable[[str, str], None]

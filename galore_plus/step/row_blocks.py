@@ -18,7 +18,6 @@ experts, which picks their part of a tensor with one matrix per expert (a basis,
 
 from __future__ import annotations
 
-import math
 from typing import Iterator, Union
 
 import torch
@@ -82,7 +81,7 @@ def channel_square_sums(matrix: Tensor, per_column: bool, block_values: int | No
 
     A block of rows at a time (:func:`widened_row_blocks`): each block's sums are float32 (float64 for a
     float64 matrix), added up in float64, so a column's sum over many rows keeps about float32's
-    relative precision, enough for the differences of :mod:`galore_plus.full_rank_residual`.
+    relative precision, enough for the differences of :mod:`galore_plus.rules.fira`.
     """
     *batch, m, n = matrix.shape
     sums = torch.zeros((*batch, 1, n) if per_column else (*batch, m, 1), dtype=torch.float64, device=matrix.device)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .row_blocks import widened_dtype
+from ..step.row_blocks import widened_dtype
 
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 5
@@ -58,7 +58,7 @@ def rms_matching_ratio(shape: tuple[int, int]) -> float:
 
 
 def muon_rule(inputs, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """Steps 2-4 on one weight (``inputs`` is an :class:`~galore_plus.update_rules.UpdateInputs`); leaves the weight
+    """Steps 2-4 on one weight (``inputs`` is an :class:`~galore_plus.rules.base.UpdateInputs`); leaves the weight
     unchanged, on the device, when ``inputs.finite`` is False."""
     if tuple(inputs.weight.shape) != tuple(inputs.shape):
         raise NotImplementedError("update_rule 'muon' orthogonalises the whole weight and cannot run on FSDP2 row "

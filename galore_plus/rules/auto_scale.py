@@ -10,7 +10,7 @@ automatic scale makes the per-entry RMS of the whole update equal to N's:
 * with the full-rank residual, U = P N + S:     scale = RMS(N) / RMS(U), computed every step on the device
   (over every process's rows of a sharded weight).
   U is never formed whole: its norm comes from G's per-channel square sums and low-rank terms
-  (:func:`galore_plus.full_rank_residual.weighted_square_total`), no extra full-size work.
+  (:func:`galore_plus.rules.fira.weighted_square_total`), no extra full-size work.
 
 The entries of the sparse residual (``residual_ratio``) are Adam updates of the full gradient
 already, so with ``scale="auto"`` they use scale 1.
@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .projectors import Side
+from ..step.shapes import Side
 
 AUTO = "auto"
 

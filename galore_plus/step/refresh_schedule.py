@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from torch import Tensor
 
 from .moment_transfer import basis_change
-from .projectors import Side
+from .shapes import Side
 
 MAX_GAP_FACTOR = 8
 

@@ -1,7 +1,7 @@
 """Where a projected weight's rows live: the local layout, and FSDP2 row shards (DTensor split by rows).
 
-Both implement :class:`galore_plus.weight_step.WeightLayout`, so every path runs the one step of
-:func:`galore_plus.weight_step.step_projected_weight`. A weight W (m, n) sharded on dim 0 lives as
+Both implement :class:`galore_plus.step.weight_step.WeightLayout`, so every path runs the one step of
+:func:`galore_plus.step.weight_step.step_projected_weight`. A weight W (m, n) sharded on dim 0 lives as
 rows [start, start + rows) on each rank, with its gradient reduce-scattered the same way. Sharding
 changes only this:
 
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .projectors import Shape, Side
+from .shapes import Shape, Side
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, Shard

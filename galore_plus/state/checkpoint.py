@@ -26,12 +26,13 @@ from typing import Any
 
 from torch import Tensor
 
-from . import quant
-from .basis_quant import BLOCKSIZE as BASIS_BLOCKSIZE
-from .group_options import (
+from ..group_options import (
     SCHEDULER_GROUP_KEYS, closest_key_hint, group_label, projector_only_keys, stepped_shape, valid_group_keys,
 )
-from .projectors import projection_side
+from ..projectors import projection_side
+from . import moments_8bit
+from .adamw_8bit import uses_8bit_adamw
+from .basis_4bit import BLOCKSIZE as BASIS_BLOCKSIZE
 
 FOREIGN_HINT = ("this is not a GaLorePlusAdamW checkpoint (galore_torch.GaLoreAdamW stores projector objects and a "
                 "'correct_bias' key); start this optimizer fresh instead of loading it")
@@ -94,8 +95,8 @@ def _check_param_state(state: dict[str, Any], param: Tensor, group: dict[str, An
         if not is_plain_value(value):
             raise ValueError(f"load_state_dict: {where}, state key '{key}': holds a {type(value).__name__} object; "
                              f"{FOREIGN_HINT}")
-    quantized = optim_bits == 8 and ("rank" in group or quant.uses_8bit_adamw(param))
-    quant.check_loaded_moments(state, quantized, f"load_state_dict: {where}")
+    quantized = optim_bits == 8 and ("rank" in group or uses_8bit_adamw(param))
+    moments_8bit.check_loaded_moments(state, quantized, f"load_state_dict: {where}")
     if "rank" in group:
         expected = projected_state_shapes(param, group)
     else:

@@ -8,7 +8,7 @@ the same code as a single matrix. The helpers here are the few places where the 
 * a sum "over the whole weight" is a 0-d tensor for a matrix and one value per expert, shaped
   (E, 1, 1) so that it broadcasts over the stack, for a stack (:func:`matrix_sum`);
 * a product added in place is ``addmm_`` or ``baddbmm_`` (:func:`add_product_`);
-* random numbers come from one seeded generator per expert (:func:`galore_plus.projectors.basis_generators`): expert e
+* random numbers come from one seeded generator per expert (:func:`galore_plus.projectors.generators.basis_generators`): expert e
   of a stack at position p draws exactly what a 2-D weight at position p of an optimizer with
   seed :func:`expert_seed` (seed, e) draws, whatever the stack's size, so a stack's step equals
   its experts' steps as separate 2-D weights (``tests/test_stacks.py``).

@@ -1,0 +1,39 @@
+"""Update rules: how a weight is changed from its low-rank Adam direction (a group's ``update_rule`` key).
+
+A rule is an :class:`UpdateRule`: the Adam direction N it reads, and a function
+``apply(inputs, state, group) -> None`` that writes ``inputs.weight`` in place.
+``apply`` sees everything one weight's step has computed (:class:`~galore_plus.rules.base.UpdateInputs`, all local to this
+process's rows of a sharded weight), the weight's optimizer state (a rule may keep tensors or
+plain values of its own there; they are checkpointed with the rest) and the parameter group.
+It must leave the weight unchanged when ``inputs.finite`` (a 0-d bool tensor on the device)
+is False, without reading it on the host (``torch.where`` on the device: the step must not
+synchronise), and must never write a non-finite value.
+
+* ``"galore"``: p <- p (1 - lr wd) - lr scale (P N | N Q), one ``addmm_`` per block of rows
+  (see :mod:`galore_plus.step.apply`);
+  with the group key ``full_rank_residual``, p <- p (1 - lr wd) - lr (scale P N + S), Fira's
+  norm-scaled residual S (:mod:`galore_plus.rules.fira`, the limiter's norm kept as
+  ``state["residual_norm"]``);
+  ``scale="auto"`` resolves as in :mod:`galore_plus.rules.auto_scale`.
+  N is Adam's bias-corrected direction (:func:`galore_plus.kernels.dispatch.lowrank_adam_direction`).
+* ``"apollo"``: the gradient scaled per channel or per tensor by ||N|| / ||R||, norm-growth limited
+  (APOLLO; :mod:`galore_plus.rules.apollo`, group key ``scale_type``; ``scale`` enters as its square root;
+  APOLLO's limiter is fixed at 1.01 and the sparse residual is not implemented with it).
+  N = M / (sqrt(V) + eps), without bias correction (:func:`galore_plus.rules.apollo.apollo_moments_direction`).
+* ``"muon"``: Muon's Newton-Schulz-orthogonalised step of P N + (G - P R), N the Nesterov momentum of R
+  (:mod:`galore_plus.rules.muon`; ``betas[0]`` is the momentum).
+"""
+
+from __future__ import annotations
+
+from .apollo import apollo_moments_direction, apollo_rule
+from .base import UpdateRule
+from .galore import galore_update
+from .muon import muon_momentum_direction, muon_rule
+
+UPDATE_RULES: dict[str, UpdateRule] = {
+    "galore": UpdateRule(galore_update, keys=("full_rank_residual", "norm_growth_limit", "residual_ratio",
+                                              "residual_warmup", "residual_mode")),
+    "apollo": UpdateRule(apollo_rule, direction=apollo_moments_direction, keys=("scale_type",)),
+    "muon": UpdateRule(muon_rule, direction=muon_momentum_direction),
+}
