@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from galore_plus.state.basis_4bit import dequantize_basis, quantize_basis
-from galore_plus.group_options import PROJECTED_GROUP_DEFAULTS
+from galore_plus.group_options import projected_group_defaults
 from galore_plus.projectors import PROJECTORS
 from galore_plus.projectors.generators import basis_generator
 from galore_plus.projectors.randomized import randomized_basis
@@ -63,7 +63,7 @@ def svd_lowrank_basis(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
 
 def cross_head_basis(grad: torch.Tensor, rank: int, heads: int, generator: torch.Generator) -> torch.Tensor:
     """The optimizer's ``cross_head`` basis of ``grad`` (rows of the chosen heads, then their SVD), through the registry."""
-    group = {**PROJECTED_GROUP_DEFAULTS, "rank": rank, "num_heads": heads}
+    group = {**projected_group_defaults(), "rank": rank, "num_heads": heads}
     projector, shape = PROJECTORS["cross_head"], tuple(grad.shape)
     rows = projector.rows(group, shape, generator)
     return projector.basis(grad.index_select(0, rows), shape, group, "right", generator, None)

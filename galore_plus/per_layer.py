@@ -48,6 +48,8 @@ from torch.utils.hooks import RemovableHandle
 
 from .group_options import group_label
 from .optimizer import GaLorePlusAdamW
+from .projectors import PROJECTORS
+from .rules import UPDATE_RULES
 from .rules.auto_scale import AUTO
 from .step.accumulate import Accumulator
 from .step.layouts import is_sharded
@@ -339,10 +341,10 @@ def _check_accumulation(optimizer: GaLorePlusAdamW, ddp_model: DistributedDataPa
             ("rank", any(param.dim() == 3 for param in group["params"]),
              "expert stacks (3-D weights) are stepped batched, and accumulation in the subspace is written for one "
              "matrix; put the stacks in a group of their own and step without accumulation"),
-            ("update_rule", group["update_rule"] == "apollo",
-             "APOLLO's update is a scaled full-size gradient, which accumulation in the subspace never forms"),
-            ("projector", group["projector"] == "random",
-             "a random basis is not orthonormal, so the accumulated R does not measure the gradient's energy"),
+            ("update_rule", UPDATE_RULES[group["update_rule"]].accumulation_refusal is not None,
+             UPDATE_RULES[group["update_rule"]].accumulation_refusal),
+            ("projector", PROJECTORS[group["projector"]].accumulation_refusal is not None,
+             PROJECTORS[group["projector"]].accumulation_refusal),
             ("scale", group["full_rank_residual"] and group["scale"] == AUTO,
              "scale='auto' with full_rank_residual needs the summed gradient's channel norms; use a number"),
             ("residual_warmup", group["residual_ratio"] > 0 and group["residual_warmup"] == 0,

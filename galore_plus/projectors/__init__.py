@@ -39,8 +39,6 @@ from .random import RANDOM
 from .randomized import RANDOMIZED
 from .svd import SVD
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
-
 
 def projection_side(shape: tuple[int, ...], proj_type: str, projector: str) -> Side:
     """Which side of an (m, n) weight (or of each matrix of an (E, m, n) stack) is projected, following GaLore's
@@ -62,6 +60,8 @@ def projection_side(shape: tuple[int, ...], proj_type: str, projector: str) -> S
 
 
 PROJECTORS: dict[str, Projector] = {"svd": SVD, "randomized": RANDOMIZED, "cross_head": CROSS_HEAD, "random": RANDOM}
+# The projector of a group that names none.
+DEFAULT_PROJECTOR = "randomized"
 
 
 def compute_basis(

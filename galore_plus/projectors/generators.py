@@ -18,6 +18,7 @@ def basis_generator(seed: int, param_index: int, refresh_index: int, device: tor
     generator.manual_seed(mixed)
     return generator
 
+
 def basis_generators(seed: int, param_index: int, refresh_index: int, shape: tuple[int, ...],
                      device: torch.device) -> Generators:
     """The generator of a weight of stepped ``shape``: :func:`basis_generator` for a matrix (m, n), one per

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..step.shapes import Shape, Side
 from ..step.stacks import Generators, generator_device, seeded_normal
-from .base import Projector
+from .base import PROJ_TYPE_KEY, Projector
 
 
 def gaussian_basis(shape: Shape, rank: int, side: Side, generator: Generators) -> Tensor:
@@ -48,4 +48,6 @@ def _random(read: None, shape: Shape, group: dict, side: Side, generator: Genera
     return gaussian_basis(shape, group["rank"], side, generator)
 
 
-RANDOM = Projector(_random, stores_basis=False, keys=("proj_type",))
+RANDOM = Projector(_random, stores_basis=False, keys=PROJ_TYPE_KEY,
+                  accumulation_refusal="a random basis is not orthonormal, so the accumulated R does not measure the "
+                                       "gradient's energy")

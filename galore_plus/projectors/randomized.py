@@ -8,9 +8,12 @@ from torch import Tensor
 
 from ..step.shapes import Shape, Side
 from ..step.stacks import Generators, seeded_normal
-from .base import STORED_BASIS_KEYS, Projector, warm_previous
+from ..group_keys import GroupKey, boolean, integer
+from .base import PROJ_TYPE_KEY, STORED_BASIS_KEYS, Projector, warm_previous
 
-SKETCH_KEYS = ("oversample", "power_iters", "warm_start")
+# The keys of a randomized sketch: extra columns, power iterations, the previous basis as the first columns.
+SKETCH_KEYS = {"oversample": GroupKey(8, integer(0)), "power_iters": GroupKey(2, integer(0)),
+               "warm_start": GroupKey(True, boolean)}
 
 
 def left_singular_vectors(columns: Tensor) -> Tensor:
@@ -33,6 +36,7 @@ def left_singular_vectors(columns: Tensor) -> Tensor:
         return vectors
     return torch.where(usable[:, None, None], vectors, torch.linalg.svd(columns, full_matrices=False)[0])
 
+
 def _left_randomized(
     a: Tensor, rank: int, oversample: int, power_iters: int, generator: Generators, previous: Tensor | None
 ) -> Tensor:
@@ -49,6 +53,7 @@ def _left_randomized(
     for _ in range(power_iters):
         sketch = a @ left_singular_vectors(a.mT @ left_singular_vectors(sketch))
     return left_singular_vectors(sketch)[..., :rank]
+
 
 def randomized_basis(
     grad: Tensor,
@@ -72,6 +77,7 @@ def randomized_basis(
     previous_left = previous.mT if previous is not None else None
     return _left_randomized(grad.mT, rank, oversample, power_iters, generator, previous_left).mT.contiguous()
 
+
 def _randomized(
     read: Tensor, shape: Shape, group: dict, side: Side, generator: Generators, previous: Tensor | None
 ) -> Tensor:
@@ -82,4 +88,5 @@ def _randomized(
 # The GaLore+ projectors (randomized, cross_head) default to Fira's full-rank residual: on them it takes fine-tuning
 # from +0.015 to -0.042 nats/byte against tuned AdamW (docs/levers.md); svd (GaLore) and random (APOLLO) keep their
 # authors' updates.
-RANDOMIZED = Projector(_randomized, keys=("proj_type",) + SKETCH_KEYS + STORED_BASIS_KEYS, full_rank_residual=True)
+RANDOMIZED = Projector(_randomized, keys={**PROJ_TYPE_KEY, **SKETCH_KEYS, **STORED_BASIS_KEYS},
+                       rule_defaults={"full_rank_residual": True})

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..step.shapes import Shape, Side
 from ..step.stacks import Generators
-from .base import STORED_BASIS_KEYS, Projector
+from .base import PROJ_TYPE_KEY, STORED_BASIS_KEYS, Projector
 
 
 def svd_basis(grad: Tensor, rank: int, side: Side) -> Tensor:
@@ -15,8 +15,9 @@ def svd_basis(grad: Tensor, rank: int, side: Side) -> Tensor:
     u, _, vh = torch.linalg.svd(grad, full_matrices=False)
     return u[..., :rank].contiguous() if side == "left" else vh[..., :rank, :].contiguous()
 
+
 def _svd(read: Tensor, shape: Shape, group: dict, side: Side, generator: Generators, previous: Tensor | None) -> Tensor:
     return svd_basis(read, group["rank"], side)
 
 
-SVD = Projector(_svd, keys=("proj_type",) + STORED_BASIS_KEYS)
+SVD = Projector(_svd, keys={**PROJ_TYPE_KEY, **STORED_BASIS_KEYS})

@@ -26,14 +26,11 @@ synchronise), and must never write a non-finite value.
 
 from __future__ import annotations
 
-from .apollo import apollo_moments_direction, apollo_rule
+from .apollo import APOLLO_RULE
 from .base import UpdateRule
-from .galore import galore_update
-from .muon import muon_momentum_direction, muon_rule
+from .galore import GALORE
+from .muon import MUON
 
-UPDATE_RULES: dict[str, UpdateRule] = {
-    "galore": UpdateRule(galore_update, keys=("full_rank_residual", "norm_growth_limit", "residual_ratio",
-                                              "residual_warmup", "residual_mode")),
-    "apollo": UpdateRule(apollo_rule, direction=apollo_moments_direction, keys=("scale_type",)),
-    "muon": UpdateRule(muon_rule, direction=muon_momentum_direction),
-}
+UPDATE_RULES: dict[str, UpdateRule] = {"galore": GALORE, "apollo": APOLLO_RULE, "muon": MUON}
+# The update rule of a group that names none.
+DEFAULT_UPDATE_RULE = "galore"

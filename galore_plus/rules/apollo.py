@@ -37,19 +37,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..group_keys import Fail, GroupKey, choice
 from ..kernels.dispatch import apply_update
+from ..state.tensors import StateTensor, per_matrix_scalar
 from ..step.apply import ScaledGradient
 from ..step.row_blocks import channel_square_sums
+from ..step.layouts import single_process_total
 from ..step.shapes import Side
 from ..step.stacks import matrix_sum
 from .adam import update_moments
-from .base import UpdateInputs
+from .auto_scale import AUTO
+from .base import UpdateInputs, UpdateRule
 from .norms import (
-    NORM_FLOOR, Total, adam_bias_factor, channel_norm_ratio, norm_growth_divisor, single_process_total, whole_square_sum,
+    NORM_FLOOR, Total, adam_bias_factor, channel_norm_ratio, norm_growth_divisor, whole_square_sum,
 )
 
 SCALE_TYPES = ("channel", "tensor")
 NORM_GROWTH_LIMIT = 1.01
+NORM_KEY = "apollo_norm"   # the state key of the limiter's norm
 
 
 def apollo_direction(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float) -> Tensor:
@@ -119,14 +124,30 @@ def apollo_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, An
     """APOLLO's rule: steps 3-5 of :mod:`galore_plus.rules.apollo`'s docstring on one weight.
 
     ``inputs.direction`` is APOLLO's N (:func:`~galore_plus.rules.apollo.apollo_moments_direction`);
-    the limiter's norm is kept as ``state["apollo_norm"]``. When ``inputs.finite`` is False the
+    the limiter's norm is kept as ``state[NORM_KEY]``. When ``inputs.finite`` is False the
     weight and the stored norm are left as they were (``inf`` stands for "no norm yet": it limits nothing).
     """
     beta1, beta2 = group["betas"]
-    previous = state.get("apollo_norm")
+    previous = state.get(NORM_KEY)
     factor, norm = apollo_factor(inputs.grad, inputs.low_rank, inputs.direction, inputs.side, group["scale_type"],
                                  group["scale"], previous, inputs.total)
     kept = previous if previous is not None else torch.full_like(norm, math.inf)
-    state["apollo_norm"] = torch.where(inputs.finite, norm, kept)
+    state[NORM_KEY] = torch.where(inputs.finite, norm, kept)
     apply_update(inputs.weight, apollo_step_size(group["lr"], inputs.step, beta1, beta2),
                  1.0 - group["lr"] * group["weight_decay"], inputs.finite, gradient=ScaledGradient(inputs.grad, factor))
+
+
+def check_scale(group: dict, fail: Fail) -> None:
+    """APOLLO's ``scale`` is a number >= 0 (the update is multiplied by its square root)."""
+    if group["scale"] == AUTO:
+        fail("scale", f"{AUTO!r} is for update_rule 'galore'; update_rule 'apollo' needs a number (APOLLO: 1, "
+                      "APOLLO-Mini: 128)")
+    if group["scale"] < 0:
+        fail("scale", f"update_rule 'apollo' multiplies by sqrt(scale); scale must be >= 0, got {group['scale']!r}")
+
+
+APOLLO_RULE = UpdateRule(
+    apollo_rule, direction=apollo_moments_direction, keys={"scale_type": GroupKey("channel", choice(SCALE_TYPES))},
+    state={NORM_KEY: StateTensor(per_matrix_scalar)}, check_group=check_scale,
+    accumulation_refusal="APOLLO's update is a scaled full-size gradient, which accumulation in the subspace never forms",
+)

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import Tensor
 
+from ..group_keys import GroupCheck, GroupKey, no_check
 from ..kernels.dispatch import lowrank_adam_direction
+from ..state.tensors import StateTensor
 from ..step.accumulate import Accumulator
+from ..step.layouts import single_process_total
 from ..step.shapes import Shape, Side
-from .norms import Total, single_process_total
+from .norms import Total
 
 
 @dataclass(frozen=True)
@@ -58,18 +61,27 @@ ApplyFunction = Callable[[UpdateInputs, dict[str, Any], dict[str, Any]], None]
 
 DirectionFunction = Callable[[Tensor, Tensor, Tensor, int, float, float, float], Tensor]
 
+
 @dataclass(frozen=True)
 class UpdateRule:
-    """One entry of :data:`UPDATE_RULES`.
+    """One entry of :data:`~galore_plus.rules.UPDATE_RULES`; it describes itself, so validation, the memory
+    estimator and the checkpoint check read it and never name it.
 
-    * ``apply(inputs, state, group)``: writes ``inputs.weight`` (see the module docstring);
+    * ``apply(inputs, state, group)``: writes ``inputs.weight`` (see :mod:`galore_plus.rules`);
     * ``direction(low_rank, exp_avg, exp_avg_sq, step, beta1, beta2, eps)``: updates the two
       moments in place with this step's low-rank gradient R and returns the direction N that
       ``apply`` reads as ``inputs.direction`` (the step also checks that N is finite).
     * ``keys``: the group keys it (or what it composes with, the sparse residual) reads besides
-      those every projected step reads; a group with this rule may set no other rule key.
+      those every projected step reads, with their defaults and checks; a group with this rule may set no other
+      rule key.
+    * ``state``: the tensors it keeps in a weight's state (written by ``apply``), with their shapes and dtypes.
+    * ``check_group(group, fail)``: checks across keys (``scale`` as this rule reads it).
+    * ``accumulation_refusal``: why it cannot run with per-layer accumulation, or None when it can.
     """
 
     apply: ApplyFunction
     direction: DirectionFunction = lowrank_adam_direction
-    keys: tuple[str, ...] = ()
+    keys: dict[str, GroupKey] = field(default_factory=dict)
+    state: dict[str, StateTensor] = field(default_factory=dict)
+    check_group: GroupCheck = no_check
+    accumulation_refusal: str | None = None

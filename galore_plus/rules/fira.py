@@ -56,13 +56,18 @@ updates are equal at any alpha (``tests/test_full_rank_residual.py``, ``tests/te
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from ..group_keys import GroupKey, Problem, boolean, finite_number
+from ..state.tensors import StateTensor, per_matrix_scalar
 from ..step.apply import LowRankTerm
-from ..step.shapes import Side
+from ..step.layouts import single_process_total
+from ..step.shapes import Shape, Side
 from ..step.stacks import matrix_sum
-from .norms import Total, channel_norm_ratio, norm_growth_divisor, single_process_total
+from .norms import Total, channel_norm_ratio, norm_growth_divisor
 
 
 def weighted_square_total(
@@ -152,3 +157,35 @@ def fira_update(
     divisor = norm_growth_divisor(measured, previous_norm, limit)
     factor = phi / divisor
     return factor, LowRankTerm(alpha * (direction - factor * low_rank), basis, side), measured / divisor
+
+
+def growth_limit_problem(value: Any) -> Problem:
+    """Why ``value`` is not a valid ``norm_growth_limit`` (None, or a finite number >= 1), or None."""
+    if value is None:
+        return None
+    problem = finite_number(value)
+    if problem is None and value < 1.0:
+        return ValueError, f"must be >= 1 (or None to disable the limiter), got {value!r}"
+    return problem
+
+
+FIRA_KEYS: dict[str, GroupKey] = {
+    # None (or unset): the projector's default (Projector.rule_defaults), else off.
+    "full_rank_residual": GroupKey(False, boolean, unset_when_none=True),
+    "norm_growth_limit": GroupKey(1.01, growth_limit_problem),
+}
+# State keys: the limiter's norm s_t (one per matrix), and under per-layer accumulation ||N|| per channel of the
+# previous boundary (:mod:`galore_plus.step.accumulate`).
+NORM_KEY = "residual_norm"
+ACCUMULATION_FACTOR_KEY = "accumulation_factor"
+
+
+def _channels(shape: Shape, group: dict, side: Side) -> Shape:
+    return (1, shape[-1]) if side == "left" else (shape[-2], 1)
+
+
+FIRA_STATE: dict[str, StateTensor] = {
+    NORM_KEY: StateTensor(per_matrix_scalar, kept=lambda group, bits, accumulation: group["full_rank_residual"]),
+    ACCUMULATION_FACTOR_KEY: StateTensor(
+        _channels, kept=lambda group, bits, accumulation: group["full_rank_residual"] and accumulation),
+}

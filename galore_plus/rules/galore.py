@@ -11,12 +11,13 @@ import torch
 from torch import Tensor
 
 from ..kernels.dispatch import apply_update
+from ..sparse_residual.step import RESIDUAL_KEYS
 from ..step.accumulate import fira_boundary_update
 from ..step.apply import LowRankTerm, ScaledGradient
 from ..step.row_blocks import channel_square_sums
 from .auto_scale import AUTO, lowrank_auto_scale, rms_matching_scale
-from .base import UpdateInputs
-from .fira import fira_update, weighted_square_total
+from .base import UpdateInputs, UpdateRule
+from .fira import FIRA_KEYS, FIRA_STATE, NORM_KEY, fira_update, weighted_square_total
 from .norms import adam_bias_factor, whole_square_sum
 
 
@@ -24,6 +25,7 @@ def whole_rms(low_rank: Tensor, inputs: UpdateInputs) -> Tensor:
     """The RMS of a low-rank tensor of this step over the whole weight (:func:`whole_square_sum`)."""
     rows = low_rank.shape[-2] if inputs.side == "left" else inputs.shape[-2]
     return (whole_square_sum(low_rank, inputs.side, inputs.total) / (rows * low_rank.shape[-1])).sqrt()
+
 
 def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
     """GaLore's rule: decoupled weight decay, then lr * scale times P N, or P N + S with the full-rank residual."""
@@ -39,14 +41,14 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
                              inputs.accumulated, state, group)
         return
     beta1, beta2 = group["betas"]
-    previous = state.get("residual_norm", torch.full((), math.inf, device=inputs.grad.device))
+    previous = state.get(NORM_KEY, torch.full((), math.inf, device=inputs.grad.device))
     grad_squares = channel_square_sums(inputs.grad, inputs.side == "left")
     factor, low_rank, norm = fira_update(
         grad_squares, inputs.low_rank, inputs.own_low_rank, inputs.direction, inputs.basis, inputs.side,
         1.0 if auto else group["scale"], previous, group["norm_growth_limit"],
         adam_bias_factor(inputs.step, beta1, beta2), inputs.total,
     )
-    state["residual_norm"] = torch.where(inputs.finite, norm, previous)
+    state[NORM_KEY] = torch.where(inputs.finite, norm, previous)
     if auto:
         squares = weighted_square_total(grad_squares, 1.0, factor, low_rank, inputs.own_low_rank, inputs.total)
         update_rms = squares.clamp(min=0).sqrt().to(factor.dtype) / math.sqrt(inputs.shape[-2] * inputs.shape[-1])
@@ -54,3 +56,6 @@ def galore_update(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, 
         factor, low_rank = factor * scale, LowRankTerm(low_rank.low_rank * scale, low_rank.basis, low_rank.side)
     apply_update(inputs.weight, lr, decay, inputs.finite, low_rank=low_rank,
                  gradient=ScaledGradient(inputs.grad, factor))
+
+
+GALORE = UpdateRule(galore_update, keys={**FIRA_KEYS, **RESIDUAL_KEYS}, state=FIRA_STATE)

@@ -21,12 +21,15 @@ refuses FSDP2 row shards. The full-size D and the iterations cost about as much 
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..group_keys import Fail
 from ..step.row_blocks import widened_dtype
+from .base import UpdateInputs, UpdateRule
 
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 5
@@ -57,8 +60,8 @@ def rms_matching_ratio(shape: tuple[int, int]) -> float:
     return 0.2 * math.sqrt(max(shape))
 
 
-def muon_rule(inputs, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """Steps 2-4 on one weight (``inputs`` is an :class:`~galore_plus.rules.base.UpdateInputs`); leaves the weight
+def muon_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """Steps 2-4 on one weight; leaves the weight
     unchanged, on the device, when ``inputs.finite`` is False."""
     if tuple(inputs.weight.shape) != tuple(inputs.shape):
         raise NotImplementedError("update_rule 'muon' orthogonalises the whole weight and cannot run on FSDP2 row "
@@ -75,3 +78,13 @@ def muon_rule(inputs, state: dict[str, Any], group: dict[str, Any]) -> None:
     weight = inputs.weight
     updated = (weight.to(orthogonal.dtype) * decay).sub_(orthogonal, alpha=step_size)
     weight.copy_(torch.where(inputs.finite, updated.to(weight.dtype), weight))
+
+
+def check_scale(group: dict, fail: Fail) -> None:
+    """Muon's ``scale`` is a number >= 0 that multiplies its RMS-matched step."""
+    if isinstance(group["scale"], bool) or not isinstance(group["scale"], Real) or group["scale"] < 0:
+        fail("scale", f"update_rule 'muon' multiplies its RMS-matched step by scale, a number >= 0 (1 matches AdamW's "
+                      f"update RMS), got {group['scale']!r}")
+
+
+MUON = UpdateRule(muon_rule, direction=muon_momentum_direction, check_group=check_scale)

@@ -22,11 +22,23 @@ def residual_count(ratio: float, shape: tuple[int, int]) -> int:
     """|I| = ceil(ratio * (m * n)); zero only when ``ratio`` is zero."""
     return math.ceil(ratio * (shape[0] * shape[1]))
 
+
+def column_dtype(n: int) -> torch.dtype:
+    """The dtype of the column indices of I in a weight of n columns: int16 when n <= 32768, else int32."""
+    return torch.int16 if n <= 2**15 else torch.int32
+
+
+def row_offset_dtype(count: int) -> torch.dtype:
+    """The dtype of I's CSR row offsets for |I| = ``count``: int32, or int64 from 2^31 entries on."""
+    return torch.int32 if count < 2**31 else torch.int64
+
+
 def reconstructed_rows(basis: Tensor, low_rank: Tensor, side: Side, start: int, stop: int) -> Tensor:
     """Rows ``start:stop`` of the full-size matrix P L (left side) or L Q (right side)."""
     if side == "left":
         return basis[start:stop] @ low_rank
     return low_rank[start:stop] @ basis
+
 
 def select_residual_index(
     basis: Tensor, exp_avg: Tensor, side: Side, shape: tuple[int, int], count: int,
@@ -52,11 +64,10 @@ def select_residual_index(
         best_values, best_positions = values[keep], positions[keep]
     flat = best_positions.sort().values
     rows = flat // n
-    col_dtype = torch.int16 if n <= 2**15 else torch.int32
-    ptr_dtype = torch.int32 if count < 2**31 else torch.int64
     boundaries = torch.arange(m + 1, device=flat.device)
-    row_ptr = torch.searchsorted(rows, boundaries, out_int32=ptr_dtype == torch.int32)
-    return row_ptr, (flat % n).to(col_dtype)
+    row_ptr = torch.searchsorted(rows, boundaries, out_int32=row_offset_dtype(count) == torch.int32)
+    return row_ptr, (flat % n).to(column_dtype(n))
+
 
 def flat_index(row_ptr: Tensor, col: Tensor, n: int) -> Tensor:
     """The int64 row-major position (i * n + j) of every entry of the CSR index set, for this step only."""

@@ -13,17 +13,59 @@ and the weight at I unchanged, decided on the device (``torch.where``), without 
 
 from __future__ import annotations
 
+from numbers import Real
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from ..group_keys import GroupKey, Problem, choice, integer
 from ..kernels.dispatch import residual_values
 from ..rules.auto_scale import residual_scale
+from ..state.tensors import StateTensor
 from ..step.finite import all_finite
-from ..step.shapes import Side
-from .index import flat_index, residual_count, select_residual_index
-from .values import gather_flat, residual_values_at, scatter_flat
+from ..step.shapes import Shape, Side
+from .index import column_dtype, flat_index, residual_count, row_offset_dtype, select_residual_index
+from .values import RESIDUAL_MODES, gather_flat, residual_values_at, scatter_flat
+
+
+def ratio_problem(value: Any) -> Problem:
+    """Why ``value`` is not a valid ``residual_ratio`` (a number in [0, 1)), or None."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return TypeError, f"must be a number, got {value!r}"
+    if not 0.0 <= value < 1.0:
+        return ValueError, f"must be in [0, 1), got {value!r}"
+    return None
+
+
+# The keys of the sparse residual, read by the update rules it composes with.
+RESIDUAL_KEYS: dict[str, GroupKey] = {
+    "residual_ratio": GroupKey(0.0, ratio_problem),
+    "residual_warmup": GroupKey(10, integer(0)),
+    "residual_mode": GroupKey("exact", choice(RESIDUAL_MODES)),
+}
+
+
+def _count(shape: Shape, group: dict) -> int:
+    return residual_count(group["residual_ratio"], shape[-2:])
+
+
+def _entries(shape: Shape, group: dict, side: Side) -> Shape:
+    return (_count(shape, group),)
+
+
+def _has_residual(group: dict, optim_bits: int, accumulation: bool) -> bool:
+    return group["residual_ratio"] > 0
+
+
+# The residual's state (matrices only; expert stacks refuse a residual).
+RESIDUAL_STATE: dict[str, StateTensor] = {
+    "residual_row_ptr": StateTensor(lambda shape, group, side: (shape[-2] + 1,),
+                                    lambda shape, group: row_offset_dtype(_count(shape, group)), _has_residual),
+    "residual_col": StateTensor(_entries, lambda shape, group: column_dtype(shape[-1]), _has_residual),
+    "residual_exp_avg": StateTensor(_entries, kept=_has_residual),
+    "residual_exp_avg_sq": StateTensor(_entries, kept=_has_residual),
+}
 
 
 class ResidualWrite(NamedTuple):

@@ -28,6 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..group_keys import GroupKey, choice
+from ..step.shapes import Shape, Side, basis_shape
+from .tensors import StateTensor
+
 BASIS_BITS = (32, 4)
 BLOCKSIZE = 64
 QUANT_TYPE = "nf4"
@@ -65,13 +69,6 @@ def quantized_basis_nbytes(numel: int) -> int:
     return (numel + 1) // 2 + 4 * math.ceil(numel / BLOCKSIZE)
 
 
-def basis_shape(shape: tuple[int, ...], rank: int, side: str) -> tuple[int, ...]:
-    """Shape of the basis of an (m, n) weight: (m, rank) on the left side, (rank, n) on the right; of an
-    (E, m, n) stack: (E, m, rank) or (E, rank, n)."""
-    *batch, m, n = shape
-    return (*batch, m, rank) if side == "left" else (*batch, rank, n)
-
-
 def store_basis(state: dict[str, Any], basis: Tensor, bits: int) -> Tensor:
     """Keep a new basis in ``state`` and return the basis every step until the next refresh uses.
 
@@ -93,8 +90,43 @@ def store_basis(state: dict[str, Any], basis: Tensor, bits: int) -> Tensor:
 def stored_basis(state: dict[str, Any], shape: tuple[int, ...]) -> Tensor | None:
     """The basis in ``state`` as float32 (dequantised when stored in 4 bits), or None before the first refresh.
 
-    ``shape`` is the basis shape (:func:`basis_shape`).
+    ``shape`` is the basis shape (:func:`~galore_plus.step.shapes.basis_shape`).
     """
     if "projector_codes" in state:
         return dequantize_basis(state["projector_codes"], state["projector_absmax"], shape)
     return state.get("projector")
+
+
+def basis_bits_problem(value: object) -> tuple[type[Exception], str] | None:
+    """Why ``value`` is not a valid ``basis_bits``: not one of :data:`BASIS_BITS`, or 4 without bitsandbytes."""
+    problem = choice(BASIS_BITS)(value)
+    if problem is not None or value == 32:
+        return problem
+    try:
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError:
+        return ImportError, "4-bit bases need bitsandbytes: pip install bitsandbytes"
+    return None
+
+
+BASIS_BITS_KEY = {"basis_bits": GroupKey(32, basis_bits_problem)}
+
+
+def _basis(shape: Shape, group: dict, side: Side) -> Shape:
+    return basis_shape(shape, group["rank"], side)
+
+
+def _code_count(shape: Shape, group: dict, side: Side) -> Shape:
+    return ((math.prod(_basis(shape, group, side)) + 1) // 2, 1)
+
+
+def _absmax_count(shape: Shape, group: dict, side: Side) -> Shape:
+    return (math.ceil(math.prod(_basis(shape, group, side)) / BLOCKSIZE),)
+
+
+# The state of a projector that stores its basis (``Projector.stores_basis``), in 32 or 4 bits.
+BASIS_STATE: dict[str, StateTensor] = {
+    "projector": StateTensor(_basis, kept=lambda group, bits, accumulation: group["basis_bits"] == 32),
+    "projector_codes": StateTensor(_code_count, torch.uint8, kept=lambda group, bits, accumulation: group["basis_bits"] == 4),
+    "projector_absmax": StateTensor(_absmax_count, kept=lambda group, bits, accumulation: group["basis_bits"] == 4),
+}

@@ -21,18 +21,16 @@ Keys a checkpoint's groups lack (saved before a key existed) are refilled from t
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import Tensor
 
-from ..group_options import (
-    SCHEDULER_GROUP_KEYS, closest_key_hint, group_label, projector_only_keys, stepped_shape, valid_group_keys,
-)
+from ..group_options import SCHEDULER_GROUP_KEYS, closest_key_hint, group_label, projector_only_keys, valid_group_keys
 from ..projectors import projection_side
+from ..step.shapes import stepped_shape
 from . import moments_8bit
 from .adamw_8bit import uses_8bit_adamw
-from .basis_4bit import BLOCKSIZE as BASIS_BLOCKSIZE
+from .projected import projected_state
 
 FOREIGN_HINT = ("this is not a GaLorePlusAdamW checkpoint (galore_torch.GaLoreAdamW stores projector objects and a "
                 "'correct_bias' key); start this optimizer fresh instead of loading it")
@@ -127,16 +125,8 @@ def is_plain_value(value: Any) -> bool:
 
 
 def projected_state_shapes(param: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Shapes of the basis (or its 4-bit codes and absmax), the low-rank moments (or their 8-bit codes), the
-    residual's row offsets and the limiters' norms (a stack of E matrices: with a leading E, norms (E, 1, 1))."""
-    *batch, m, n = stepped_shape(param, group)
-    rank = group["rank"]
-    side = projection_side((m, n), group["proj_type"], group["projector"])
-    basis, low_rank = ((m, rank), (rank, n)) if side == "left" else ((rank, n), (m, rank))
-    basis, low_rank = (*batch, *basis), (*batch, *low_rank)
-    moments = {key: low_rank for key in ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes")}
-    basis_numel = math.prod(basis)
-    four_bit = {"projector_codes": ((basis_numel + 1) // 2, 1), "projector_absmax": (math.ceil(basis_numel / BASIS_BLOCKSIZE),)}
-    norm = (*batch, 1, 1) if batch else ()
-    return {"projector": basis, **four_bit, **moments, "residual_row_ptr": (m + 1,), "residual_norm": norm,
-            "apollo_norm": norm}
+    """Shapes of the tensors a projected weight's state may hold (:func:`~galore_plus.state.projected.projected_state`:
+    basis or its 4-bit codes, moments or their 8-bit codes, the residual, the projector's and update rule's own)."""
+    shape = stepped_shape(param, group)
+    side = projection_side(shape, group["proj_type"], group["projector"])
+    return {key: tensor.shape(shape, group, side) for key, tensor in projected_state(group).items()}

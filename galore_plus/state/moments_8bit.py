@@ -15,10 +15,14 @@ moments of plain AdamW tensors (:mod:`galore_plus.state.adamw_8bit`).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..step.shapes import Shape, Side, low_rank_shape
+from .tensors import StateTensor
 
 BLOCKSIZE = 256
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -128,3 +132,24 @@ def check_loaded_moments(state: dict[str, Any], quantized: bool, where: str) -> 
         saved_bits, bits = (8, 32) if saved_8bit else (32, 8)
         raise ValueError(f"{where}: the checkpoint holds {saved_bits}-bit moments but this optimizer keeps them in "
                          f"{bits} bits; construct it with optim_bits={saved_bits} to load this checkpoint")
+
+
+def _moment(shape: Shape, group: dict, side: Side) -> Shape:
+    return low_rank_shape(shape, group["rank"], side)
+
+
+def _moment_absmax(shape: Shape, group: dict, side: Side) -> Shape:
+    return (absmax_count(math.prod(_moment(shape, group, side))),)
+
+
+def _kept_in(bits: int):
+    return lambda group, optim_bits, accumulation: optim_bits == bits
+
+
+# The two low-rank moments of every projected weight: float32, or with ``optim_bits=8`` codes and absmax (a stack's
+# codes quantised as one tensor).
+MOMENT_STATE: dict[str, StateTensor] = {
+    **{key: StateTensor(_moment, kept=_kept_in(32)) for key in MOMENT_KEYS},
+    **{f"{key}_codes": StateTensor(_moment, torch.uint8, kept=_kept_in(8)) for key in MOMENT_KEYS},
+    **{f"{key}_absmax": StateTensor(_moment_absmax, kept=_kept_in(8)) for key in MOMENT_KEYS},
+}

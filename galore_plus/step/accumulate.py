@@ -24,10 +24,10 @@ refresh the basis is the first micro-batch's subspace instead of the summed grad
 Fira's full-rank residual (``full_rank_residual``) needs the full gradient, which never exists at
 the boundary, so each micro-batch applies its own term in its hook:
 S_i = c_i (G_i - alpha P R_i) with c_i = ||N_prev|| / (k ||R_i||) per channel, where ||N_prev|| is the
-previous boundary's direction norm per channel (``state["accumulation_factor"]``) and ||R_i|| the
+previous boundary's direction norm per channel (``state[ACCUMULATION_FACTOR_KEY]`` of :mod:`galore_plus.rules.fira`) and ||R_i|| the
 micro-batch's own (Fira's phi = ||N|| / ||R|| with N one update old and R this micro-batch's); the
 norm-growth limiter caps k ||S_i|| at ``norm_growth_limit`` times the previous update's applied
-norm (the sum of its micro-batches' limited norms, kept as ``state["residual_norm"]``). The boundary
+norm (the sum of its micro-batches' limited norms, kept as Fira's ``state[NORM_KEY]``). The boundary
 adds lr alpha P N and decays the weight. With one micro-batch this is Fira with N of the previous
 update; with k of them the terms' sum is between 1 / sqrt(k) (independent micro-batch noise) and 1
 (one common direction) of Fira's on the summed gradient, and micro-batches after the first see a
@@ -35,9 +35,9 @@ weight already moved by the earlier ones' terms. The first update has no ||N_pre
 update alone. Fira's term does not depend on the gradient's scale (both G_i and R_i are this
 micro-batch's, unclipped), so clipping leaves it alone, as it does with exact accumulation.
 
-Refused with accumulation (``per_layer.enable_per_layer_steps`` names the key): ``update_rule="apollo"``
-(its whole update is a scaled full-size gradient), ``projector="random"`` (not orthonormal, so R's
-energy is not the gradient's energy inside the subspace), ``scale="auto"`` with
+Refused with accumulation (``per_layer.enable_per_layer_steps`` names the key): an update rule or projector
+whose entry gives an ``accumulation_refusal`` (APOLLO's rule: its whole update is a scaled full-size gradient;
+the random projector: not orthonormal, so R's energy is not the gradient's energy inside the subspace), ``scale="auto"`` with
 ``full_rank_residual`` (its RMS needs the summed gradient's channel norms) and ``residual_warmup=0``
 with a residual (I would be chosen at the boundary of step 1, after the micro-batches' values at I
 were needed).
@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.dispatch import apply_update
-from ..rules.fira import channel_square_terms
+from ..rules.fira import ACCUMULATION_FACTOR_KEY, NORM_KEY, channel_square_terms
 from ..rules.norms import NORM_FLOOR, adam_bias_factor, norm_growth_divisor
 from ..sparse_residual.index import flat_index
 from ..sparse_residual.values import gather_flat
@@ -61,8 +61,6 @@ from .apply import LowRankTerm, ScaledGradient
 from .finite import all_finite
 from .row_blocks import channel_square_sums
 from .shapes import Side
-
-FACTOR_KEY = "accumulation_factor"
 
 
 @dataclass
@@ -124,7 +122,7 @@ def add_micro_batch(
     at_index = gather_flat(grad, index).float() if index is not None else None
     outside = outside_energy(grad, low_rank, basis, side)
     applied = None
-    if group["full_rank_residual"] and FACTOR_KEY in state:
+    if group["full_rank_residual"] and ACCUMULATION_FACTOR_KEY in state:
         applied = micro_batch_fira_term(weight, grad, low_rank, basis, side, outside, state, group, step, micro_batches)
     if accumulator is None:
         return Accumulator(low_rank, outside, at_index, previous, applied)
@@ -144,19 +142,19 @@ def micro_batch_fira_term(
     """p <- p - lr S_i with S_i = c_i (G_i - alpha P R_i), c_i = ||N_prev|| / (k ||R_i||) per channel, limited;
     returns the limited norm of S_i (measured without Adam's bias correction, as Fira does).
 
-    ||N_prev|| is the previous boundary's direction norm per channel (``state[FACTOR_KEY]``); the
+    ||N_prev|| is the previous boundary's direction norm per channel (``state[ACCUMULATION_FACTOR_KEY]``); the
     limiter caps k ||S_i|| at ``norm_growth_limit`` times the previous update's applied norm, so the
     update's terms together grow by at most that factor. Nothing is applied where R_i is not finite.
     """
     alpha = group["scale"]
     beta1, beta2 = group["betas"]
     channel_dim = 0 if side == "left" else 1
-    phi = state[FACTOR_KEY] / (micro_batches * torch.linalg.vector_norm(low_rank, dim=channel_dim, keepdim=True)
+    phi = state[ACCUMULATION_FACTOR_KEY] / (micro_batches * torch.linalg.vector_norm(low_rank, dim=channel_dim, keepdim=True)
                                .add_(NORM_FLOOR))
     inside = low_rank.double().square().sum(channel_dim, keepdim=True)
     squares = (phi.double().square() * (outside + (1 - alpha) ** 2 * inside)).sum()
     measured = squares.clamp(min=0).sqrt().to(phi.dtype) / adam_bias_factor(step - 1, beta1, beta2)
-    divisor = norm_growth_divisor(micro_batches * measured, state.get("residual_norm"), group["norm_growth_limit"])
+    divisor = norm_growth_divisor(micro_batches * measured, state.get(NORM_KEY), group["norm_growth_limit"])
     factor = phi / divisor
     finite = all_finite(low_rank)
     apply_update(weight, group["lr"], 1.0, finite, low_rank=LowRankTerm(-alpha * factor * low_rank, basis, side),
@@ -173,9 +171,9 @@ def fira_boundary_update(
     their summed norm for the limiter. Nothing changes where ``finite`` is False."""
     lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
     channel_norm = torch.linalg.vector_norm(direction, dim=0 if side == "left" else 1, keepdim=True)
-    previous = state.get(FACTOR_KEY)
-    state[FACTOR_KEY] = torch.where(finite, channel_norm, previous if previous is not None else 0.0)
+    previous = state.get(ACCUMULATION_FACTOR_KEY)
+    state[ACCUMULATION_FACTOR_KEY] = torch.where(finite, channel_norm, previous if previous is not None else 0.0)
     if accumulator.applied_norm is not None:
-        previous_norm = state.get("residual_norm", torch.full((), math.inf, device=weight.device))
-        state["residual_norm"] = torch.where(finite, accumulator.applied_norm, previous_norm)
+        previous_norm = state.get(NORM_KEY, torch.full((), math.inf, device=weight.device))
+        state[NORM_KEY] = torch.where(finite, accumulator.applied_norm, previous_norm)
     apply_update(weight, lr, decay, finite, low_rank=LowRankTerm(group["scale"] * direction, basis, side))

@@ -77,6 +77,11 @@ def compute_gradient(grad: Tensor) -> Tensor:
     return grad.float() if grad.dtype == torch.float64 else grad
 
 
+def single_process_total(value: Tensor) -> Tensor:
+    """The sum over processes of a value computed from each one's rows, in a single process: the value itself."""
+    return value
+
+
 class LocalLayout:
     """A weight held whole by this process: a matrix (``transposed`` ones seen as their transpose), a stack of
     matrices (E, m, n) (each transposed for ``transposed``), or a convolution kernel (out, in, kh, kw) seen as
@@ -118,8 +123,7 @@ class LocalLayout:
     def local(self, moment: Tensor) -> Tensor:
         return moment
 
-    def total(self, value: Tensor) -> Tensor:
-        return value
+    total = staticmethod(single_process_total)
 
 
 class RowShardLayout:

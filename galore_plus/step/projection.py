@@ -34,6 +34,7 @@ def project(grad: Tensor, basis: Tensor, side: Side, block_values: int | None = 
         product(values, basis[experts_of(block)].mT, out=low_rank[block])
     return low_rank
 
+
 def project_back(low_rank: Tensor, basis: Tensor, side: Side) -> Tensor:
     """Full-size matrix (or stack) of a low-rank one: P N for the left side, N Q for the right side."""
     return basis @ low_rank if side == "left" else low_rank @ basis

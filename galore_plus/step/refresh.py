@@ -9,9 +9,8 @@ from torch import Tensor
 
 from ..projectors import compute_basis
 from ..projectors.random import random_orthonormal_basis
-from ..state.basis_4bit import basis_shape
 from .finite import all_finite, matrix_finite
-from .shapes import Shape, Side
+from .shapes import Shape, Side, basis_shape
 from .stacks import Generators
 
 Warn = Callable[[str, str], None]

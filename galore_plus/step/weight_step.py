@@ -54,7 +54,7 @@ from ..rules import UPDATE_RULES
 from ..rules.base import UpdateInputs
 from ..sparse_residual.step import residual_update, write_residual
 from ..state import moments_8bit
-from ..state.basis_4bit import basis_shape, store_basis, stored_basis
+from ..state.basis_4bit import store_basis, stored_basis
 from .accumulate import Accumulator, add_micro_batch
 from .finite import matrix_finite
 from .moment_transfer import transfer_moments_at_refresh
@@ -63,7 +63,7 @@ from .refresh import Warn, refreshed_basis
 from .refresh_schedule import (
     after_refresh, fixed_refresh_count, max_gap, overlap_value, schedule_from_state, store_schedule,
 )
-from .shapes import Shape, Side
+from .shapes import Shape, Side, basis_shape
 
 RefreshHook = Callable[[Tensor, Tensor, Tensor, Tensor, Side, dict[str, Any], dict[str, Any]], None]
 
