@@ -8,7 +8,7 @@ full-rank residual on) and see the same micro-batches and initial weights for a 
 
 * ``ordinary``: k backward passes into ``.grad``, ``clip_grad_norm_``, ``optimizer.step()``;
 * ``per-layer``: ``enable_per_layer_steps(optimizer, accumulation_steps=k)``, ``handle.clip_grad_norm_``,
-  ``optimizer.step()`` (:mod:`galore_plus.accumulate`: refresh from the first micro-batch, Fira's term lagged).
+  ``optimizer.step()`` (:mod:`galore_plus.step.accumulate`: refresh from the first micro-batch, Fira's term lagged).
 
 Reported: test-split loss per seed and mode, the mean and the spread over seeds, and the per-seed
 difference. Not a test: prints measurements (docs/memory.md records them).

@@ -9,7 +9,7 @@ energy, ||projection||^2 / ||G||^2 relative to the exact top-r SVD, means someth
 is run on attention shapes only.
 
 With bitsandbytes installed, two more columns give the energy kept by each basis stored in 4 bits
-(``basis_bits=4``: NF4, blocks of 64, :mod:`galore_plus.basis_quant`) relative to the same basis in
+(``basis_bits=4``: NF4, blocks of 64, :mod:`galore_plus.state.basis_4bit`) relative to the same basis in
 float32: ``4bit/fp32`` projects with the dequantised basis as the optimizer does (it is not
 re-orthonormalised), ``4bit span`` measures the subspace it spans (after a QR).
 """
@@ -20,9 +20,13 @@ import argparse
 
 import torch
 
-from galore_plus.basis_quant import dequantize_basis, quantize_basis
-from galore_plus.group_options import PROJECTED_GROUP_DEFAULTS
-from galore_plus.projectors import PROJECTORS, basis_generator, project, randomized_basis, svd_basis
+from galore_plus.state.basis_4bit import dequantize_basis, quantize_basis
+from galore_plus.group_options import projected_group_defaults
+from galore_plus.projectors import PROJECTORS
+from galore_plus.projectors.generators import basis_generator
+from galore_plus.projectors.randomized import randomized_basis
+from galore_plus.projectors.svd import svd_basis
+from galore_plus.step.projection import project
 
 from .measure import best_seconds
 
@@ -49,7 +53,7 @@ def svd_lowrank_basis(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
 
 def cross_head_basis(grad: torch.Tensor, rank: int, heads: int, generator: torch.Generator) -> torch.Tensor:
     """The optimizer's ``cross_head`` basis of ``grad`` (rows of the chosen heads, then their SVD), through the registry."""
-    group = {**PROJECTED_GROUP_DEFAULTS, "rank": rank, "num_heads": heads}
+    group = {**projected_group_defaults(), "rank": rank, "num_heads": heads}
     projector, shape = PROJECTORS["cross_head"], tuple(grad.shape)
     rows = projector.rows(group, shape, generator)
     return projector.basis(grad.index_select(0, rows), shape, group, "right", generator, None)

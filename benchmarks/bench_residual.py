@@ -26,7 +26,7 @@ import statistics
 import torch
 
 from galore_plus import GaLorePlusAdamW
-from galore_plus.residual import flat_index
+from galore_plus.sparse_residual.index import flat_index
 
 from .measure import tensor_bytes, timed
 from .models import MODEL_SIZES, build_model, heldout_loss, next_byte_loss

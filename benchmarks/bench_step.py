@@ -47,9 +47,11 @@ from typing import Callable
 import torch
 
 from galore_plus import APOLLO, GaLorePlusAdamW
-from galore_plus.dispatch import lowrank_adam_direction
-from galore_plus.projectors import basis_generator, project, project_back, projection_side
-from galore_plus.random_basis import gaussian_basis
+from galore_plus.kernels.dispatch import lowrank_adam_direction
+from galore_plus.projectors import projection_side
+from galore_plus.projectors.generators import basis_generator
+from galore_plus.step.projection import project, project_back
+from galore_plus.projectors.random import gaussian_basis
 
 from .measure import mean_seconds
 from .peers import APOLLO_SCALING, apollo_torch_adamw, galore_torch_adamw

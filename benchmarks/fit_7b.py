@@ -26,7 +26,7 @@ refresh time of one decoder layer's weights with ``svd`` and with GaLore+'s proj
 the layer count. Results go to ``--out`` (Markdown and JSON).
 
 With ``--micro-batches k`` (k > 1) or ``--max-grad-norm`` > 0, per-layer steps accumulate in the
-subspace (``enable_per_layer_steps(optimizer, accumulation_steps=k)``, :mod:`galore_plus.accumulate`):
+subspace (``enable_per_layer_steps(optimizer, accumulation_steps=k)``, :mod:`galore_plus.step.accumulate`):
 each step is k forward+backward passes of ``--batch`` x tokens (micro-batch i uses the token seed
 ``--seed`` + i, the same in every step), each loss divided by k, then clipping
 (``handle.clip_grad_norm_``; ``clip_grad_norm_`` with ``--no-per-layer``) and ``optimizer.step()``.
@@ -346,7 +346,7 @@ def projection_product_seconds(shapes: Counter, repeats: int = 3) -> float:
     Right side (basis Q, r x n): R = G Q^T and U = N Q; left side (P, m x r): R = P^T G and U = P N;
     float32, as the optimizer computes them. These are the two products of every step, with or without
     Fira's full-rank residual (whose update is applied with the same back-projection, and whose norm
-    comes from low-rank terms: :mod:`galore_plus.full_rank_residual`). Full-size results go into one
+    comes from low-rank terms: :mod:`galore_plus.rules.fira`). Full-size results go into one
     buffer per shape that the first repeat has already touched, so the time is the products'
     arithmetic, not page faults of new full-size tensors (which made this reference vary by 2x
     between runs on a nearly full machine).

@@ -89,7 +89,7 @@ def spacing(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def update_magnitude(start: torch.Tensor, decay: float, step_size: float, low_rank, gradient) -> torch.Tensor:
-    """|p| d + s (|f| |G| + |P| |X|) of a weight update (``galore_plus.update``'s terms, either may be None): the
+    """|p| d + s (|f| |G| + |P| |X|) of a weight update (``galore_plus.step.apply``'s terms, either may be None): the
     size of the terms summed at each position, which bounds float32's rounding of the sum."""
     total = start.float().abs() * decay
     if low_rank is not None:
@@ -110,7 +110,7 @@ def kernel_check(case: str, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> C
 
 def lowrank_adam_checks(device: torch.device) -> list[Check]:
     from galore_plus.kernels.lowrank_adam import lowrank_adam_direction_triton
-    from galore_plus.lowrank_adam import lowrank_adam_direction
+    from galore_plus.rules.adam import lowrank_adam_direction
 
     checks = []
     generator = torch.Generator().manual_seed(0)
@@ -130,7 +130,8 @@ def lowrank_adam_checks(device: torch.device) -> list[Check]:
 
 def residual_step_checks(device: torch.device) -> list[Check]:
     from galore_plus.kernels.residual_step import residual_values_triton
-    from galore_plus.residual import flat_index, residual_values, select_residual_index
+    from galore_plus.sparse_residual.index import flat_index, select_residual_index
+    from galore_plus.sparse_residual.values import residual_values
 
     checks = []
     generator = torch.Generator().manual_seed(1)
@@ -169,7 +170,7 @@ def weight_update_checks(device: torch.device) -> list[Check]:
     A half-precision weight must also be rounded to nearest as the reference is: a truncating cast stays
     within one unit but rounds about half of the values differently (at most 1% may differ)."""
     from galore_plus.kernels.weight_update import apply_update_triton
-    from galore_plus.update import LowRankTerm, ScaledGradient, apply_update
+    from galore_plus.step.apply import LowRankTerm, ScaledGradient, apply_update
 
     checks = []
     generator = torch.Generator().manual_seed(2)
@@ -220,6 +221,8 @@ def kernel_checks(device: torch.device) -> list[Check]:
 
     checks = []
     for module in pkgutil.iter_modules(galore_plus.kernels.__path__):
+        if module.name == "dispatch":   # the choice between kernels and references, not a kernel
+            continue
         importlib.import_module(f"galore_plus.kernels.{module.name}")
         if module.name not in KERNEL_CHECKS:
             checks.append(failed("kernel", f"{module.name}: no check in benchmarks/gpu_check.py"))
@@ -346,9 +349,9 @@ UPDATE_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # LLaMA-2-7B's pro
 def weight_update_speed(device: torch.device, shapes: tuple[tuple[int, int], ...] = UPDATE_SHAPES, rank: int = 128,
                         repeats: int = 20) -> list[str]:
     """One line per shape: a bfloat16 weight's update with both of Fira's terms (f G + P X), the torch row-block
-    path (``galore_plus.update.apply_update``) against the one-pass kernel, and the product P X alone, one run."""
+    path (``galore_plus.step.apply.apply_update``) against the one-pass kernel, and the product P X alone, one run."""
     from galore_plus.kernels.weight_update import apply_update_triton
-    from galore_plus.update import LowRankTerm, ScaledGradient, apply_update
+    from galore_plus.step.apply import LowRankTerm, ScaledGradient, apply_update
 
     from .measure import mean_seconds
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from galore_plus import GaLorePlusAdamW, make_param_groups
 from galore_plus import APOLLO, APOLLO_MINI
-from galore_plus.group_options import CONSTRUCTOR_HYPERPARAMETERS, PROJECTED_GROUP_DEFAULTS, unread_keys
+from galore_plus.group_options import CONSTRUCTOR_HYPERPARAMETERS, projected_group_defaults, unread_keys
 
 from .peers import (APOLLO_MINI_SCALING, APOLLO_SCALING, apollo_torch_adamw, fira_adamw, galore_torch_adamw,
                     peer_groups)
@@ -482,7 +482,7 @@ def resolve_methods(names: list[str]) -> list[MethodSpec]:
 
 def _group_keys_reason(group_keys: dict[str, Any]) -> str | None:
     """Why GaLorePlusAdamW cannot take ``group_keys`` (a key it does not know, or a value it rejects), or None."""
-    unknown = [key for key in group_keys if key not in PROJECTED_GROUP_DEFAULTS and key not in CONSTRUCTOR_HYPERPARAMETERS]
+    unknown = [key for key in group_keys if key not in projected_group_defaults() and key not in CONSTRUCTOR_HYPERPARAMETERS]
     if unknown:
         return f"GaLorePlusAdamW has no group key {', '.join(map(repr, unknown))} yet"
     weight = nn.Parameter(torch.zeros(8, 8))

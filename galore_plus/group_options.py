@@ -1,13 +1,14 @@
 """Defaults and validation of parameter-group keys, done when a group is added to the optimizer.
 
 * every key must be one the optimizer reads (a misspelling gets the closest valid key, by difflib);
-  the valid keys derive from :data:`PROJECTED_GROUP_DEFAULTS`;
-* a projected group may set only keys that every step reads (:data:`STEP_KEYS`) or that its
-  projector or update rule declares (``keys`` of its ``PROJECTORS`` / ``UPDATE_RULES`` entry):
-  ``oversample`` in an ``svd`` group raises, naming the projectors that read it;
+  the valid keys are those every projected step reads (:data:`STEP_KEYS`) and those the entries of
+  ``PROJECTORS`` and ``UPDATE_RULES`` declare (their ``keys``, with defaults and checks: :func:`declared_keys`);
+* a projected group may set only keys that every step reads or that its projector or update rule
+  declares: a key read only by other entries raises, naming the entries that read it;
 * ``lr``, ``betas``, ``eps``, ``weight_decay`` must be valid numbers, in every group;
-* a projected group (one that has ``rank``) gets its defaults and every projector key checked; a
-  ``rank`` not below the side a weight projects is warned about (it saves no memory).
+* a projected group (one that has ``rank``) gets its defaults and every projector key checked (each
+  key's own check, then the entries' checks across keys and of each weight); a ``rank`` not below the
+  side a weight projects is warned about (it saves no memory).
 
 Every error names the parameter group (its index, and its ``name`` key if it has one) and the key
 at fault, so a mistake in a 200-group configuration is found at once.
@@ -22,41 +23,54 @@ from typing import Any
 
 import torch
 
-from .apollo_update import SCALE_TYPES
-from .auto_scale import AUTO
-from .basis_quant import BASIS_BITS
-from .projectors import HEAD_PROJECTORS, PROJ_TYPES, PROJECTORS, projection_side
-from .residual import RESIDUAL_MODES
-from .update_rules import UPDATE_RULES
+from .group_keys import Fail, GroupKey, Problem, boolean, integer, number_in, optional
+from .projectors import DEFAULT_PROJECTOR, PROJECTORS, projection_side
+from .projectors.base import Projector
+from .rules import DEFAULT_UPDATE_RULE, UPDATE_RULES
+from .rules.auto_scale import AUTO
+from .step.shapes import stepped_shape
 
-PROJECTED_GROUP_DEFAULTS: dict = {
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-    "projector": "randomized",
-    "num_heads": None,
-    "head_dim": None,
-    "head_projector": "svd",
-    "oversample": 8,
-    "power_iters": 2,
-    "warm_start": True,
-    "transposed": False,
-    "residual_ratio": 0.0,
-    "residual_warmup": 10,
-    "residual_mode": "exact",
-    "cross_head_heads": None,
-    "moment_transfer": False,
-    "full_rank_residual": None,
-    "norm_growth_limit": 1.01,
-    "adaptive_gap": False,
-    "max_update_proj_gap": None,
-    "gap_overlap_threshold": 0.5,
-    "gap_patience": 3,
-    "update_rule": "galore",
-    "scale_type": "channel",
-    "basis_bits": 32,
-    "free_lr_ratio": 1.0,
+
+def scale_problem(value: Any) -> Problem:
+    """Why ``value`` is not a valid ``scale`` (a finite number or ``"auto"``), or None."""
+    if value != AUTO and (isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)):
+        return TypeError, f"must be a finite number or {AUTO!r}, got {value!r}"
+    return None
+
+
+# Keys every projected step reads, whatever its projector and update rule. Any other projector key is read only by the
+# PROJECTORS and UPDATE_RULES entries that declare it (their ``keys``), and a group may set it only where one does.
+STEP_KEYS: dict[str, GroupKey] = {
+    "rank": GroupKey(None, integer(1)),   # every projected group sets it
+    "update_proj_gap": GroupKey(200, integer(1)),
+    "scale": GroupKey(0.25, scale_problem),
+    "projector": GroupKey(DEFAULT_PROJECTOR),
+    "update_rule": GroupKey(DEFAULT_UPDATE_RULE),
+    "transposed": GroupKey(False, boolean),
+    "adaptive_gap": GroupKey(False, boolean),
+    "max_update_proj_gap": GroupKey(None, optional(integer(1))),   # and >= update_proj_gap
+    "gap_overlap_threshold": GroupKey(0.5, number_in(0.0, 1.0, low_open=True, high_open=False)),
+    "gap_patience": GroupKey(3, integer(1)),
 }
+
+
+def declared_keys() -> dict[str, GroupKey]:
+    """Every key of a projected group: :data:`STEP_KEYS`, then the keys each projector and update rule declares (in
+    the tables' order; read at each call, so an entry registered later counts). A key is one thing: two entries that
+    declare it must declare the same :class:`~galore_plus.group_keys.GroupKey`."""
+    keys = dict(STEP_KEYS)
+    for name, entry in [*PROJECTORS.items(), *UPDATE_RULES.items()]:
+        for key, declared in entry.keys.items():
+            if keys.setdefault(key, declared) != declared:
+                raise TypeError(f"table entry {name!r} declares group key {key!r} with another default or check than "
+                                "an earlier entry; declare it once and share it")
+    return keys
+
+
+def projected_group_defaults() -> dict[str, Any]:
+    """The default of every projected-group key but ``rank`` (as an entry declares it, before a projector's
+    ``rule_defaults``)."""
+    return {key: declared.default for key, declared in declared_keys().items() if key != "rank"}
 
 # Keys every group may carry besides the optimizer's defaults (lr, betas, eps, weight_decay, foreach) and the
 # projector keys: torch's own (``param_names`` of named parameters, ``initial_lr`` set by LR schedulers) and ``name``.
@@ -68,8 +82,8 @@ CONSTRUCTOR_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
 
 
 def projector_only_keys() -> tuple[str, ...]:
-    """Keys that only a projected group may carry: ``rank`` and every key of :data:`PROJECTED_GROUP_DEFAULTS`."""
-    return ("rank",) + tuple(PROJECTED_GROUP_DEFAULTS)
+    """Keys that only a projected group may carry: ``rank`` and every key of :func:`declared_keys`."""
+    return tuple(declared_keys())
 
 
 def valid_group_keys(defaults: dict) -> tuple[str, ...]:
@@ -179,32 +193,6 @@ def keyword_argument_error(keywords: dict, constructor_args: tuple[str, ...]) ->
                      f"{closest_key_hint(key, constructor_args)}; it takes {', '.join(constructor_args)}")
 
 
-def _require_int(group: dict, index: int, key: str, minimum: int) -> None:
-    value = group[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(group, index, key, f"must be an int, got {value!r}", TypeError)
-    if value < minimum:
-        _fail(group, index, key, f"must be >= {minimum}, got {value}")
-
-
-def _require_choice(group: dict, index: int, key: str, choices: tuple[str, ...]) -> None:
-    if group[key] not in choices:
-        _fail(group, index, key, f"must be one of {choices}, got {group[key]!r}")
-
-
-def default_full_rank_residual(group: dict) -> bool:
-    """``full_rank_residual`` of a group that does not set it: its projector's default (``Projector.full_rank_residual``)
-    where its update rule reads the key (GaLore's rule), else False."""
-    projector, rule = PROJECTORS.get(group["projector"]), UPDATE_RULES.get(group["update_rule"])
-    return bool(projector and rule and projector.full_rank_residual and "full_rank_residual" in rule.keys)
-
-
-# Keys every projected step reads, whatever its projector and update rule. Any other projector key is read only by the
-# PROJECTORS and UPDATE_RULES entries that declare it (their ``keys``), and a group may set it only where one does.
-STEP_KEYS = ("rank", "update_proj_gap", "scale", "projector", "update_rule", "transposed", "adaptive_gap",
-             "max_update_proj_gap", "gap_overlap_threshold", "gap_patience")
-
-
 def key_readers(key: str) -> list[str]:
     """The registry entries that read a projector key, as text: ``["projector 'randomized'", "update rule 'apollo'"]``."""
     return ([f"projector {name!r}" for name, entry in PROJECTORS.items() if key in entry.keys]
@@ -214,8 +202,8 @@ def key_readers(key: str) -> list[str]:
 def unread_keys(group: dict) -> list[str]:
     """The projector keys of ``group`` that neither every step nor its projector and update rule read (the group's
     ``projector`` and ``update_rule``, or their defaults; an unknown name reads nothing beyond :data:`STEP_KEYS`)."""
-    projector = PROJECTORS.get(group.get("projector", PROJECTED_GROUP_DEFAULTS["projector"]))
-    rule = UPDATE_RULES.get(group.get("update_rule", PROJECTED_GROUP_DEFAULTS["update_rule"]))
+    projector = PROJECTORS.get(group.get("projector", DEFAULT_PROJECTOR))
+    rule = UPDATE_RULES.get(group.get("update_rule", DEFAULT_UPDATE_RULE))
     read = set(STEP_KEYS) | set(projector.keys if projector else ()) | set(rule.keys if rule else ())
     return [key for key in group if key in projector_only_keys() and key not in read]
 
@@ -232,8 +220,9 @@ def keys_set_apart_from_defaults(group: dict) -> tuple[str, ...]:
 def check_keys_are_read(group: dict, index: int, given: tuple[str, ...]) -> None:
     """Refuse a key the user set to something else than its default (``given``) that the group's projector and update
     rule never read: tuning it would change nothing. The error names the key and what would read it."""
-    _require_choice(group, index, "projector", tuple(PROJECTORS))
-    _require_choice(group, index, "update_rule", tuple(UPDATE_RULES))
+    for key, table in (("projector", PROJECTORS), ("update_rule", UPDATE_RULES)):
+        if group[key] not in table:
+            _fail(group, index, key, f"must be one of {tuple(table)}, got {group[key]!r}")
     for key in unread_keys(group):
         if key in given:
             _fail(group, index, key, f"projector {group['projector']!r} and update rule {group['update_rule']!r} do not "
@@ -242,11 +231,16 @@ def check_keys_are_read(group: dict, index: int, given: tuple[str, ...]) -> None
 
 
 def fill_projected_defaults(group: dict) -> None:
-    """Add the default of every projector key the group does not set (``full_rank_residual`` by projector)."""
-    for key, value in PROJECTED_GROUP_DEFAULTS.items():
-        group.setdefault(key, value)
-    if group["full_rank_residual"] is None:
-        group["full_rank_residual"] = default_full_rank_residual(group)
+    """Add the default of every projector key the group does not set (or sets to None, for a key whose values are
+    never None): the declared default, or the projector's ``rule_defaults`` for a key its update rule reads."""
+    group.setdefault("projector", DEFAULT_PROJECTOR)
+    group.setdefault("update_rule", DEFAULT_UPDATE_RULE)
+    projector, rule = PROJECTORS.get(group["projector"]), UPDATE_RULES.get(group["update_rule"])
+    overrides = projector.rule_defaults if projector is not None and rule is not None else {}
+    for key, declared in declared_keys().items():
+        if key == "rank" or (key in group and not (declared.unset_when_none and group[key] is None)):
+            continue
+        group[key] = overrides[key] if key in overrides and key in rule.keys else declared.default
 
 
 def prepare_group(group: dict, index: int, defaults: dict) -> list[str]:
@@ -266,16 +260,6 @@ def prepare_group(group: dict, index: int, defaults: dict) -> list[str]:
     check_keys_are_read(group, index, given)
     validate_projected_group(group, index)
     return full_rank_warnings(group, index)
-
-
-def stepped_shape(param: torch.Tensor, group: dict) -> tuple[int, ...]:
-    """The shape the optimizer steps: (m, n) of a matrix (its transpose for a ``transposed`` group, GPT-2 Conv1D),
-    (E, m, n) of a stack of E matrices (each transposed for ``transposed``), and (out, in kh kw) of a
-    convolution kernel (out, in, kh, kw)."""
-    if param.dim() == 4:
-        return param.shape[0], math.prod(param.shape[1:])
-    *batch, rows, columns = param.shape
-    return (*batch, columns, rows) if group.get("transposed") else (*batch, rows, columns)
 
 
 def full_rank_warnings(group: dict, index: int) -> list[str]:
@@ -327,121 +311,32 @@ def validate_plain_group(group: dict, index: int) -> None:
 
 def validate_projected_group(group: dict, index: int) -> None:
     """Check every projector key of a group (defaults already filled, projector and update rule names checked by
-    :func:`check_keys_are_read`) and every parameter's shape."""
-    _require_int(group, index, "rank", 1)
-    _require_int(group, index, "update_proj_gap", 1)
-    _require_int(group, index, "oversample", 0)
-    _require_int(group, index, "power_iters", 0)
-    scale = group["scale"]
-    if scale != AUTO and (isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)):
-        _fail(group, index, "scale", f"must be a finite number or {AUTO!r}, got {scale!r}", TypeError)
-    for key in ("warm_start", "transposed", "moment_transfer", "full_rank_residual", "adaptive_gap"):
-        if not isinstance(group[key], bool):
-            _fail(group, index, key, f"must be a bool, got {group[key]!r}", TypeError)
-    _require_choice(group, index, "proj_type", PROJ_TYPES)
-    _require_choice(group, index, "head_projector", HEAD_PROJECTORS)
-    _validate_residual(group, index)
-    _validate_levers(group, index)
-    _validate_apollo(group, index)
-    _validate_muon(group, index)
-    _validate_field_rules(group, index)
-    _validate_basis_bits(group, index)
-    if "num_heads" in PROJECTORS[group["projector"]].keys:
-        _validate_heads(group, index)
-    for position, param in enumerate(group["params"]):
-        _validate_projected_param(group, index, position, param)
+    :func:`check_keys_are_read`): each key's own check, the step's and the entries' checks across keys, and every
+    parameter's shape."""
+    def fail(key: str, message: str, error: type[Exception] = ValueError) -> None:
+        _fail(group, index, key, message, error)
 
-
-def _validate_residual(group: dict, index: int) -> None:
-    ratio = group["residual_ratio"]
-    if isinstance(ratio, bool) or not isinstance(ratio, Real):
-        _fail(group, index, "residual_ratio", f"must be a number, got {ratio!r}", TypeError)
-    if not 0.0 <= ratio < 1.0:
-        _fail(group, index, "residual_ratio", f"must be in [0, 1), got {ratio!r}")
-    _require_int(group, index, "residual_warmup", 0)
-    _require_choice(group, index, "residual_mode", RESIDUAL_MODES)
-
-
-def _validate_apollo(group: dict, index: int) -> None:
-    _require_choice(group, index, "scale_type", SCALE_TYPES)
-    if group["update_rule"] != "apollo":
-        return
-    if group["scale"] == AUTO:
-        _fail(group, index, "scale", f"{AUTO!r} is for update_rule 'galore'; update_rule 'apollo' needs a number "
-                                     "(APOLLO: 1, APOLLO-Mini: 128)")
-    if group["scale"] < 0:
-        _fail(group, index, "scale", f"update_rule 'apollo' multiplies by sqrt(scale); scale must be >= 0, got {group['scale']!r}")
-
-
-def _validate_muon(group: dict, index: int) -> None:
-    if group["update_rule"] != "muon":
-        return
-    if isinstance(group["scale"], bool) or not isinstance(group["scale"], Real) or group["scale"] < 0:
-        _fail(group, index, "scale", f"update_rule 'muon' multiplies its RMS-matched step by scale, a number >= 0 "
-                                     f"(1 matches AdamW's update RMS), got {group['scale']!r}")
-
-
-def _validate_field_rules(group: dict, index: int) -> None:
-    """Update rules 'frugal', 'ldadam' and 'scale' (galore_plus/frugal_update.py, ldadam_update.py, scale_update.py)."""
-    rule = group["update_rule"]
-    if rule not in ("frugal", "ldadam", "scale"):
-        return
-    if isinstance(group["scale"], bool) or not isinstance(group["scale"], Real) or not 0 <= group["scale"] < math.inf:
-        _fail(group, index, "scale", f"update_rule {rule!r} multiplies its step by scale, a finite number >= 0 "
-                                     f"('auto' is for update_rule 'galore'), got {group['scale']!r}")
-    ratio = group["free_lr_ratio"]
-    if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0 <= ratio < math.inf:
-        _fail(group, index, "free_lr_ratio", f"the state-free step size over lr must be a finite number >= 0, got "
-                                             f"{ratio!r}")
-
-
-def _validate_basis_bits(group: dict, index: int) -> None:
-    bits = group["basis_bits"]
-    if isinstance(bits, bool) or bits not in BASIS_BITS:
-        _fail(group, index, "basis_bits", f"must be one of {BASIS_BITS}, got {bits!r}")
-    if bits == 32:
-        return
-    try:
-        import bitsandbytes.functional  # noqa: F401
-    except ImportError:
-        _fail(group, index, "basis_bits", "4-bit bases need bitsandbytes: pip install bitsandbytes", ImportError)
-
-
-def _require_real(group: dict, index: int, key: str) -> float:
-    value = group[key]
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        _fail(group, index, key, f"must be a finite number, got {value!r}", TypeError)
-    return value
-
-
-def _validate_levers(group: dict, index: int) -> None:
-    if group["norm_growth_limit"] is not None and _require_real(group, index, "norm_growth_limit") < 1.0:
-        _fail(group, index, "norm_growth_limit", f"must be >= 1 (or None to disable the limiter), got {group['norm_growth_limit']!r}")
+    for key, declared in declared_keys().items():
+        problem = declared.check(group[key])
+        if problem is not None:
+            fail(key, problem[1], problem[0])
     if group["max_update_proj_gap"] is not None:
-        _require_int(group, index, "max_update_proj_gap", group["update_proj_gap"])
-    if not 0.0 < _require_real(group, index, "gap_overlap_threshold") <= 1.0:
-        _fail(group, index, "gap_overlap_threshold", f"must be in (0, 1], got {group['gap_overlap_threshold']!r}")
-    _require_int(group, index, "gap_patience", 1)
-    if group["cross_head_heads"] is not None:
-        _require_int(group, index, "cross_head_heads", 1)
-
-
-def _validate_heads(group: dict, index: int) -> None:
-    num_heads, head_dim = group["num_heads"], group["head_dim"]
-    if num_heads is None and head_dim is None:
-        _fail(group, index, "num_heads", f"projector {group['projector']!r} needs 'num_heads' (or 'head_dim') to split rows "
-                                         "into heads")
-    if num_heads is not None and head_dim is not None:
-        _fail(group, index, "head_dim", "give either 'num_heads' or 'head_dim', not both")
-    key = "num_heads" if num_heads is not None else "head_dim"
-    _require_int(group, index, key, 1)
+        problem = integer(group["update_proj_gap"])(group["max_update_proj_gap"])
+        if problem is not None:
+            fail("max_update_proj_gap", problem[1], problem[0])
+    projector = PROJECTORS[group["projector"]]
+    projector.check_group(group, fail)
+    UPDATE_RULES[group["update_rule"]].check_group(group, fail)
+    for position, param in enumerate(group["params"]):
+        _validate_projected_param(group, index, position, param, projector, fail)
 
 
 def _validate_stack(group: dict, index: int, where: str) -> None:
     """A stack of matrices (E, m, n) is stepped batched: refuse what is implemented for matrices only."""
     if not PROJECTORS[group["projector"]].stacks:
+        stacking = ", ".join(repr(name) for name, entry in PROJECTORS.items() if entry.stacks)
         _fail(group, index, "projector", f"{where} is a stack of matrices (E, m, n); projector {group['projector']!r} "
-                                         "takes matrices only: use 'svd', 'randomized' or 'random' for expert stacks")
+                                         f"takes matrices only: use one of {stacking} for expert stacks")
     if group["residual_ratio"] > 0:
         _fail(group, index, "residual_ratio", f"{where} is a stack of matrices (E, m, n); the sparse residual is "
                                               "implemented for matrices only: use residual_ratio=0 for expert stacks")
@@ -451,7 +346,8 @@ def _validate_stack(group: dict, index: int, where: str) -> None:
                                             "only: use adaptive_gap=False for expert stacks")
 
 
-def _validate_projected_param(group: dict, index: int, position: int, param: torch.Tensor) -> None:
+def _validate_projected_param(group: dict, index: int, position: int, param: torch.Tensor, projector: Projector,
+                              fail: Fail) -> None:
     where = f"parameter {position} of shape {tuple(param.shape)}" + (" (transposed)" if group["transposed"] else "")
     if param.dim() not in (2, 3, 4):
         _fail(group, index, "rank", f"{where} is {param.dim()}-D; a projected weight is a matrix (m, n), a stack of "
@@ -466,23 +362,8 @@ def _validate_projected_param(group: dict, index: int, position: int, param: tor
     if param.dim() == 4 and group["transposed"]:
         _fail(group, index, "transposed", f"{where} is a convolution kernel, stepped as the matrix (out, in kh kw); "
                                           "transposed=True is for matrices and stacks of them")
-    *_, m, n = stepped_shape(param, group)
-    rank = group["rank"]
-    if group["projector"] != "cross_head":
-        if rank > min(m, n):
-            _fail(group, index, "rank", f"{rank} exceeds min(m, n) = {min(m, n)} of {where}")
-        return
-    if rank > n or rank > m:
-        _fail(group, index, "rank", f"{rank} exceeds the input size n = {n} (or rows m = {m}) of {where}")
-    if group["head_dim"] is not None:
-        if m % group["head_dim"]:
-            _fail(group, index, "head_dim", f"{group['head_dim']} does not divide the {m} rows of {where}")
-        num_heads, head_dim = m // group["head_dim"], group["head_dim"]
-    elif m % group["num_heads"]:
-        _fail(group, index, "num_heads", f"{group['num_heads']} does not divide the {m} rows of {where}")
-    else:
-        num_heads, head_dim = group["num_heads"], m // group["num_heads"]
-    heads = group["cross_head_heads"]
-    if heads is not None and min(heads, num_heads) * head_dim < rank:
-        _fail(group, index, "cross_head_heads", f"{heads} heads of {head_dim} rows of {where} give fewer rows than "
-                                                f"rank = {rank}")
+    shape = stepped_shape(param, group)
+    projector.check_weight(group, shape, where, fail)
+    m, n = shape[-2:]
+    if group["rank"] > min(m, n):
+        _fail(group, index, "rank", f"{group['rank']} exceeds min(m, n) = {min(m, n)} of {where}")

@@ -13,7 +13,7 @@ Where each weight goes (a *plan*, see :func:`plan_param_groups`):
   (out, in kh kw)) -> one ``projector`` group;
 * the expert stacks of a mixture-of-experts layer (transformers 5 stores a layer's experts fused, as
   3-D parameters (E, m, n) of an ``...Experts`` module: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3,
-  GPT-OSS) -> a ``{projector}_experts`` group, each expert its own matrix (``galore_plus.stacks``);
+  GPT-OSS) -> a ``{projector}_experts`` group, each expert its own matrix (``galore_plus.step.stacks``);
 * everything else -> a plain AdamW group. Embeddings, output heads, routers (``gate``, ``router``,
   ``shared_expert_gate``, ``...Router`` modules), norms and biases are plain by design.
 
@@ -47,7 +47,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from .adapters.targets import name_matchers
+from .adapters.targets import OUTPUT_HEAD_NAMES, name_matchers
 from .group_options import (
     check_hyperparameters, closest_key_hint, format_bytes, key_readers, projector_only_keys, unread_keys,
 )
@@ -55,7 +55,6 @@ from .group_options import (
 QUERY_NAMES = ("q_proj", "query", "wq", "q_lin", "q_attn")
 KEY_NAMES = ("k_proj", "key", "wk", "k_lin")
 FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "Wqkv", "qkv", "c_attn")
-OUTPUT_HEAD_NAMES = ("lm_head", "output", "embed_out", "classifier", "score", "decoder", "vocab_projector")
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
@@ -83,11 +82,9 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def module_matches(name: str, target_modules: str | Iterable[str]) -> bool:
-    """Whether a module name is targeted: ``"all-linear"`` (every layer but output heads), or else as
-    :func:`galore_plus.adapters.targets.name_matchers` (and peft) match it: a regex string must match
-    the full name, a list holds name suffixes (whole dotted components)."""
-    if isinstance(target_modules, str) and target_modules == "all-linear":
-        return _leaf(name) not in OUTPUT_HEAD_NAMES
+    """Whether a module name is targeted, as :func:`galore_plus.adapters.targets.name_matchers` (and peft) match it:
+    ``"all-linear"`` every layer but output heads, a regex string must match the full name, a list holds name
+    suffixes (whole dotted components)."""
     return any(matches(name) for matches in name_matchers(target_modules).values())
 
 

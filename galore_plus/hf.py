@@ -22,7 +22,7 @@ What it does that the plain Trainer with ``optimizer_cls_and_kwargs`` does not:
 * ``per_layer=True`` steps each parameter during backward (:mod:`galore_plus.per_layer`). With
   ``gradient_accumulation_steps > 1`` or ``max_grad_norm > 0`` it uses per-layer accumulation
   (``enable_per_layer_steps(optimizer, accumulation_steps=gradient_accumulation_steps)``,
-  :mod:`galore_plus.accumulate`): each micro-batch's gradient of a projected weight is projected into
+  :mod:`galore_plus.step.accumulate`): each micro-batch's gradient of a projected weight is projected into
   the subspace and freed, the weights step once per update at the Trainer's ``optimizer.step()``, so
   the LR schedule steps once per update, and clipping and the logged ``grad_norm`` use
   :meth:`~galore_plus.per_layer.PerLayerSteps.clip_grad_norm_`'s norm. Without either, every

@@ -12,9 +12,8 @@ allocates in ``optimizer.state``:
   ``basis_bits=4`` half a byte per value plus a float32 per 64 values, or nothing for the
   ``random`` projector (regenerated every step); two low-rank moments (float32 or 8-bit); with
   ``residual_ratio > 0`` the residual: |I| = ceil(ratio m n) entries of two float32 moments and an
-  int16/int32 column index, plus m + 1 int32 row offsets; with ``update_rule="apollo"`` or
-  ``full_rank_residual`` the limiter's norm (one float32); the full-size float32 tensors an update
-  rule keeps (``UpdateRule.full_size_state``: ``update_rule="ldadam"``'s error-feedback buffer, m n values);
+  int16/int32 column index, plus m + 1 int32 row offsets; and the tensors the group's projector and
+  update rule declare (APOLLO's and Fira's limiter norm: one float32);
 * a stack of E expert matrices (E, m, n) counts E times one matrix's basis, moments and norm (the
   8-bit and 4-bit codes of the stack as one tensor, a float32 absmax per block of it); a
   convolution kernel counts as the matrix (out, in kh kw).
@@ -34,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -44,14 +42,16 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from .group_options import fill_projected_defaults, stepped_shape
+from .group_options import fill_projected_defaults
 from .groups import make_param_groups
-from .basis_quant import quantized_basis_nbytes
 from .presets import APOLLO, APOLLO_MINI
-from .projectors import PROJECTORS, projection_side
-from .quant import quantized_nbytes, uses_8bit_adamw
-from .residual import residual_count
-from .update_rules import UPDATE_RULES
+from .projectors import projection_side
+from .sparse_residual.index import residual_count
+from .state.adamw_8bit import uses_8bit_adamw
+from .state.moments_8bit import quantized_nbytes
+from .state.projected import projected_state
+from .state.tensors import state_bytes
+from .step.shapes import stepped_shape
 
 STEP_BYTES = 4
 LIMITER_NORM_BYTES = 4
@@ -95,42 +95,13 @@ def as_param_groups(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> list
     return params
 
 
-def residual_state_bytes(shape: tuple[int, int], ratio: float) -> int:
-    """Residual state of an (m, n) weight: CSR row offsets, column indices and two float32 moments at I."""
-    count = residual_count(ratio, shape)
-    if count == 0:
-        return 0
-    m, n = shape
-    row_ptr_bytes = (m + 1) * (4 if count < 2**31 else 8)
-    col_bytes = count * (2 if n <= 2**15 else 4)
-    return row_ptr_bytes + col_bytes + 2 * 4 * count
-
-
-def basis_bytes(numel: int, group: dict[str, Any]) -> int:
-    """The stored basis of ``numel`` values: none for a regenerated (``random``) basis, float32, or 4 bits."""
-    if not PROJECTORS[group["projector"]].stores_basis:
-        return 0
-    return quantized_basis_nbytes(numel) if group["basis_bits"] == 4 else 4 * numel
-
-
 def projected_state_bytes(shape: tuple[int, ...], group: dict[str, Any], optim_bits: int,
                           accumulation: bool = False) -> int:
-    """Basis, low-rank moments, residual and update-rule state of one projected weight of stepped shape ``shape``,
-    (m, n) or a stack (E, m, n) (defaults filled); with per-layer ``accumulation`` and Fira's residual, also its
-    factor (float32 per channel)."""
-    *batch, m, n = shape
-    experts, rank = math.prod(batch), group["rank"]
+    """Bytes of the state tensors one projected weight of stepped shape ``shape``, (m, n) or a stack (E, m, n), keeps
+    (defaults filled; :func:`~galore_plus.state.projected.projected_state`: basis, moments, residual and what the
+    group's projector and update rule declare)."""
     side = projection_side(shape, group["proj_type"], group["projector"])
-    basis_numel, moment_numel = (m * rank, rank * n) if side == "left" else (rank * n, m * rank)
-    basis_numel, moment_numel = experts * basis_numel, experts * moment_numel
-    moment_bytes = quantized_nbytes(moment_numel) if optim_bits == 8 else 4 * moment_numel
-    limited = group["update_rule"] == "apollo" or group["full_rank_residual"]
-    rule_bytes = experts * LIMITER_NORM_BYTES if limited else 0
-    if accumulation and group["full_rank_residual"]:
-        rule_bytes += 4 * experts * channel_count((m, n), side)
-    residual_bytes = residual_state_bytes((m, n), group["residual_ratio"]) if not batch else 0
-    rule_bytes += 4 * experts * m * n * len(UPDATE_RULES[group["update_rule"]].full_size_state)
-    return basis_bytes(basis_numel, group) + 2 * moment_bytes + residual_bytes + rule_bytes
+    return state_bytes(projected_state(group), shape, group, side, optim_bits, accumulation)
 
 
 def channel_count(shape: tuple[int, int], side: str) -> int:
@@ -139,7 +110,7 @@ def channel_count(shape: tuple[int, int], side: str) -> int:
 
 
 def accumulator_bytes(shape: tuple[int, int], group: dict[str, Any]) -> int:
-    """Per-layer accumulation's accumulator of one projected weight (:mod:`galore_plus.accumulate`): R's sum in
+    """Per-layer accumulation's accumulator of one projected weight (:mod:`galore_plus.step.accumulate`): R's sum in
     float32, one float64 per channel (the energy outside the subspace), with a residual float32 values at I, and
     with Fira's residual the float32 norm of the terms applied. At a refresh step the replaced basis is kept until
     the boundary as well (not counted: steady state)."""

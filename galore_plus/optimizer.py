@@ -10,15 +10,16 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-from .checkpoint import checked_state_dict
-from .accumulate import Accumulator
-from .distributed import LocalLayout, RowShardLayout, is_sharded, row_shard_layout
 from .group_options import (
     check_hyperparameters, group_label, keyword_argument_error, plain_adamw_warning, prepare_group,
 )
-from . import quant
-from .refresh_schedule import weight_refresh_count
-from .weight_step import (
+from .state import adamw_8bit
+from .state.checkpoint import checked_state_dict
+from .state.moments_8bit import require_bitsandbytes
+from .step.accumulate import Accumulator
+from .step.layouts import LocalLayout, RowShardLayout, is_sharded, row_shard_layout
+from .step.refresh_schedule import weight_refresh_count
+from .step.weight_step import (
     SkippedSteps, StepContext, accumulate_projected_gradient, step_accumulated_weight, step_projected_weight,
 )
 
@@ -38,7 +39,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
     4. N = (M / (1 - b1^t)) / (sqrt(V / (1 - b2^t)) + eps);
     5. p <- p (1 - lr wd) - lr scale (P N or N Q) (the update rule ``"galore"``);
     6. with ``residual_ratio`` > 0 the update at a fixed sparse index set I is replaced by an exact
-       (or, with ``residual_mode="paper"``, Algorithm 2's) one; see :mod:`galore_plus.residual`.
+       (or, with ``residual_mode="paper"``, Algorithm 2's) one; see :mod:`galore_plus.sparse_residual.values`.
 
     Levers (docs/levers.md): ``full_rank_residual`` (Fira's norm-scaled residual added to the
     update; on by default for the GaLore+ projectors ``randomized`` and ``cross_head``, off for
@@ -46,7 +47,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
     basis at a refresh), ``adaptive_gap`` (a per-weight gap doubled while the subspace is stable)
     and ``scale="auto"`` (the update's per-entry RMS matched to the low-rank Adam direction's).
 
-    The order is written once, in :mod:`galore_plus.weight_step`. A step whose values are not
+    The order is written once, in :mod:`galore_plus.step.weight_step`. A step whose values are not
     finite leaves that weight and its moments unchanged, decided on the device (no host read on a
     step without a refresh); a warning follows at the next refresh or ``state_dict()``.
 
@@ -54,7 +55,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
     the refresh count; torch's global RNG is never used.
 
     ``optim_bits=8`` stores the low-rank moments, and the AdamW moments of plain tensors with at
-    least 4096 values, as 8-bit blockwise codes (see :mod:`galore_plus.quant`; needs bitsandbytes).
+    least 4096 values, as 8-bit blockwise codes (see :mod:`galore_plus.state.moments_8bit`; needs bitsandbytes).
     """
 
     def __init__(
@@ -79,7 +80,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         if isinstance(optim_bits, bool) or optim_bits not in (32, 8):
             raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
         if optim_bits == 8:
-            quant.require_bitsandbytes()
+            require_bitsandbytes()
         self.optim_bits = optim_bits
         self.seed = seed
         self._warned: set[str] = set()
@@ -179,11 +180,11 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
             if param.grad.is_sparse:
                 raise RuntimeError("AdamW does not support sparse gradients")
             state = self.state[param]
-            if self.optim_bits == 8 and quant.uses_8bit_adamw(param):
+            if self.optim_bits == 8 and adamw_8bit.uses_8bit_adamw(param):
                 if not state:
-                    quant.init_adamw_state_8bit(state, param)
+                    adamw_8bit.init_adamw_state_8bit(state, param)
                 beta1, beta2 = group["betas"]
-                quant.adamw_step_8bit(param, param.grad, state, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+                adamw_8bit.adamw_step_8bit(param, param.grad, state, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
                 continue
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=plain_step_dtype())
@@ -210,7 +211,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
     def accumulate_parameter(
         self, param: Tensor, group_index: int, position: int, accumulator: Accumulator | None, micro_batches: int
     ) -> Accumulator:
-        """Add ``param.grad`` of a projected weight to its per-layer accumulator (:mod:`galore_plus.accumulate`).
+        """Add ``param.grad`` of a projected weight to its per-layer accumulator (:mod:`galore_plus.step.accumulate`).
 
         ``accumulator`` is None for the first micro-batch of an update; the returned one goes to the
         next call and then to :meth:`step_accumulated_parameter`; ``micro_batches`` is the
@@ -249,7 +250,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         return layout, StepContext(self.seed, position, self.optim_bits, label, self._warn_once, self._skipped)
 
     def _step_projected(self, param: Tensor, group: dict[str, Any], group_index: int, position: int) -> None:
-        """One GaLore+ step of a matrix, expert stack or convolution kernel (see :mod:`galore_plus.weight_step`), in
+        """One GaLore+ step of a matrix, expert stack or convolution kernel (see :mod:`galore_plus.step.weight_step`), in
         its layout."""
         group = _number_lr(group)
         layout, context = self._weight_layout(param, group, group_index, position)
@@ -266,7 +267,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like torch after checking the checkpoint fits (:mod:`galore_plus.checkpoint`), keeping
+        """Load like torch after checking the checkpoint fits (:mod:`galore_plus.state.checkpoint`), keeping
         projected weights' state and 8-bit moments as saved.
 
         A foreign checkpoint (galore_torch), another rank or other shapes raise before anything is
@@ -292,7 +293,7 @@ class GaLorePlusAdamW(torch.optim.Optimizer):
         saved_ids = (saved_id for group in state_dict["param_groups"] for saved_id in group["params"])
         for (_, group, _, param), saved_id in zip(self.indexed_params(), saved_ids):
             saved = state_dict["state"].get(saved_id)
-            if saved is not None and ("rank" in group or (self.optim_bits == 8 and quant.uses_8bit_adamw(param))):
+            if saved is not None and ("rank" in group or (self.optim_bits == 8 and adamw_8bit.uses_8bit_adamw(param))):
                 for key, value in saved.items():
                     if isinstance(value, Tensor):
                         self.state[param][key] = value.to(device=param.device, copy=True)

@@ -15,7 +15,7 @@ and resets the markers to ``None``, as does ``optimizer.zero_grad()``. A closure
 
 Gradient accumulation and clipping: ``handle = enable_per_layer_steps(optimizer, accumulation_steps=k)``.
 Then each hook of a projected weight adds the micro-batch's gradient, projected, to an accumulator
-of the low-rank gradient's shape and frees the gradient (:mod:`galore_plus.accumulate` defines what
+of the low-rank gradient's shape and frees the gradient (:mod:`galore_plus.step.accumulate` defines what
 the full-size terms and a refresh do); plain tensors' gradients accumulate in ``.grad`` as usual. Up
 to k backward passes, optionally ``handle.clip_grad_norm_(max_norm)``, then ``optimizer.step()``:
 the boundary, where every weight steps once (so an LR scheduler stepped after it steps once per
@@ -46,12 +46,13 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
-from .accumulate import Accumulator
-from .auto_scale import AUTO
-from .distributed import is_sharded
 from .group_options import group_label
 from .optimizer import GaLorePlusAdamW
-from .update_rules import UPDATE_RULES
+from .projectors import PROJECTORS
+from .rules import UPDATE_RULES
+from .rules.auto_scale import AUTO
+from .step.accumulate import Accumulator
+from .step.layouts import is_sharded
 
 CONSUMED_MESSAGE = (
     "per-layer mode: this parameter's gradient was consumed by its optimizer step during backward and freed. "
@@ -169,7 +170,7 @@ class PerLayerSteps:
         Per-layer accumulation's ``torch.nn.utils.clip_grad_norm_``: call it after the last backward pass,
         before ``optimizer.step()``. The squared norm is the sum over plain tensors of ||.grad||^2 (exact,
         float32) and over projected weights of ||R||^2 plus the accumulated energy outside the subspace
-        (:meth:`galore_plus.accumulate.Accumulator.square_norm`; exact for one micro-batch, without the
+        (:meth:`galore_plus.step.accumulate.Accumulator.square_norm`; exact for one micro-batch, without the
         cross terms of the micro-batches' parts outside the subspace otherwise). Plain gradients are
         multiplied in place by min(1, max_norm / (norm + 1e-6)); projected weights' accumulated R and
         values at I are multiplied by it at the step. Nothing is read on the host. ``max_norm=inf``
@@ -299,7 +300,7 @@ def enable_per_layer_steps(
     are stepped by ``optimizer.step()`` as usual.
 
     ``accumulation_steps=k`` turns on gradient accumulation (see the module docs and
-    :mod:`galore_plus.accumulate`): up to k backward passes, then ``optimizer.step()``, the boundary.
+    :mod:`galore_plus.step.accumulate`): up to k backward passes, then ``optimizer.step()``, the boundary.
     Groups whose keys accumulation cannot honour raise a ValueError naming the key.
     """
     if not isinstance(optimizer, GaLorePlusAdamW):
@@ -325,7 +326,7 @@ def enable_per_layer_steps(
 
 def _check_accumulation(optimizer: GaLorePlusAdamW, ddp_model: DistributedDataParallel | None,
                         accumulation_steps: Any) -> None:
-    """Raise unless per-layer accumulation can step every group of ``optimizer`` as :mod:`galore_plus.accumulate` defines."""
+    """Raise unless per-layer accumulation can step every group of ``optimizer`` as :mod:`galore_plus.step.accumulate` defines."""
     if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
     if ddp_model is not None:
@@ -340,13 +341,10 @@ def _check_accumulation(optimizer: GaLorePlusAdamW, ddp_model: DistributedDataPa
             ("rank", any(param.dim() == 3 for param in group["params"]),
              "expert stacks (3-D weights) are stepped batched, and accumulation in the subspace is written for one "
              "matrix; put the stacks in a group of their own and step without accumulation"),
-            ("update_rule", group["update_rule"] == "apollo",
-             "APOLLO's update is a scaled full-size gradient, which accumulation in the subspace never forms"),
-            ("update_rule", UPDATE_RULES[group["update_rule"]].reads_gradient,
-             f"update rule {group['update_rule']!r} reads the full gradient, which accumulation in the subspace never "
-             "forms"),
-            ("projector", group["projector"] == "random",
-             "a random basis is not orthonormal, so the accumulated R does not measure the gradient's energy"),
+            ("update_rule", UPDATE_RULES[group["update_rule"]].accumulation_refusal is not None,
+             UPDATE_RULES[group["update_rule"]].accumulation_refusal),
+            ("projector", PROJECTORS[group["projector"]].accumulation_refusal is not None,
+             PROJECTORS[group["projector"]].accumulation_refusal),
             ("scale", group["full_rank_residual"] and group["scale"] == AUTO,
              "scale='auto' with full_rank_residual needs the summed gradient's channel norms; use a number"),
             ("residual_warmup", group["residual_ratio"] > 0 and group["residual_warmup"] == 0,

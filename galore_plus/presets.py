@@ -15,7 +15,7 @@ Both set APOLLO's ``eps=1e-6`` (its default) for the projected groups: gradients
 be around 1e-6, where eps decides the size of N = M / (sqrt(V) + eps) and with it the update.
 
 ``scale`` follows APOLLO's convention under ``update_rule="apollo"``: the update is multiplied by
-sqrt(scale) (see :mod:`galore_plus.apollo_update`).
+sqrt(scale) (see :mod:`galore_plus.rules.apollo`).
 """
 
 from __future__ import annotations

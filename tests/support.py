@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from galore_plus.adapters import adapter_parameters
-from galore_plus.update import LowRankTerm, ScaledGradient
+from galore_plus.step.apply import LowRankTerm, ScaledGradient
 
 # ---------------------------------------------------------------- tiny models
 

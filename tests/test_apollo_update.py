@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from galore_plus import APOLLO, APOLLO_MINI, GaLorePlusAdamW
-from galore_plus.apollo_update import apollo_direction, apollo_factor, apollo_step_size, gradient_scaling
-from galore_plus.lowrank_adam import update_moments
-from galore_plus.projectors import project
-from galore_plus.update import ScaledGradient, apply_update
+from galore_plus.rules.apollo import apollo_direction, apollo_factor, apollo_step_size, gradient_scaling
+from galore_plus.rules.adam import update_moments
+from galore_plus.step.projection import project
+from galore_plus.step.apply import ScaledGradient, apply_update
 
 BETAS = (0.9, 0.999)
 EPS = 1e-6
@@ -134,7 +134,8 @@ def test_the_norm_from_channel_norms_equals_the_norm_of_the_formed_update(scale_
 
 def injected_projector(monkeypatch, bases):
     """Register a projector that returns apollo_torch's basis of each step, in order."""
-    from galore_plus.projectors import PROJECTORS, Projector
+    from galore_plus.projectors import PROJECTORS
+    from galore_plus.projectors.base import Projector
 
     remaining = list(bases)
     monkeypatch.setitem(PROJECTORS, "injected", Projector(lambda *args: remaining.pop(0), stores_basis=False))
@@ -227,7 +228,8 @@ def test_per_layer_steps_equal_normal_steps():
 
 
 def test_a_step_marked_not_finite_leaves_the_weight_and_the_limiter_norm_unchanged():
-    from galore_plus.update_rules import UpdateInputs, apollo_rule
+    from galore_plus.rules.apollo import apollo_rule
+    from galore_plus.rules.base import UpdateInputs
 
     weight = torch.randn(10, 6)
     grad, low_rank = torch.randn(10, 6), torch.randn(10, 2)

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from galore_plus.auto_scale import lowrank_auto_scale, rms_matching_scale
-from galore_plus.projectors import project_back
+from galore_plus.rules.auto_scale import lowrank_auto_scale, rms_matching_scale
+from galore_plus.step.projection import project_back
 
 
 def rms(tensor: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 pytest.importorskip("bitsandbytes")
 
 from galore_plus import GaLorePlusAdamW  # noqa: E402
-from galore_plus.basis_quant import BLOCKSIZE, dequantize_basis, quantize_basis, quantized_basis_nbytes  # noqa: E402
-from galore_plus.projectors import project, svd_basis  # noqa: E402
+from galore_plus.state.basis_4bit import BLOCKSIZE, dequantize_basis, quantize_basis, quantized_basis_nbytes  # noqa: E402
+from galore_plus.projectors.svd import svd_basis  # noqa: E402
+from galore_plus.step.projection import project  # noqa: E402
 
 # The 16 NormalFloat4 values as printed in the QLoRA paper (Dettmers et al. 2023, appendix E).
 NF4_TABLE = torch.tensor([
@@ -164,7 +165,7 @@ def test_save_load_weights_only_and_continue_equals_never_stopping(dtype, optim_
 
 
 def test_a_float32_basis_checkpoint_continues_with_4_bit_bases_from_the_next_refresh():
-    """A checkpoint cannot change basis_bits (galore_plus.checkpoint); setting it on the group after loading takes
+    """A checkpoint cannot change basis_bits (galore_plus.state.checkpoint); setting it on the group after loading takes
     effect at the next refresh, and the float32 basis is dropped then."""
     params, opt = four_bit_model(torch.float32, 32, basis_bits=32)
     generator = torch.Generator().manual_seed(2)

@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from galore_plus import APOLLO, APOLLO_MINI, GaLorePlusAdamW
-from galore_plus.distributed import chunk_rows
+from galore_plus.step.layouts import chunk_rows
 from galore_plus.per_layer import ConsumedGradient, enable_per_layer_steps
 
 WORLD_SIZE = 2

@@ -1,4 +1,4 @@
-"""update_rule 'frugal', 'ldadam' and 'scale' (galore_plus/frugal_update.py, ldadam_update.py, scale_update.py):
+"""update_rule 'frugal', 'ldadam' and 'scale' (galore_plus/rules/frugal.py, ldadam.py, scale.py):
 each against a dense float64 re-implementation over refreshes, the cases where it reduces to a known update, stacks,
 checkpoints, the memory estimate, and what each refuses. Non-finite gradients: tests/test_weight_step.py (every
 rule of the table)."""
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from galore_plus import GaLorePlusAdamW
-from galore_plus.frugal_update import frugal_rule
-from galore_plus.ldadam_update import ldadam_rule
 from galore_plus.memory import estimate_memory
 from galore_plus.per_layer import enable_per_layer_steps
-from galore_plus.scale_update import scale_rule
-from galore_plus.update_rules import UpdateInputs
+from galore_plus.rules.base import UpdateInputs
+from galore_plus.rules.frugal import frugal_rule
+from galore_plus.rules.ldadam import ldadam_rule
+from galore_plus.rules.scale import scale_rule
 
 RULES = ("frugal", "ldadam", "scale")
 LR, DECAY, BETAS, EPS = 2e-2, 0.05, (0.9, 0.999), 1e-8

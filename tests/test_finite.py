@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from galore_plus.finite import all_finite
+from galore_plus.step.finite import all_finite
 
 
 def tensors(seed):

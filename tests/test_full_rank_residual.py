@@ -8,13 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from galore_plus.full_rank_residual import (
-    adam_bias_factor, fira_update, norm_growth_divisor, residual_scaling, weighted_square_total,
-)
-from galore_plus.lowrank_adam import lowrank_adam_direction
-from galore_plus.projectors import project, projection_side, svd_basis
-from galore_plus.row_blocks import channel_square_sums
-from galore_plus.update import LowRankTerm, ScaledGradient, apply_update
+from galore_plus.rules.fira import fira_update, weighted_square_total
+from galore_plus.rules.norms import adam_bias_factor, channel_norm_ratio, norm_growth_divisor
+from galore_plus.rules.adam import lowrank_adam_direction
+from galore_plus.projectors import projection_side
+from galore_plus.projectors.svd import svd_basis
+from galore_plus.step.projection import project
+from galore_plus.step.row_blocks import channel_square_sums
+from galore_plus.step.apply import LowRankTerm, ScaledGradient, apply_update
 
 
 def reference_update(grad, low_rank, direction, basis, side, alpha, previous, limit, bias_factor):
@@ -148,7 +149,7 @@ def test_rows_split_over_two_processes_give_the_whole_weights_total():
     grad, _ = small_residual_gradient(256, 128, 8, 1e-4, seed=1)
     basis = svd_basis(grad, 8, "left")
     low_rank = project(grad, basis, "left")
-    weights = residual_scaling(torch.ones_like(low_rank), low_rank, "left").square()
+    weights = channel_norm_ratio(torch.ones_like(low_rank), low_rank, "left").square()
     term = LowRankTerm(-low_rank, basis, "left")
     whole_inputs = [(slice(0, 256), channel_square_sums(grad, True), low_rank)]
     whole = weighted_square_total(whole_inputs[0][1], weights, 1.0, term, low_rank)
@@ -193,7 +194,7 @@ def test_the_residual_norm_keeps_its_precision_when_the_residual_is_small():
     direction = torch.ones_like(low_rank)
     grad_squares = channel_square_sums(grad, True)
     _, _, stored = fira_update(grad_squares, low_rank, low_rank, direction, basis, "left", 1.0, None, 1.01, 1.0)
-    phi = residual_scaling(direction, low_rank, "left")
+    phi = channel_norm_ratio(direction, low_rank, "left")
     exact = (phi.double() * (grad.double() - basis.double() @ low_rank.double())).square().sum()
     assert 0.5e-4 < float((grad.double() - basis.double() @ low_rank.double()).square().sum() / grad64.square().sum())
     error, inputs, arithmetic = output_side_error_budget(grad, basis, -low_rank, phi.square(),
@@ -206,9 +207,9 @@ def test_the_residual_norm_keeps_its_precision_when_the_residual_is_small():
 def test_scaling_is_per_column_on_the_output_side_and_per_row_on_the_input_side():
     direction = torch.tensor([[3.0, 0.0], [4.0, 1.0]])
     low_rank = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
-    torch.testing.assert_close(residual_scaling(direction, low_rank, "left"),
+    torch.testing.assert_close(channel_norm_ratio(direction, low_rank, "left"),
                                torch.tensor([[5.0 / (1 + 1e-8), 1.0 / (2 + 1e-8)]]))
-    torch.testing.assert_close(residual_scaling(direction, low_rank, "right"),
+    torch.testing.assert_close(channel_norm_ratio(direction, low_rank, "right"),
                                torch.tensor([[3.0 / (math.sqrt(5) + 1e-8)], [math.sqrt(17) / 1e-8]]))
 
 

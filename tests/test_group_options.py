@@ -8,6 +8,7 @@ import torch
 
 from galore_plus import GaLorePlusAdamW
 from galore_plus import group_options
+from galore_plus.group_keys import GroupKey
 
 
 def param(*shape):
@@ -38,9 +39,9 @@ def test_unknown_group_keys_are_refused_with_the_closest_valid_key(group, misspe
 def test_a_key_added_to_the_defaults_is_valid_where_a_registry_entry_declares_it(monkeypatch):
     """Who reads a key comes from the entries' ``keys``: declared by the default projector, a new key is accepted
     there, refused in an svd group (naming the projector that reads it) and in a plain group."""
-    monkeypatch.setitem(group_options.PROJECTED_GROUP_DEFAULTS, "new_knob", 1)
     entry = group_options.PROJECTORS["randomized"]
-    monkeypatch.setitem(group_options.PROJECTORS, "randomized", dataclasses.replace(entry, keys=entry.keys + ("new_knob",)))
+    monkeypatch.setitem(group_options.PROJECTORS, "randomized",
+                        dataclasses.replace(entry, keys={**entry.keys, "new_knob": GroupKey(1)}))
     opt = build({"rank": 2, "new_knob": 3})
     assert opt.param_groups[1]["new_knob"] == 3
     with pytest.raises(ValueError, match="key 'new_knob': projector 'svd' and update rule 'galore' do not read it, so "

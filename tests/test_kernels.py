@@ -14,9 +14,9 @@ import galore_plus.kernels.lowrank_adam as lowrank_adam_kernel  # noqa: E402  (T
 import galore_plus.kernels.residual_step as residual_kernel  # noqa: E402
 import galore_plus.kernels.weight_update as weight_update_kernel  # noqa: E402
 
-from galore_plus.lowrank_adam import lowrank_adam_direction  # noqa: E402
-from galore_plus.residual import flat_index, select_residual_index  # noqa: E402
-from galore_plus.update import LowRankTerm, ScaledGradient, apply_update  # noqa: E402
+from galore_plus.rules.adam import lowrank_adam_direction  # noqa: E402
+from galore_plus.sparse_residual.index import flat_index, select_residual_index  # noqa: E402
+from galore_plus.step.apply import LowRankTerm, ScaledGradient, apply_update  # noqa: E402
 from support import terms_of  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,7 +43,7 @@ def test_lowrank_adam_kernel_equals_reference(rows, cols, step, beta1, grad_dtyp
        left=st.booleans(), mode=st.sampled_from(["exact", "paper"]),
        param_dtype=st.sampled_from(list(DTYPES)), step=st.integers(1, 30), seed=st.integers(0, 2**16))
 def test_residual_kernel_equals_reference(m, n, rank, ratio, left, mode, param_dtype, step, seed):
-    from galore_plus.residual import residual_values
+    from galore_plus.sparse_residual.values import residual_values
 
     rank = min(rank, m, n)
     side = "left" if left else "right"
@@ -70,7 +70,7 @@ def test_residual_kernel_equals_reference(m, n, rank, ratio, left, mode, param_d
 
 
 def test_residual_kernel_handles_strided_weight_and_gradient():
-    from galore_plus.residual import residual_values
+    from galore_plus.sparse_residual.values import residual_values
 
     generator = torch.Generator().manual_seed(0)
     param, grad = torch.randn(30, 20, generator=generator).t(), torch.randn(30, 20, generator=generator).t()
@@ -87,14 +87,14 @@ def test_residual_kernel_handles_strided_weight_and_gradient():
 @pytest.mark.parametrize("mode", ["exact", "paper"])
 @pytest.mark.parametrize("proj_type", ["left", "right"])
 def test_optimizer_through_the_kernels_equals_the_reference_path(monkeypatch, mode, proj_type):
-    import galore_plus.dispatch
+    import galore_plus.kernels.dispatch
     from galore_plus import GaLorePlusAdamW
 
     start = torch.randn(24, 36, generator=torch.Generator().manual_seed(1))
     grads = [torch.randn(24, 36, generator=torch.Generator().manual_seed(2 + i)) for i in range(4)]
     results = []
     for kernels in (False, True):
-        monkeypatch.setattr(galore_plus.dispatch, "use_kernel", lambda tensor, kernels=kernels: kernels)
+        monkeypatch.setattr(galore_plus.kernels.dispatch, "use_kernel", lambda tensor, kernels=kernels: kernels)
         weight = torch.nn.Parameter(start.clone())
         opt = GaLorePlusAdamW([dict(params=[weight], rank=3, proj_type=proj_type, residual_ratio=0.05,
                                     residual_warmup=1, residual_mode=mode)], lr=0.01)
@@ -154,7 +154,7 @@ def test_optimizer_weight_updates_through_the_kernel_equal_the_reference_path(mo
     """GaLore+ with its defaults (Fira's residual), APOLLO and plain GaLore on a bfloat16 weight: the same weights
     after 4 steps (one refresh) with the dispatch forced onto the kernels as with the torch references, up to
     one bfloat16 rounding per step (the moments do not depend on the weight, so the differences do not grow)."""
-    import galore_plus.dispatch
+    import galore_plus.kernels.dispatch
     from galore_plus import GaLorePlusAdamW
 
     start = (0.05 * torch.randn(48, 40, generator=torch.Generator().manual_seed(1))).bfloat16()
@@ -164,7 +164,7 @@ def test_optimizer_weight_updates_through_the_kernel_equal_the_reference_path(mo
     monkeypatch.setattr(weight_update_kernel, "apply_update_triton", lambda *args, **kwargs: calls.append(1) or kernel(
         *args, **kwargs))
     for kernels in (False, True):
-        monkeypatch.setattr(galore_plus.dispatch, "use_kernel", lambda tensor, kernels=kernels: kernels)
+        monkeypatch.setattr(galore_plus.kernels.dispatch, "use_kernel", lambda tensor, kernels=kernels: kernels)
         weight = torch.nn.Parameter(start.clone())
         opt = GaLorePlusAdamW([dict(params=[weight], rank=4, **options)], lr=0.01, weight_decay=0.1)
         for grad in grads:
@@ -177,9 +177,9 @@ def test_optimizer_weight_updates_through_the_kernel_equal_the_reference_path(mo
 
 def test_a_float64_weight_keeps_the_torch_update_when_kernels_are_on(monkeypatch):
     """The kernel computes in float32, so dispatch sends a float64 weight to the row-block path, kernels or not."""
-    import galore_plus.dispatch
+    import galore_plus.kernels.dispatch
 
-    monkeypatch.setattr(galore_plus.dispatch, "use_kernel", lambda tensor: True)
+    monkeypatch.setattr(galore_plus.kernels.dispatch, "use_kernel", lambda tensor: True)
     monkeypatch.setattr(weight_update_kernel, "apply_update_triton", lambda *args, **kwargs: pytest.fail("kernel"))
     low_rank, gradient = update_inputs(12, 9, 3, "right", "both", "row", seed=4)
     low_rank = LowRankTerm(low_rank.low_rank.double(), low_rank.basis.double(), low_rank.side)
@@ -187,5 +187,5 @@ def test_a_float64_weight_keeps_the_torch_update_when_kernels_are_on(monkeypatch
     start = torch.randn(12, 9, dtype=torch.float64)
     expected, actual = start.clone(), start.clone()
     apply_update(expected, 0.05, 0.9, torch.tensor(True), low_rank, gradient)
-    galore_plus.dispatch.apply_update(actual, 0.05, 0.9, torch.tensor(True), low_rank, gradient)
+    galore_plus.kernels.dispatch.apply_update(actual, 0.05, 0.9, torch.tensor(True), low_rank, gradient)
     assert not torch.equal(expected, start) and torch.equal(actual, expected)

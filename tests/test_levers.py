@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from galore_plus import GaLorePlusAdamW
-from galore_plus.moment_transfer import transfer_moments
+from galore_plus.step.moment_transfer import transfer_moments
 from support import HostReads
 
 
@@ -298,11 +298,11 @@ def test_auto_scale_uses_scale_one_for_the_sparse_residual_entries():
 
 @pytest.mark.parametrize("heads, rows", [(None, 4), (2, 8), (4, 16), (9, 24)])
 def test_cross_head_basis_reads_the_chosen_number_of_heads_at_most_all(heads, rows, monkeypatch):
-    from galore_plus import projectors
+    from galore_plus.projectors import cross_head
 
     read_rows = []
-    original = projectors.shared_head_basis
-    monkeypatch.setattr(projectors, "shared_head_basis", lambda rows, *args: read_rows.append(rows.shape[0]) or original(rows, *args))
+    original = cross_head.shared_head_basis
+    monkeypatch.setattr(cross_head, "shared_head_basis", lambda rows, *args: read_rows.append(rows.shape[0]) or original(rows, *args))
     weight = start_weight((24, 16))
     run(optimizer_for(weight, rank=3, projector="cross_head", num_heads=6, cross_head_heads=heads),
         weight, gradient_stream((24, 16), 1))

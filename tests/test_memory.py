@@ -9,7 +9,7 @@ from torch import nn
 from galore_plus import APOLLO, APOLLO_MINI, GaLorePlusAdamW, make_param_groups
 from galore_plus.memory import GIB, build_meta_model, estimate_memory, load_config, main, memory_table, method_groups
 from galore_plus.per_layer import ConsumedGradient, enable_per_layer_steps
-from galore_plus.residual import residual_count
+from galore_plus.sparse_residual.index import residual_count
 
 TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)

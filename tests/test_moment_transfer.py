@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from galore_plus.moment_transfer import basis_change, transfer_exp_avg, transfer_exp_avg_sq, transfer_moments
+from galore_plus.step.moment_transfer import basis_change, transfer_exp_avg, transfer_exp_avg_sq, transfer_moments
 
 
 def orthonormal(size: int, rank: int, side: str, generator: torch.Generator) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""update_rule='muon' (galore_plus/muon_update.py): Newton-Schulz against torch's, the full-rank case against
+"""update_rule='muon' (galore_plus/rules/muon.py): Newton-Schulz against torch's, the full-rank case against
 torch.optim.Muon, the low-rank case against a dense float64 re-implementation, and what the rule refuses."""
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from galore_plus import GaLorePlusAdamW
-from galore_plus.muon_update import NEWTON_SCHULZ_COEFFICIENTS, newton_schulz, rms_matching_ratio
+from galore_plus.rules.muon import NEWTON_SCHULZ_COEFFICIENTS, newton_schulz, rms_matching_ratio
 
 torch_muon = pytest.importorskip("torch.optim._muon")
 

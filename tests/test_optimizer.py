@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import gpu_check
-from galore_plus import GaLorePlusAdamW, row_blocks
+from galore_plus import GaLorePlusAdamW
+from galore_plus.step import row_blocks
 
 PROJECTORS = ["svd", "randomized", "cross_head"]  # projectors that store their basis
 ALL_PROJECTORS = PROJECTORS + ["random"]  # "random" regenerates it (its update: tests/test_random_basis.py)
@@ -358,7 +359,7 @@ def test_failed_decomposition_keeps_the_previous_basis(monkeypatch):
     def failing(*args, **kwargs):
         raise torch.linalg.LinAlgError("did not converge")
 
-    monkeypatch.setattr("galore_plus.refresh.compute_basis", failing)
+    monkeypatch.setattr("galore_plus.step.refresh.compute_basis", failing)
     weight.grad = torch.randn(10, 8)
     with pytest.warns(RuntimeWarning, match="refresh failed"):
         opt.step()

@@ -135,7 +135,7 @@ def test_refresh_levers_and_the_sparse_residual_equal_ordinary_accumulation(keys
 
 
 def test_full_rank_residual_differs_from_exact_accumulation_by_less_than_half_its_own_effect():
-    """Fira's term scaled by the previous boundary's factor and added per micro-batch (galore_plus.accumulate;
+    """Fira's term scaled by the previous boundary's factor and added per micro-batch (galore_plus.step.accumulate;
     none in the first per-layer update, which has no factor yet): after 7 per-layer updates its distance from
     exact accumulation is below half of what the lever itself changes, and the lever still acts."""
     batches = micro_batches(8)
@@ -290,7 +290,7 @@ def test_bad_accumulation_steps_and_clipping_without_accumulation_are_refused():
 
 
 def test_full_rank_residual_with_one_micro_batch_equals_a_float64_reference():
-    """With one micro-batch, galore_plus.accumulate's Fira is Fira with the previous update's N: a dense float64
+    """With one micro-batch, galore_plus.step.accumulate's Fira is Fira with the previous update's N: a dense float64
     re-implementation on fixed gradients (the loss is linear in the weight), svd basis of step 1 (right side)."""
     generator = torch.Generator().manual_seed(3)
     weight = nn.Parameter(torch.randn(48, 24, generator=generator))

@@ -7,24 +7,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from galore_plus.group_options import PROJECTED_GROUP_DEFAULTS
-from galore_plus.projectors import (
-    PROJECTORS,
-    basis_generator,
-    chosen_heads,
-    head_rows,
-    project,
-    project_back,
-    projection_side,
-    random_orthonormal_basis,
-    randomized_basis,
-    svd_basis,
-)
+from galore_plus.group_options import projected_group_defaults
+from galore_plus.projectors import PROJECTORS, projection_side
+from galore_plus.projectors.cross_head import chosen_heads, head_rows
+from galore_plus.projectors.generators import basis_generator
+from galore_plus.projectors.random import random_orthonormal_basis
+from galore_plus.projectors.randomized import randomized_basis
+from galore_plus.projectors.svd import svd_basis
+from galore_plus.step.projection import project, project_back
 
 
 def cross_head_basis(grad, rank, num_heads, generator, head_projector="svd"):
     """The ``cross_head`` projector's basis of a whole gradient, through the registry as the optimizer gets it."""
-    group = {**PROJECTED_GROUP_DEFAULTS, "rank": rank, "num_heads": num_heads, "head_projector": head_projector}
+    group = {**projected_group_defaults(), "rank": rank, "num_heads": num_heads, "head_projector": head_projector}
     projector, shape = PROJECTORS["cross_head"], tuple(grad.shape)
     rows = projector.rows(group, shape, generator)
     return projector.basis(grad.index_select(0, rows), shape, group, "right", generator, None)

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 pytest.importorskip("bitsandbytes")
 
-from galore_plus import GaLorePlusAdamW, quant  # noqa: E402
-from galore_plus.quant import (  # noqa: E402
-    BLOCKSIZE, adamw_step_8bit, dequantize, dynamic_map, init_adamw_state_8bit, quantize,
-)
+from galore_plus import GaLorePlusAdamW  # noqa: E402
+from galore_plus.state import adamw_8bit  # noqa: E402
+from galore_plus.state.adamw_8bit import adamw_step_8bit, init_adamw_state_8bit  # noqa: E402
+from galore_plus.state.moments_8bit import BLOCKSIZE, dequantize, dynamic_map, quantize  # noqa: E402
 
 
 def quantisation_step(signed: bool) -> float:
@@ -114,7 +114,7 @@ def test_plain_8bit_adamw_matches_torch_adamw_on_the_dequantised_moments(shape, 
     """Also with the CPU step cut into chunks of 1 or 3 blocks (``None``: the default, one chunk at these sizes)."""
     with pytest.MonkeyPatch.context() as patch:
         if chunk_values is not None:
-            patch.setattr(quant, "CHUNK_VALUES", chunk_values)
+            patch.setattr(adamw_8bit, "CHUNK_VALUES", chunk_values)
         plain_8bit_adamw_matches_torch_adamw(shape, seed)
 
 

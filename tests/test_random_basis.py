@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from galore_plus import GaLorePlusAdamW
-from galore_plus.projectors import basis_generator, project
-from galore_plus.random_basis import gaussian_basis
+from galore_plus.projectors.generators import basis_generator
+from galore_plus.step.projection import project
+from galore_plus.projectors.random import gaussian_basis
 
 
 @pytest.mark.parametrize("shape, side", [((24, 10), "right"), ((10, 24), "left")])

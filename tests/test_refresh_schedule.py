@@ -4,11 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from galore_plus.weight_step import basis_schedule
-from galore_plus.refresh_schedule import (
-    RefreshSchedule, after_refresh, fixed_refresh_count, max_gap, overlap_value, schedule_from_state, store_schedule,
-    subspace_overlap,
-)
+from galore_plus.step.weight_step import basis_schedule
+from galore_plus.step.refresh_schedule import RefreshSchedule, after_refresh, fixed_refresh_count, max_gap, overlap_value, schedule_from_state, store_schedule, subspace_overlap
 
 
 def orthonormal(size, rank, generator):

@@ -11,8 +11,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from galore_plus import GaLorePlusAdamW
-from galore_plus.dispatch import use_kernel
-from galore_plus.residual import gathered_products, select_residual_index
+from galore_plus.kernels.dispatch import use_kernel
+from galore_plus.sparse_residual.index import select_residual_index
+from galore_plus.sparse_residual.values import gathered_products
 
 LR, BETAS, EPS, WD, SCALE = 0.01, (0.9, 0.999), 1e-8, 0.1, 0.5
 
@@ -271,7 +272,7 @@ def test_cpu_tensors_use_the_torch_reference():
 def test_missing_triton_is_detected(monkeypatch):
     import sys
 
-    from galore_plus.dispatch import triton_available
+    from galore_plus.kernels.dispatch import triton_available
 
     monkeypatch.setitem(sys.modules, "triton", None)
     assert triton_available.__wrapped__() is False
@@ -291,7 +292,7 @@ def test_non_contiguous_weight_equals_contiguous_weight(mode):
 
 
 def test_selection_reconstructs_one_block_of_rows_at_a_time_and_steps_never_do(monkeypatch):
-    import galore_plus.residual as residual
+    import galore_plus.sparse_residual.index as residual
 
     blocks = []
     original = residual.reconstructed_rows

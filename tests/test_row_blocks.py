@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from galore_plus.row_blocks import widened_row_blocks
+from galore_plus.step.row_blocks import widened_row_blocks
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from galore_plus import GaLorePlusAdamW
-from galore_plus.stacks import expert_seed
+from galore_plus.step.stacks import expert_seed
 from support import HostReads
 
 EXPERTS, M, N, RANK, STEPS, GAP = 3, 12, 8, 3, 7, 3  # refreshes at steps 1, 4 and 7
@@ -103,7 +103,7 @@ def test_experts_draw_from_their_own_generators():
 def test_a_bfloat16_stack_in_several_blocks(projector, block_values, monkeypatch):
     """Blocks of rows of one expert, or of several whole experts (the last block holding fewer), give the experts'
     steps."""
-    import galore_plus.row_blocks as row_blocks
+    import galore_plus.step.row_blocks as row_blocks
 
     monkeypatch.setattr(row_blocks, "ROW_BLOCK_VALUES", block_values)
     grads = gradients((EXPERTS, M, N), torch.bfloat16)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from galore_plus.update import apply_update
+from galore_plus.step.apply import apply_update
 from support import terms_of
 
 TRUE, FALSE = torch.tensor(True), torch.tensor(False)

@@ -11,9 +11,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import galore_plus
 from galore_plus import GaLorePlusAdamW
-from galore_plus import APOLLO, projectors, row_blocks, update_rules, weight_step
-from galore_plus.distributed import LocalLayout
-from galore_plus.projectors import PROJECTORS, Projector, basis_generator, head_rows, random_orthonormal_basis
+from galore_plus import APOLLO, projectors, rules
+from galore_plus.step import row_blocks, weight_step
+from galore_plus.step.layouts import LocalLayout
+from galore_plus.projectors import PROJECTORS
+from galore_plus.projectors.base import Projector
+from galore_plus.projectors.cross_head import head_rows
+from galore_plus.projectors.generators import basis_generator
+from galore_plus.projectors.random import random_orthonormal_basis
+from galore_plus.projectors.svd import svd_basis
 from support import HostReads
 
 
@@ -47,8 +53,8 @@ def package_imports() -> dict[str, set[str]]:
 
 def test_package_modules_import_each_other_without_a_cycle():
     graph = package_imports()
-    assert "galore_plus.optimizer" not in graph["galore_plus.distributed"]
-    assert "galore_plus.distributed" in graph["galore_plus.optimizer"]  # the walk sees relative imports
+    assert "galore_plus.optimizer" not in graph["galore_plus.step.layouts"]
+    assert "galore_plus.step.layouts" in graph["galore_plus.optimizer"]  # the walk sees relative imports
     state = {}
 
     def visit(module, path):
@@ -106,7 +112,7 @@ def test_a_registered_update_rule_gets_the_step_and_replaces_the_galore_update(m
         state["rule_calls"] = state.get("rule_calls", 0) + 1
         inputs.weight.sub_(group["lr"] * inputs.grad.sign())
 
-    monkeypatch.setitem(update_rules.UPDATE_RULES, "sign", update_rules.UpdateRule(sign_descent))
+    monkeypatch.setitem(rules.UPDATE_RULES, "sign", rules.UpdateRule(sign_descent))
     weight = torch.nn.Parameter(torch.randn(10, 6))
     start = weight.detach().clone()
     opt = GaLorePlusAdamW([{"params": [weight], "rank": 3, "update_rule": "sign", "projector": "svd"}], lr=0.1)
@@ -150,13 +156,13 @@ def test_update_rules_get_the_gradient_itself_in_the_weights_dtype(monkeypatch, 
     """UpdateInputs' contract: a rule reads the gradient in the parameter's dtype, the tensor itself (no whole float32
     copy of a bfloat16 gradient is made for it; rules read it a block of rows at a time)."""
     seen = []
-    real = update_rules.UPDATE_RULES["galore"]
+    real = rules.UPDATE_RULES["galore"]
 
     def recording(inputs, state, group):
         seen.append(inputs.grad)
         real.apply(inputs, state, group)
 
-    monkeypatch.setitem(update_rules.UPDATE_RULES, rule, update_rules.UpdateRule(recording, real.direction, keys=real.keys))
+    monkeypatch.setitem(rules.UPDATE_RULES, rule, rules.UpdateRule(recording, real.direction, keys=real.keys))
     weight = torch.nn.Parameter(torch.randn(10, 6).bfloat16())
     opt = GaLorePlusAdamW([{"params": [weight], "rank": 3, "update_rule": rule, "projector": "svd",
                             "full_rank_residual": full_rank_residual}], lr=0.1)
@@ -197,7 +203,7 @@ def test_compute_basis_dispatches_through_the_registry():
     group = {"rank": 4, "projector": "svd", "warm_start": True}
     generator = basis_generator(0, 0, 0, grad.device)
     assert torch.equal(projectors.compute_basis(grad, (16, 12), group, "right", generator, None),
-                       projectors.svd_basis(grad, 4, "right"))
+                       svd_basis(grad, 4, "right"))
     assert set(PROJECTORS) == {"svd", "randomized", "cross_head", "random"}
 
 
@@ -207,7 +213,7 @@ def test_compute_basis_dispatches_through_the_registry():
 # Every projector, residual mode, bit width and update rule, but the rules other than 'galore' with a sparse residual
 # (which they refuse: tests/test_apollo_update.py, tests/test_muon_update.py, tests/test_field_rules.py).
 STEP_CASES = [(projector, mode, bits, rule) for projector, mode, bits, rule in itertools.product(
-    sorted(PROJECTORS), [None, "exact", "paper"], [32, 8], sorted(update_rules.UPDATE_RULES))
+    sorted(PROJECTORS), [None, "exact", "paper"], [32, 8], sorted(rules.UPDATE_RULES))
     if not (rule != "galore" and mode is not None)]
 
 

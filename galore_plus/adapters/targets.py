@@ -15,6 +15,9 @@ MAX_NAMES_IN_ERRORS = 8
 # nn.MultiheadAttention reads its out_proj weight directly instead of calling the layer.
 UNWRAPPABLE = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
 
+# Last name components of output heads: "all-linear" leaves them out (peft leaves out the output layer).
+OUTPUT_HEAD_NAMES = ("lm_head", "output", "embed_out", "classifier", "score", "decoder", "vocab_projector")
+
 
 def linear_names(model: nn.Module) -> list[str]:
     """Names of the wrappable ``nn.Linear`` modules of ``model`` (not the bases of adapters)."""
@@ -49,12 +52,13 @@ def _matches_suffix(name: str, suffix: str) -> bool:
 def name_matchers(target_modules: str | Iterable[str]) -> dict[str, Callable[[str], bool]]:
     """One module-name predicate per pattern of ``target_modules``.
 
-    ``"all-linear"`` accepts every name but ``lm_head``; any other string is a regular expression
+    ``"all-linear"`` accepts every name but an output head's (last component in :data:`OUTPUT_HEAD_NAMES`, as
+    :func:`galore_plus.groups.module_matches` reads it); any other string is a regular expression
     that must match the full module name; a list holds name suffixes (whole dotted components).
     """
     if isinstance(target_modules, str):
         if target_modules == "all-linear":
-            return {target_modules: lambda name: name.split(".")[-1] != "lm_head"}
+            return {target_modules: lambda name: name.split(".")[-1] not in OUTPUT_HEAD_NAMES}
         try:
             regex = re.compile(target_modules)
         except re.error as err:

@@ -1,6 +1,6 @@
 """Triton kernel: the low-rank Adam step (both moments, bias correction and N) in one pass.
 
-Torch reference: :func:`galore_plus.lowrank_adam.lowrank_adam_direction` (same signature).
+Torch reference: :func:`galore_plus.rules.adam.lowrank_adam_direction` (same signature).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Per flat position i * n + j of I: gather G and p, update the two residual moments, form the update U at I (for the
 "paper" mode with the gathered products (P R, (P*P) V, P N) at (i, j), looping over the rank), and
 write the new weight value p (1 - lr wd) - lr U. Torch reference:
-:func:`galore_plus.residual.residual_values` (same signature).
+:func:`galore_plus.sparse_residual.values.residual_values` (same signature).
 """
 
 from __future__ import annotations

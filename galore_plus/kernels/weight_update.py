@@ -7,7 +7,7 @@ where ``finite`` is False the tile is written back unchanged. A bfloat16 weight 
 integer arithmetic on the float32 bits: Triton's interpreter truncates a float32 -> bfloat16 cast,
 which would lose every update smaller than a unit in the last place, and this way the rounding is
 the same in the interpreter as on the GPU. No float32 copy of a half-precision weight or gradient and no
-full-size temporary exists. Torch reference: :func:`galore_plus.update.apply_update` (same
+full-size temporary exists. Torch reference: :func:`galore_plus.step.apply.apply_update` (same
 arguments; it goes through float32 row blocks instead).
 """
 
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..update import LowRankTerm, ScaledGradient
+from ..step.apply import LowRankTerm, ScaledGradient
 
 BLOCK_ROWS = 64
 BLOCK_COLS = 64
@@ -70,7 +70,7 @@ def apply_update_triton(
     param: Tensor, step_size: float, decay: float, finite: Tensor, low_rank: LowRankTerm | None = None,
     gradient: ScaledGradient | None = None, block_values: int | None = None,
 ) -> None:
-    """:func:`galore_plus.update.apply_update` in one kernel (``block_values`` is unused: tiles are fixed).
+    """:func:`galore_plus.step.apply.apply_update` in one kernel (``block_values`` is unused: tiles are fixed).
 
     ``param`` (any strides) is float32, bfloat16 or float16; X, the basis and f are float32.
     """

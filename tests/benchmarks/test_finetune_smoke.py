@@ -125,7 +125,7 @@ def test_tensor_bytes_counts_shared_storage_once_and_follows_objects():
 
 
 def test_refresh_timer_counts_refreshes_and_restores_the_projector():
-    import galore_plus.refresh as refresh_module
+    import galore_plus.step.refresh as refresh_module
     from galore_plus import GaLorePlusAdamW
 
     original = refresh_module.compute_basis
