@@ -267,7 +267,7 @@ def full_rank_warnings(group: dict, index: int) -> list[str]:
     names = group.get("param_names")
     full = []
     for position, param in enumerate(group["params"]):
-        *_, m, n = stepped_shape(param, group)
+        *_, m, n = stepped_shape(param, group["transposed"])
         side = projection_side((m, n), group["proj_type"], group["projector"])
         if group["rank"] >= (m if side == "left" else n):
             full.append(f"{names[position] if names else f'parameter {position}'} {tuple(param.shape)}")
@@ -362,7 +362,7 @@ def _validate_projected_param(group: dict, index: int, position: int, param: tor
     if param.dim() == 4 and group["transposed"]:
         _fail(group, index, "transposed", f"{where} is a convolution kernel, stepped as the matrix (out, in kh kw); "
                                           "transposed=True is for matrices and stacks of them")
-    shape = stepped_shape(param, group)
+    shape = stepped_shape(param, group["transposed"])
     projector.check_weight(group, shape, where, fail)
     m, n = shape[-2:]
     if group["rank"] > min(m, n):

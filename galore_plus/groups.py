@@ -48,6 +48,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from .adapters.targets import OUTPUT_HEAD_NAMES, name_matchers
+from .step.shapes import stepped_shape
 from .group_options import (
     check_hyperparameters, closest_key_hint, format_bytes, key_readers, projector_only_keys, unread_keys,
 )
@@ -197,14 +198,6 @@ def _projected_side_size(shape: tuple[int, int], cross_head: bool) -> int:
     return shape[1] if cross_head else min(shape)
 
 
-def _matrix_shape(weight: nn.Parameter, transposed: bool) -> tuple[int, int]:
-    """The (m, n) of each matrix the optimizer steps: a kernel as (out, in kh kw), an expert stack's experts."""
-    if weight.dim() == 4:
-        return weight.shape[0], weight[0].numel()
-    rows, columns = weight.shape[-2:]
-    return (columns, rows) if transposed else (rows, columns)
-
-
 def plan_param_groups(
     model: nn.Module,
     rank: int = 128,
@@ -281,7 +274,7 @@ def plan_param_groups(
             continue
         attention = _leaf(module_name) in QUERY_NAMES + KEY_NAMES + FUSED_QKV_NAMES and weight.dim() == 2
         transposed = is_conv1d(module)
-        shape = _matrix_shape(weight, transposed)
+        shape = stepped_shape(weight, transposed)[-2:]   # each matrix of an expert stack
         side = _projected_side_size(shape, cross_head and attention)
         if rank >= side or rank > min(shape):
             plan.unplaced[weight_name] = (f"rank={rank} is not below the side of shape {tuple(weight.shape)} it would "

@@ -146,7 +146,7 @@ def optimizer_state_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], o
     total = 0
     for group in filled_groups(params):
         if "rank" in group:
-            total += sum(projected_state_bytes(stepped_shape(p, group), group, optim_bits, accumulation)
+            total += sum(projected_state_bytes(stepped_shape(p, group["transposed"]), group, optim_bits, accumulation)
                          for p in group["params"])
         else:
             total += sum(plain_state_bytes(p, optim_bits) for p in group["params"])
@@ -155,7 +155,7 @@ def optimizer_state_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]], o
 
 def accumulation_bytes(params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> int:
     """Bytes of every projected weight's per-layer accumulator (:func:`accumulator_bytes`)."""
-    return sum(accumulator_bytes(stepped_shape(p, group), group)
+    return sum(accumulator_bytes(stepped_shape(p, group["transposed"]), group)
                for group in filled_groups(params) if "rank" in group for p in group["params"])
 
 

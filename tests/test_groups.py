@@ -306,3 +306,15 @@ def test_presets_make_accepted_groups():
     for preset in (APOLLO, APOLLO_MINI):
         options = {"rank": 4, **preset}
         GaLorePlusAdamW(make_param_groups(tiny_llama(), cross_head=False, **options))
+
+
+def test_all_linear_means_one_thing_for_parameter_groups_and_adapters():
+    """Every layer but an output head, in make_param_groups and in add_adapters alike."""
+    from galore_plus.adapters.targets import name_matchers
+    from galore_plus.groups import module_matches
+
+    adapters = name_matchers("all-linear")["all-linear"]
+    names = ["model.layers.0.self_attn.q_proj", "lm_head", "model.score", "classifier", "cls.predictions.decoder",
+             "model.layers.0.mlp.down_proj", "output"]
+    assert [module_matches(name, "all-linear") for name in names] == [adapters(name) for name in names]
+    assert [adapters(name) for name in names] == [True, False, False, False, False, True, False]

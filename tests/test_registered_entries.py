@@ -29,7 +29,7 @@ from galore_plus.group_keys import GroupKey, choice
 from galore_plus.memory import estimate_memory
 from galore_plus.per_layer import enable_per_layer_steps
 from galore_plus.projectors import PROJECTORS
-from galore_plus.projectors.base import Projector
+from galore_plus.projectors.base import Projector, no_row
 from galore_plus.projectors.random import random_orthonormal_basis
 from galore_plus.rules import UPDATE_RULES
 from galore_plus.rules.base import UpdateInputs, UpdateRule
@@ -43,7 +43,8 @@ STEPS, GAP, RANK = 6, 2, 3
 
 
 def signed_orthonormal_basis(read, shape, group, side, generator, previous):
-    """A random orthonormal basis from the seeded generator, times the group's ``basis_sign``."""
+    """A random orthonormal basis from the seeded generator, times the group's ``basis_sign`` (``read`` has no rows)."""
+    assert read.shape[-2] == 0
     return random_orthonormal_basis(shape, group["rank"], side, generator, read.device).mul_(group["basis_sign"])
 
 
@@ -63,7 +64,9 @@ def rank_normalised_update(inputs: UpdateInputs, state: dict, group: dict) -> No
                  low_rank=LowRankTerm(scaled, inputs.basis, inputs.side))
 
 
-ENTRY_PROJECTOR = Projector(signed_orthonormal_basis, keys={"basis_sign": GroupKey(1.0, choice((1.0, -1.0)))})
+# It reads no gradient row (no_row): a refresh of a row-sharded weight sums a (0, n) tensor over ranks, no values.
+ENTRY_PROJECTOR = Projector(signed_orthonormal_basis, rows=no_row,
+                            keys={"basis_sign": GroupKey(1.0, choice((1.0, -1.0)))})
 ENTRY_RULE = UpdateRule(rank_normalised_update,
                         state={EMA_KEY: StateTensor(lambda shape, group, side: (group["rank"],))})
 
@@ -129,8 +132,8 @@ def reference_step(weight, grad, basis, side, moments, ema, step, lr, scale, bet
     exp_avg.mul_(betas[0]).add_(low_rank, alpha=1 - betas[0])
     exp_avg_sq.mul_(betas[1]).add_(low_rank.square(), alpha=1 - betas[1])
     direction = (exp_avg / (1 - betas[0] ** step)) / ((exp_avg_sq / (1 - betas[1] ** step)).sqrt() + eps)
-    squares = direction.square().sum(1 if side == "left" else 0)
-    ema.mul_(betas[1]).add_(squares / (direction.shape[1] if side == "left" else direction.shape[0]), alpha=1 - betas[1])
+    channel_dim = 1 if side == "left" else 0
+    ema.mul_(betas[1]).add_(direction.square().mean(channel_dim), alpha=1 - betas[1])
     scaled = direction / (ema + EMA_EPS).sqrt()[:, None] if side == "left" else direction / (ema + EMA_EPS).sqrt()
     update = basis @ scaled if side == "left" else scaled @ basis
     return weight * (1 - lr * decay) - lr * scale * update

@@ -23,6 +23,11 @@ def every_row(group: dict, shape: Shape, generator: torch.Generator) -> None:
     return None
 
 
+def no_row(group: dict, shape: Shape, generator: torch.Generator) -> Tensor:
+    """The rows read by a stored basis that does not depend on the gradient: none (``read`` is then (0, n))."""
+    return torch.empty(0, dtype=torch.int64)
+
+
 @dataclass(frozen=True)
 class Projector:
     """One entry of :data:`~galore_plus.projectors.PROJECTORS`; it describes itself, so validation, the memory
@@ -33,7 +38,8 @@ class Projector:
       (the whole gradient when ``rows`` gives None); ``previous`` is the last basis when the
       group's ``warm_start`` is on, else None. A stack's ``generator`` is a list, one per expert.
     * ``rows(group, shape, generator)``: the gradient rows the basis reads, as CPU int64 indices
-      in the order ``read`` stacks them, or None for every row. It must not advance ``generator``.
+      in the order ``read`` stacks them, or None for every row (an empty index: a basis that reads no gradient,
+      so a row-sharded weight gathers no values at a refresh, :func:`no_row`). It must not advance ``generator``.
     * ``side``: the side it always projects, or None to follow the group's ``proj_type``.
     * ``stores_basis``: False for a projector whose basis is regenerated every step from the
       seeded generator (``read`` is then None and nothing is stored in the state).

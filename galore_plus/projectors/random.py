@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..step.shapes import Shape, Side
+from ..step.shapes import Shape, Side, basis_shape
 from ..step.stacks import Generators, generator_device, seeded_normal
 from .base import PROJ_TYPE_KEY, Projector
 
@@ -29,9 +29,7 @@ from .base import PROJ_TYPE_KEY, Projector
 def gaussian_basis(shape: Shape, rank: int, side: Side, generator: Generators) -> Tensor:
     """A float32 basis of an (m, n) weight with N(0, 1/rank) entries: (m, rank) for ``side="left"``, else (rank, n);
     for a stack (E, m, n) with one generator per expert, a stack of E such bases."""
-    m, n = shape[-2:]
-    size = (m, rank) if side == "left" else (rank, n)
-    return seeded_normal(size, generator, generator_device(generator)).div_(math.sqrt(rank))
+    return seeded_normal(basis_shape(shape, rank, side)[-2:], generator, generator_device(generator)).div_(math.sqrt(rank))
 
 
 def random_orthonormal_basis(shape: Shape, rank: int, side: Side, generator: Generators,

@@ -127,6 +127,6 @@ def is_plain_value(value: Any) -> bool:
 def projected_state_shapes(param: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Shapes of the tensors a projected weight's state may hold (:func:`~galore_plus.state.projected.projected_state`:
     basis or its 4-bit codes, moments or their 8-bit codes, the residual, the projector's and update rule's own)."""
-    shape = stepped_shape(param, group)
+    shape = stepped_shape(param, group["transposed"])
     side = projection_side(shape, group["proj_type"], group["projector"])
     return {key: tensor.shape(shape, group, side) for key, tensor in projected_state(group).items()}

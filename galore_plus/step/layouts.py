@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .shapes import Shape, Side
+from .shapes import Shape, Side, stepped_shape
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, Shard
@@ -89,7 +89,7 @@ class LocalLayout:
 
     def __init__(self, param: Tensor, transposed: bool):
         self.param, self.transposed = param, transposed
-        self.shape: Shape = tuple(self.stepped(param).shape)
+        self.shape: Shape = stepped_shape(param, transposed)
         self.device = param.device
 
     def stepped(self, tensor: Tensor) -> Tensor:

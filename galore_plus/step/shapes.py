@@ -24,11 +24,11 @@ def low_rank_shape(shape: Shape, rank: int, side: Side) -> Shape:
     return (*batch, rank, n) if side == "left" else (*batch, m, rank)
 
 
-def stepped_shape(param: Tensor, group: dict) -> Shape:
+def stepped_shape(param: Tensor, transposed: bool) -> Shape:
     """The shape the optimizer steps: (m, n) of a matrix (its transpose for a ``transposed`` group, GPT-2 Conv1D),
     (E, m, n) of a stack of E matrices (each transposed for ``transposed``), and (out, in kh kw) of a
     convolution kernel (out, in, kh, kw)."""
     if param.dim() == 4:
         return param.shape[0], math.prod(param.shape[1:])
     *batch, rows, columns = param.shape
-    return (*batch, columns, rows) if group.get("transposed") else (*batch, rows, columns)
+    return (*batch, columns, rows) if transposed else (*batch, rows, columns)
