@@ -9,17 +9,11 @@ idle time, so a busy machine does not trip it.
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
-import time
-from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from hypothesis import given, settings
@@ -28,9 +22,9 @@ from hypothesis import strategies as st
 from galore_plus import APOLLO, APOLLO_MINI, GaLorePlusAdamW
 from galore_plus.step.layouts import chunk_rows
 from galore_plus.per_layer import ConsumedGradient, enable_per_layer_steps
+from support import finish_gloo, init_gloo, run_job
 
 WORLD_SIZE = 2
-JOB_TIMEOUT_SECONDS = 600
 STEPS = 6
 GAP = 2
 GLOBAL_BATCH = 32
@@ -48,45 +42,6 @@ def test_chunk_rows_are_torch_chunk_shards(m, world_size):
         start, count = chunk_rows(m, world_size, index)
         expected = chunks[index] if index < len(chunks) else rows[:0]
         assert torch.equal(rows[start:start + count], expected)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_job(worker: Callable, out_dir: Path, world_size: int = WORLD_SIZE) -> None:
-    """Run ``worker(rank, port, out_dir, world_size)`` on ``world_size`` spawned processes; fail after the timeout."""
-    context = mp.start_processes(
-        worker, args=(free_port(), str(out_dir), world_size), nprocs=world_size, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed job did not finish within {JOB_TIMEOUT_SECONDS} s: a hang")
-
-
-def init_gloo(rank: int, port: int, world_size: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=JOB_TIMEOUT_SECONDS),
-    )
-
-
-def finish_gloo() -> None:
-    """Wait for every rank, tear the process group down and exit without interpreter teardown.
-
-    With torch 2.13 a rank rarely (about 1 job in 15 here) aborted at exit with "terminate called
-    without an active exception" after its results were saved: gloo objects still referenced by
-    DTensors and device meshes were destroyed during interpreter teardown. ``os._exit`` skips it.
-    """
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
 
 
 class TwoLayer(nn.Module):

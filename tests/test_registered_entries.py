@@ -13,15 +13,11 @@ the checkpoint check with a ``weights_only`` resume, the memory estimator and gr
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from galore_plus import GaLorePlusAdamW
@@ -35,6 +31,7 @@ from galore_plus.rules import UPDATE_RULES
 from galore_plus.rules.base import UpdateInputs, UpdateRule
 from galore_plus.state.tensors import StateTensor
 from galore_plus.step.apply import LowRankTerm, apply_update
+from support import finish_gloo, init_gloo, run_job
 
 PROJECTOR, RULE = "signed_orthonormal", "rank_normalised"
 EMA_KEY = "direction_ema"
@@ -229,42 +226,27 @@ def test_memory_estimate_equals_the_allocated_state(registered, optim_bits):
 # ---------------------------------------------------------------- FSDP2 row shards, 2 processes (gloo)
 
 WORLD_SIZE = 2
-JOB_TIMEOUT_SECONDS = 600   # a hang detector: a job takes seconds
 
 
-def fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+def fsdp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
     """Register the entries (no fixture runs in a spawned process), train the row-sharded model on this rank's half of
     the batch (the loss is scaled so that the reduced gradient is the whole batch's), save the whole weights."""
     from torch.distributed.fsdp import fully_shard
 
     register()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=datetime.timedelta(seconds=JOB_TIMEOUT_SECONDS))
+    init_gloo(rank, port, world_size)
     model = build_model()
     fully_shard(model)
     half = 16 // WORLD_SIZE
     train(model, GaLorePlusAdamW(groups(model), lr=1e-2), STEPS, slice(rank * half, (rank + 1) * half), WORLD_SIZE)
     torch.save({name: p.full_tensor().detach() for name, p in model.named_parameters()},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)   # skip interpreter teardown of gloo objects (see tests/test_distributed.py)
+    finish_gloo()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_fsdp2_row_shards_equal_the_single_process_run(registered, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.start_processes(fsdp_worker, args=(port, str(tmp_path)), nprocs=WORLD_SIZE, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the FSDP2 job did not finish within {JOB_TIMEOUT_SECONDS} s")
+    run_job(fsdp_worker, tmp_path, WORLD_SIZE)
     single = build_model()
     start = {name: p.detach().clone() for name, p in single.named_parameters()}
     train(single, GaLorePlusAdamW(groups(single), lr=1e-2), STEPS)
