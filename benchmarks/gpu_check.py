@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 
 from galore_plus import GaLorePlusAdamW
+from galore_plus.step.rounding import spacing, update_magnitude
 
 KERNEL_ATOL, KERNEL_RTOL = 1e-6, 1e-5  # as tests/test_kernels.py
 STEPS, GAP, LR, SCALE = 8, 3, 1e-2, 0.25
@@ -80,24 +81,6 @@ def kernel_error_ratio(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Largest |actual - expected| / (KERNEL_ATOL + KERNEL_RTOL |expected|) over the (actual, expected) pairs."""
     return max(float(((a.float() - e.float()).abs() / (KERNEL_ATOL + KERNEL_RTOL * e.float().abs())).max())
                for a, e in pairs)
-
-
-def spacing(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The gap between neighbouring numbers of ``dtype`` at each of ``values`` (one unit in the last place), float32."""
-    exponent = torch.floor(torch.log2(values.float().abs().clamp_min(torch.finfo(dtype).tiny)))
-    return torch.exp2(exponent) * torch.finfo(dtype).eps
-
-
-def update_magnitude(start: torch.Tensor, decay: float, step_size: float, low_rank, gradient) -> torch.Tensor:
-    """|p| d + s (|f| |G| + |P| |X|) of a weight update (``galore_plus.step.apply``'s terms, either may be None): the
-    size of the terms summed at each position, which bounds float32's rounding of the sum."""
-    total = start.float().abs() * decay
-    if low_rank is not None:
-        left, right = low_rank.rows(slice(None))
-        total = total + step_size * (left.abs() @ right.abs())
-    if gradient is not None:
-        total = total + step_size * gradient.factor.abs() * gradient.grad.float().abs()
-    return total
 
 
 def kernel_check(case: str, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Check:

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 pytest.importorskip("triton", reason="triton is not installed; the torch references are used everywhere")
 
 
-from benchmarks.gpu_check import spacing, update_magnitude  # noqa: E402
+from galore_plus.step.rounding import spacing, update_magnitude  # noqa: E402
 import galore_plus.kernels.lowrank_adam as lowrank_adam_kernel  # noqa: E402  (TRITON_INTERPRET=1 from conftest.py)
 import galore_plus.kernels.residual_step as residual_kernel  # noqa: E402
 import galore_plus.kernels.weight_update as weight_update_kernel  # noqa: E402

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks import gpu_check
 from galore_plus import GaLorePlusAdamW
 from galore_plus.step import row_blocks
+from galore_plus.step.rounding import spacing
 
 PROJECTORS = ["svd", "randomized", "cross_head"]  # projectors that store their basis
 ALL_PROJECTORS = PROJECTORS + ["random"]  # "random" regenerates it (its update: tests/test_random_basis.py)
@@ -171,12 +171,12 @@ def test_bfloat16_weight_uses_float32_gradient_math_and_float32_state(shape, sid
         reference.weight = reference.weight.bfloat16().float()  # the weight is stored in bfloat16 after each step
     assert opt.state[weight]["exp_avg"].dtype == torch.float32
     assert opt.state[weight]["projector"].dtype == torch.float32
-    spacing = gpu_check.spacing(reference.weight, torch.bfloat16)
+    ulp = spacing(reference.weight, torch.bfloat16)
     moved = (reference.weight - start).abs()
-    assert moved.median() > 10 * spacing.max()  # one bfloat16 spacing is far below the movement checked against
-    assert ((weight.detach().float() - start).abs() > spacing).float().mean() > 0.9
+    assert moved.median() > 10 * ulp.max()  # one bfloat16 spacing is far below the movement checked against
+    assert ((weight.detach().float() - start).abs() > ulp).float().mean() > 0.9
     # float32 rounding differences may flip a bfloat16 rounding: at most one spacing apart
-    assert ((weight.detach().float() - reference.weight).abs() <= spacing).all()
+    assert ((weight.detach().float() - reference.weight).abs() <= ulp).all()
 
 
 def test_mixed_plain_and_projected_groups_and_none_gradients():
