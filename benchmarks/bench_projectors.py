@@ -25,7 +25,6 @@ from galore_plus.group_options import projected_group_defaults
 from galore_plus.projectors import PROJECTORS
 from galore_plus.projectors.generators import basis_generator
 from galore_plus.projectors.randomized import randomized_basis
-from galore_plus.projectors.svd import svd_basis
 from galore_plus.step.projection import project
 
 from .measure import best_seconds
