@@ -455,6 +455,39 @@ def test_apollo_on_fsdp2_row_shards_equals_the_single_process_run(tmp_path):
             torch.testing.assert_close(sharded[name], expected.detach(), rtol=1e-4, atol=1e-5)
 
 
+def frugal_groups(model: TwoLayer) -> list[dict]:
+    """FRUGAL's rule on ``query`` (input side: each rank holds its rows of R) and on ``out`` (output side: R summed
+    over the ranks, the gradient's rows split)."""
+    frugal = {"update_rule": "frugal", "scale": 1.0, "update_proj_gap": GAP}
+    return [{"params": [model.query.weight], "rank": 4, **frugal}, {"params": [model.out.weight], "rank": 4, **frugal},
+            {"params": [model.query.bias, model.out.bias]}]
+
+
+def frugal_fsdp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    init_gloo(rank, port, world_size)
+    share = GLOBAL_BATCH // WORLD_SIZE
+    model = build_model()
+    fully_shard(model)
+    train(model, GaLorePlusAdamW(frugal_groups(model), lr=1e-2, seed=3), slice(rank * share, (rank + 1) * share))
+    torch.save(full_parameters(model), os.path.join(out_dir, f"frugal_rank{rank}.pt"))
+    finish_gloo()
+
+
+def test_frugal_on_fsdp2_row_shards_equals_the_single_process_run(tmp_path):
+    """sign(G - P R) of each rank's rows is the whole weight's: the sharded run ends where one process ends."""
+    run_job(frugal_fsdp_worker, tmp_path)
+    model = build_model()
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train(model, GaLorePlusAdamW(frugal_groups(model), lr=1e-2, seed=3), slice(None))
+    for rank in range(WORLD_SIZE):
+        sharded = torch.load(tmp_path / f"frugal_rank{rank}.pt", weights_only=True)
+        for name, expected in model.named_parameters():
+            assert_moved(expected.detach(), start[name], name)
+            torch.testing.assert_close(sharded[name], expected.detach(), rtol=1e-4, atol=1e-5)
+
+
 class ExpertLayer(nn.Module):
     """An expert stack (3 experts of 12 x 16), each expert's output summed, then an output projection."""
 

@@ -313,9 +313,10 @@ def test_per_layer_accumulation_is_refused_naming_the_group_and_key(rule):
         enable_per_layer_steps(opt, accumulation_steps=2)
 
 
-@pytest.mark.parametrize("rule, apply", [("frugal", frugal_rule), ("ldadam", ldadam_rule), ("scale", scale_rule)])
+@pytest.mark.parametrize("rule, apply", [("ldadam", ldadam_rule), ("scale", scale_rule)])
 def test_fsdp2_row_shards_are_refused(rule, apply):
-    """A process holding some of the weight's rows (FSDP2): the rules are not implemented there."""
+    """A process holding some of the weight's rows (FSDP2): these rules are not implemented there (frugal is:
+    tests/test_distributed.py)."""
     rows = torch.zeros(6, 8)
     inputs = UpdateInputs(rows, (12, 8), torch.zeros(6, 8), torch.zeros(6, 3), torch.zeros(6, 3), torch.eye(3, 8),
                           "right", 1, torch.tensor(True))

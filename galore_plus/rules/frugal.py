@@ -18,7 +18,9 @@ same part G - P R by ||N|| / ||R|| per channel instead of taking its sign (so a 
 ``full_rank_residual``); the sparse residual is not implemented with it. No state beyond the two low-rank
 moments. The full-size G - P R is one float32 temporary (float64 for a float64 weight), like Muon's D.
 
-Refused: FSDP2 row shards (not tested; raised at the step), per-layer accumulation (the boundary has no
+On FSDP2 row shards every term is local to this process's rows (G - P R from P's rows and the summed R on the
+output side, from R's rows and Q on the input side; the sign is elementwise), so the rule runs there unchanged
+(tested against one process, tests/test_distributed.py). Refused: per-layer accumulation (the boundary has no
 gradient), ``scale="auto"``. Works for 8-bit moments, stacks of matrices and per-layer steps without
 accumulation.
 """
@@ -50,8 +52,8 @@ def outside_subspace(grad: Tensor, basis: Tensor, low_rank: Tensor, side: Side) 
 
 
 def require_whole_weight(inputs: UpdateInputs, rule: str) -> None:
-    """Raise unless this process holds every row of the weight (the rules of this family are not tested on FSDP2
-    row shards)."""
+    """Raise unless this process holds every row of the weight (``"ldadam"`` and ``"scale"`` are not implemented on
+    FSDP2 row shards: SCALE's column norms need every row)."""
     if tuple(inputs.weight.shape) != tuple(inputs.shape):
         raise NotImplementedError(f"update_rule {rule!r} is not implemented for FSDP2 row shards (rows "
                                   f"{tuple(inputs.weight.shape)} of {tuple(inputs.shape)}); use update_rule 'galore'")
@@ -60,7 +62,6 @@ def require_whole_weight(inputs: UpdateInputs, rule: str) -> None:
 def frugal_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
     """Steps 2-4 on one weight (``inputs`` is an :class:`~galore_plus.rules.base.UpdateInputs`); the weight is left
     unchanged, on the device, when ``inputs.finite`` is False."""
-    require_whole_weight(inputs, "frugal")
     free = outside_subspace(inputs.grad, inputs.basis, inputs.low_rank, inputs.side).sign_()
     ratio = torch.full((), float(group["free_lr_ratio"]), dtype=free.dtype, device=free.device)
     apply_update(inputs.weight, group["lr"], 1.0 - group["lr"] * group["weight_decay"], inputs.finite,
