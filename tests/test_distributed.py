@@ -9,6 +9,7 @@ idle time, so a busy machine does not trip it.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -430,31 +431,6 @@ def apollo_groups(model: TwoLayer) -> list[dict]:
             {"params": [model.query.bias, model.out.bias]}]
 
 
-def apollo_fsdp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
-    from torch.distributed.fsdp import fully_shard
-
-    init_gloo(rank, port, world_size)
-    share = GLOBAL_BATCH // WORLD_SIZE
-    model = build_model()
-    fully_shard(model)
-    train(model, GaLorePlusAdamW(apollo_groups(model), lr=1e-2, seed=3), slice(rank * share, (rank + 1) * share))
-    torch.save(full_parameters(model), os.path.join(out_dir, f"apollo_rank{rank}.pt"))
-    finish_gloo()
-
-
-def test_apollo_on_fsdp2_row_shards_equals_the_single_process_run(tmp_path):
-    """The limiter's norm, and APOLLO-Mini's ||N|| / ||R|| of row-sharded R and N, are the whole weight's."""
-    run_job(apollo_fsdp_worker, tmp_path)
-    model = build_model()
-    start = {name: p.detach().clone() for name, p in model.named_parameters()}
-    train(model, GaLorePlusAdamW(apollo_groups(model), lr=1e-2, seed=3), slice(None))
-    for rank in range(WORLD_SIZE):
-        sharded = torch.load(tmp_path / f"apollo_rank{rank}.pt", weights_only=True)
-        for name, expected in model.named_parameters():
-            assert_moved(expected.detach(), start[name], name)
-            torch.testing.assert_close(sharded[name], expected.detach(), rtol=1e-4, atol=1e-5)
-
-
 def frugal_groups(model: TwoLayer) -> list[dict]:
     """FRUGAL's rule on ``query`` (input side: each rank holds its rows of R) and on ``out`` (output side: R summed
     over the ranks, the gradient's rows split)."""
@@ -463,26 +439,33 @@ def frugal_groups(model: TwoLayer) -> list[dict]:
             {"params": [model.query.bias, model.out.bias]}]
 
 
-def frugal_fsdp_worker(rank: int, port: int, out_dir: str, world_size: int) -> None:
+ROW_SHARD_RULES = {"apollo": apollo_groups, "frugal": frugal_groups}
+
+
+def row_shard_worker(rule: str, rank: int, port: int, out_dir: str, world_size: int) -> None:
+    """Train ``ROW_SHARD_RULES[rule]``'s groups on FSDP2 row shards, this rank's half of the batch; save the whole
+    weights."""
     from torch.distributed.fsdp import fully_shard
 
     init_gloo(rank, port, world_size)
     share = GLOBAL_BATCH // WORLD_SIZE
     model = build_model()
     fully_shard(model)
-    train(model, GaLorePlusAdamW(frugal_groups(model), lr=1e-2, seed=3), slice(rank * share, (rank + 1) * share))
-    torch.save(full_parameters(model), os.path.join(out_dir, f"frugal_rank{rank}.pt"))
+    train(model, GaLorePlusAdamW(ROW_SHARD_RULES[rule](model), lr=1e-2, seed=3), slice(rank * share, (rank + 1) * share))
+    torch.save(full_parameters(model), os.path.join(out_dir, f"{rule}_rank{rank}.pt"))
     finish_gloo()
 
 
-def test_frugal_on_fsdp2_row_shards_equals_the_single_process_run(tmp_path):
-    """sign(G - P R) of each rank's rows is the whole weight's: the sharded run ends where one process ends."""
-    run_job(frugal_fsdp_worker, tmp_path)
+@pytest.mark.parametrize("rule", sorted(ROW_SHARD_RULES))
+def test_rules_on_fsdp2_row_shards_equal_the_single_process_run(rule, tmp_path):
+    """APOLLO: the limiter's norm, and APOLLO-Mini's ||N|| / ||R|| of row-sharded R and N, are the whole weight's.
+    FRUGAL: sign(G - P R) of each rank's rows is the whole weight's."""
+    run_job(functools.partial(row_shard_worker, rule), tmp_path)
     model = build_model()
     start = {name: p.detach().clone() for name, p in model.named_parameters()}
-    train(model, GaLorePlusAdamW(frugal_groups(model), lr=1e-2, seed=3), slice(None))
+    train(model, GaLorePlusAdamW(ROW_SHARD_RULES[rule](model), lr=1e-2, seed=3), slice(None))
     for rank in range(WORLD_SIZE):
-        sharded = torch.load(tmp_path / f"frugal_rank{rank}.pt", weights_only=True)
+        sharded = torch.load(tmp_path / f"{rule}_rank{rank}.pt", weights_only=True)
         for name, expected in model.named_parameters():
             assert_moved(expected.detach(), start[name], name)
             torch.testing.assert_close(sharded[name], expected.detach(), rtol=1e-4, atol=1e-5)
