@@ -216,7 +216,7 @@ def write_tables(rows: list[dict], runs: list[dict], settings: dict, out: str) -
     return paths
 
 
-def _styles(count: int) -> list[dict]:
+def method_styles(count: int) -> list[dict]:
     """One (colour, marker, line style) per method: ten colours, then the same colours with other markers and dashes."""
     import matplotlib.pyplot as plt
 
@@ -234,7 +234,7 @@ def write_plots(rows: list[dict], runs: list[dict], meta: dict, out: str) -> lis
 
     ok = [row for row in rows if row["status"] == "ok"]
     names = [row["method"] for row in ok]
-    styles = _styles(len(ok))
+    styles = method_styles(len(ok))
     selection_seed = meta["seeds"][0]
     title = regime_label(meta)
     paths = []
@@ -267,7 +267,7 @@ def write_plots(rows: list[dict], runs: list[dict], meta: dict, out: str) -> lis
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
     figure.suptitle(title, fontsize=10)
-    paths.append(_save(figure, out, "loss_curves.png"))
+    paths.append(save_figure(figure, out, "loss_curves.png"))
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
     left.barh(names, [row["step_ms"] for row in ok], label="optimizer step")
@@ -279,7 +279,7 @@ def write_plots(rows: list[dict], runs: list[dict], meta: dict, out: str) -> lis
     for axis in (left, right):
         axis.invert_yaxis()
     figure.suptitle(f"Time: {title}", fontsize=10)
-    paths.append(_save(figure, out, "time.png"))
+    paths.append(save_figure(figure, out, "time.png"))
 
     figure, axis = plt.subplots(figsize=(9, 5.5))
     start = [0.0] * len(ok)
@@ -291,7 +291,7 @@ def write_plots(rows: list[dict], runs: list[dict], meta: dict, out: str) -> lis
     axis.set_xlabel("MiB at peak (bytes of tensors)")
     axis.set_title(f"Memory: parameters + gradients + optimizer state\n{title}", fontsize=9)
     axis.legend()
-    paths.append(_save(figure, out, "memory.png"))
+    paths.append(save_figure(figure, out, "memory.png"))
     return paths
 
 
@@ -304,7 +304,7 @@ def _mean_curve(runs: list[dict]) -> tuple[list[int], list[float], list[float], 
             [max(column) for column in columns])
 
 
-def _save(figure, out: str, name: str) -> str:
+def save_figure(figure, out: str, name: str) -> str:
     import matplotlib.pyplot as plt
 
     path = os.path.join(out, name)

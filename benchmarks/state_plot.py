@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .report import _save, _styles, regime_label
+from .report import method_styles, regime_label, save_figure
 
 FULL_STATE_METHODS = ("adamw", "muon", "adamw8bit")  # their state does not depend on --rank
 SAME_REGIME_KEYS = ("regime", "model_size", "steps", "batch_size", "seq_len")
@@ -82,7 +82,7 @@ def write_state_plot(points: list[StatePoint], meta: dict, out: str) -> list[str
 
     methods = list(dict.fromkeys(point.method for point in points))
     figure, axis = plt.subplots(figsize=(9, 6))
-    for method, style in zip(methods, _styles(len(methods))):
+    for method, style in zip(methods, method_styles(len(methods))):
         mine = sorted((p for p in points if p.method == method), key=lambda p: p.state_mib)
         axis.errorbar([p.state_mib for p in mine], [p.test_loss for p in mine], yerr=[p.test_loss_std for p in mine],
                       label=method, capsize=3, **style)
@@ -102,7 +102,7 @@ def write_state_plot(points: list[StatePoint], meta: dict, out: str) -> list[str
     table = os.path.join(out, "loss_vs_state.md")
     with open(table, "w") as handle:
         handle.write(f"{regime_label(meta)}\n\n{points_markdown(points)}")
-    return [_save(figure, out, "loss_vs_state.png"), table]
+    return [save_figure(figure, out, "loss_vs_state.png"), table]
 
 
 def main(argv: list[str] | None = None) -> None:
