@@ -15,6 +15,7 @@ from galore_plus.per_layer import enable_per_layer_steps
 from galore_plus.rules.base import UpdateInputs
 from galore_plus.rules.frugal import frugal_rule
 from galore_plus.rules.ldadam import ldadam_rule
+from galore_plus.rules.muon import muon_rule
 from galore_plus.rules.scale import scale_rule
 
 RULES = ("frugal", "ldadam", "scale")
@@ -313,7 +314,7 @@ def test_per_layer_accumulation_is_refused_naming_the_group_and_key(rule):
         enable_per_layer_steps(opt, accumulation_steps=2)
 
 
-@pytest.mark.parametrize("rule, apply", [("ldadam", ldadam_rule), ("scale", scale_rule)])
+@pytest.mark.parametrize("rule, apply", [("ldadam", ldadam_rule), ("scale", scale_rule), ("muon", muon_rule)])
 def test_fsdp2_row_shards_are_refused(rule, apply):
     """A process holding some of the weight's rows (FSDP2): these rules are not implemented there (frugal is:
     tests/test_distributed.py)."""

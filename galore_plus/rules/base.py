@@ -88,3 +88,11 @@ class UpdateRule:
     check_group: GroupCheck = no_check
     accumulation_refusal: str | None = None
     gradient_source: Callable[[Any, dict[str, Any]], Any] | None = None
+
+
+def require_whole_weight(rule: str, local_shape: tuple[int, ...], shape: Shape, reason: str) -> None:
+    """Raise NotImplementedError, naming ``rule`` and ``reason``, unless this process holds every row of the weight
+    (``local_shape`` is ``shape``; FSDP2 row shards hold some)."""
+    if tuple(local_shape) != tuple(shape):
+        raise NotImplementedError(f"update_rule {rule!r} is not implemented for FSDP2 row shards ({reason}; rows "
+                                  f"{tuple(local_shape)} of {tuple(shape)}); use update_rule 'galore'")

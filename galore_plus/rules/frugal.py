@@ -51,14 +51,6 @@ def outside_subspace(grad: Tensor, basis: Tensor, low_rank: Tensor, side: Side) 
     return grad - (basis @ low_rank if side == "left" else low_rank @ basis)
 
 
-def require_whole_weight(inputs: UpdateInputs, rule: str) -> None:
-    """Raise unless this process holds every row of the weight (``"ldadam"`` and ``"scale"`` are not implemented on
-    FSDP2 row shards: SCALE's column norms need every row)."""
-    if tuple(inputs.weight.shape) != tuple(inputs.shape):
-        raise NotImplementedError(f"update_rule {rule!r} is not implemented for FSDP2 row shards (rows "
-                                  f"{tuple(inputs.weight.shape)} of {tuple(inputs.shape)}); use update_rule 'galore'")
-
-
 def frugal_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
     """Steps 2-4 on one weight (``inputs`` is an :class:`~galore_plus.rules.base.UpdateInputs`); the weight is left
     unchanged, on the device, when ``inputs.finite`` is False."""

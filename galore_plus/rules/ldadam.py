@@ -41,10 +41,11 @@ from ..kernels.dispatch import apply_update
 from ..state.tensors import StateTensor
 from ..step.apply import LowRankTerm
 from ..step.row_blocks import widened_dtype
-from .base import UpdateInputs, UpdateRule
-from .frugal import FULL_GRADIENT_REFUSAL, check_finite_scale, outside_subspace, require_whole_weight
+from .base import UpdateInputs, UpdateRule, require_whole_weight
+from .frugal import FULL_GRADIENT_REFUSAL, check_finite_scale, outside_subspace
 
 ERROR_KEY = "error_feedback"
+ERROR_REASON = "the error buffer is kept for the whole weight"
 
 
 class ErrorFeedbackLayout:
@@ -62,9 +63,7 @@ class ErrorFeedbackLayout:
         """A = G + E in float32 (float64 for a float64 gradient), computed once per step."""
         if self.corrected is None:
             grad = self.inner.gradient()
-            if tuple(grad.shape) != tuple(self.shape):
-                raise NotImplementedError(f"update_rule 'ldadam' is not implemented for FSDP2 row shards (rows "
-                                          f"{tuple(grad.shape)} of {tuple(self.shape)}); use update_rule 'galore'")
+            require_whole_weight("ldadam", grad.shape, self.shape, ERROR_REASON)
             grad = grad.to(widened_dtype(grad.dtype))
             if ERROR_KEY not in self.state:
                 self.state[ERROR_KEY] = torch.zeros_like(grad)
@@ -85,7 +84,7 @@ def error_feedback_layout(layout, state: dict[str, Any]) -> ErrorFeedbackLayout:
 def ldadam_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
     """Steps 3-4 on one weight (``inputs`` is an :class:`~galore_plus.rules.base.UpdateInputs` whose ``grad`` is A);
     the weight and E are left unchanged, on the device, when ``inputs.finite`` is False."""
-    require_whole_weight(inputs, "ldadam")
+    require_whole_weight("ldadam", inputs.weight.shape, inputs.shape, ERROR_REASON)
     apply_update(inputs.weight, group["lr"] * group["scale"], 1.0 - group["lr"] * group["weight_decay"],
                  inputs.finite, low_rank=LowRankTerm(inputs.direction, inputs.basis, inputs.side))
     error = state[ERROR_KEY]

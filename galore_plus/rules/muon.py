@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..group_keys import Fail
 from ..step.row_blocks import widened_dtype
-from .base import UpdateInputs, UpdateRule
+from .base import UpdateInputs, UpdateRule, require_whole_weight
 
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 5
@@ -63,9 +63,7 @@ def rms_matching_ratio(shape: tuple[int, int]) -> float:
 def muon_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
     """Steps 2-4 on one weight; leaves the weight
     unchanged, on the device, when ``inputs.finite`` is False."""
-    if tuple(inputs.weight.shape) != tuple(inputs.shape):
-        raise NotImplementedError("update_rule 'muon' orthogonalises the whole weight and cannot run on FSDP2 row "
-                                  f"shards (rows {tuple(inputs.weight.shape)} of {tuple(inputs.shape)})")
+    require_whole_weight("muon", inputs.weight.shape, inputs.shape, "it orthogonalises the whole weight")
     correction = inputs.direction - inputs.low_rank
     grad = inputs.grad.to(widened_dtype(inputs.grad.dtype))
     if inputs.side == "left":

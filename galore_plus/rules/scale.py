@@ -36,8 +36,8 @@ from torch import Tensor
 
 from ..kernels.dispatch import apply_update
 from ..step.apply import ScaledGradient
-from .base import UpdateInputs, UpdateRule
-from .frugal import FULL_GRADIENT_REFUSAL, check_finite_scale, outside_subspace, require_whole_weight
+from .base import UpdateInputs, UpdateRule, require_whole_weight
+from .frugal import FULL_GRADIENT_REFUSAL, check_finite_scale, outside_subspace
 from .muon import rms_matching_ratio
 
 
@@ -57,7 +57,7 @@ def column_normalized(matrix: Tensor) -> Tensor:
 def scale_rule(inputs: UpdateInputs, state: dict[str, Any], group: dict[str, Any]) -> None:
     """Steps 2-4 on one weight (``inputs`` is an :class:`~galore_plus.rules.base.UpdateInputs`); the weight is left
     unchanged, on the device, when ``inputs.finite`` is False."""
-    require_whole_weight(inputs, "scale")
+    require_whole_weight("scale", inputs.weight.shape, inputs.shape, "the column norms need every row")
     outside = outside_subspace(inputs.grad, inputs.basis, inputs.low_rank, inputs.side)
     basis, direction = inputs.basis.to(outside.dtype), inputs.direction.to(outside.dtype)
     inside = basis @ direction if inputs.side == "left" else direction @ basis
