@@ -13,7 +13,6 @@ from galore_plus import GaLorePlusAdamW
 from galore_plus.memory import estimate_memory
 from galore_plus.per_layer import enable_per_layer_steps
 from galore_plus.rules.base import UpdateInputs
-from galore_plus.rules.frugal import frugal_rule
 from galore_plus.rules.ldadam import ldadam_rule
 from galore_plus.rules.muon import muon_rule
 from galore_plus.rules.scale import scale_rule
@@ -310,7 +309,7 @@ def test_what_a_rule_does_not_do_is_refused_naming_the_group_and_key(rule, extra
 def test_per_layer_accumulation_is_refused_naming_the_group_and_key(rule):
     weight = torch.nn.Parameter(torch.randn(12, 8))
     opt = GaLorePlusAdamW([{"params": [weight], "rank": 3, "name": "w", "update_rule": rule}])
-    with pytest.raises(ValueError, match=rf"param group 0 \('w'\), key 'update_rule'.*reads the full gradient"):
+    with pytest.raises(ValueError, match=r"param group 0 \('w'\), key 'update_rule'.*reads the full gradient"):
         enable_per_layer_steps(opt, accumulation_steps=2)
 
 
